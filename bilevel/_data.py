@@ -1,0 +1,139 @@
+"""Data samplers: full batches and jit-able minibatches drawn from a PRNG key.
+
+A solver asks its data for an upper and a lower batch at each draw. `stream` separates
+independent draws within one step (algorithms that need independent samples use
+different streams); `draw` counts the draws of a stream, which is what epoch shuffling
+needs to visit every sample once per epoch.
+"""
+
+import abc
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+from jaxtyping import Array, Int, PRNGKeyArray, PyTree
+
+
+class AbstractData(eqx.Module):
+    """Where batches come from. Subclasses implement `upper_batch` and `lower_batch`."""
+
+    @abc.abstractmethod
+    def upper_batch(self, key: PRNGKeyArray, draw: Int[Array, ""], stream: int = 0) -> Any:
+        """A batch for the upper objective."""
+
+    @abc.abstractmethod
+    def lower_batch(self, key: PRNGKeyArray, draw: Int[Array, ""], stream: int = 0) -> Any:
+        """A batch for the lower objective."""
+
+
+class FullBatch(AbstractData):
+    """Deterministic data: every draw returns the whole upper / lower data.
+
+    `FullBatch(data)` gives the same pytree to both levels; `FullBatch(upper=u, lower=l)`
+    gives each level its own.
+    """
+
+    upper: PyTree
+    lower: PyTree
+
+    def __init__(self, data: PyTree = None, *, upper: PyTree = None, lower: PyTree = None):
+        if data is not None and (upper is not None or lower is not None):
+            raise ValueError("FullBatch: give either `data` or `upper=`/`lower=`, not both")
+        self.upper = data if data is not None else upper
+        self.lower = data if data is not None else lower
+
+    def upper_batch(self, key, draw, stream=0):
+        return self.upper
+
+    def lower_batch(self, key, draw, stream=0):
+        return self.lower
+
+
+Sampling = Literal["epoch", "with_replacement", "without_replacement"]
+
+
+class Minibatch(AbstractData):
+    """Minibatches drawn inside jit from arrays held on device.
+
+    **Arguments:**
+
+    - `upper`, `lower`: pytrees of arrays sharing a leading sample axis (per level), or
+      `None` for a level without data.
+    - `batch_size`: samples per lower batch (`None`: the full lower data).
+    - `upper_batch_size`: samples per upper batch (default: `batch_size`).
+    - `sampling`: `"epoch"` (default: a fresh permutation per epoch, every sample visited
+      once per epoch; the last `n % batch_size` positions of each permutation are dropped),
+      `"without_replacement"` (distinct samples within a batch, independent batches) or
+      `"with_replacement"` (i.i.d. indices).
+    - `seed`: seeds the epoch permutations.
+    - `sharding`: optional `jax.sharding.Sharding` applied to every batch (e.g. a
+      `NamedSharding` over a mesh's data axis) so data-parallel work spreads over devices.
+    """
+
+    upper: PyTree
+    lower: PyTree
+    batch_size: int | None = eqx.field(static=True, default=None)
+    upper_batch_size: int | None = eqx.field(static=True, default=None)
+    sampling: Sampling = eqx.field(static=True, default="epoch")
+    seed: int = eqx.field(static=True, default=0)
+    sharding: Any = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        if self.sampling not in ("epoch", "with_replacement", "without_replacement"):
+            raise ValueError(f"Minibatch: unknown `sampling` {self.sampling!r}")
+        for name, tree in (("upper", self.upper), ("lower", self.lower)):
+            sizes = {jnp.shape(u)[0] if jnp.ndim(u) else None for u in jtu.tree_leaves(tree)}
+            if None in sizes or len(sizes) > 1:
+                raise ValueError(
+                    f"Minibatch: every leaf of `{name}` needs the same leading sample axis; "
+                    f"got leading sizes {sizes}"
+                )
+        for name in ("batch_size", "upper_batch_size"):
+            size = getattr(self, name)
+            if size is not None and (not isinstance(size, int) or size < 1):
+                raise ValueError(f"Minibatch: `{name}` must be a positive int or None")
+
+    def upper_batch(self, key, draw, stream=0):
+        size = self.upper_batch_size or self.batch_size
+        return self._draw(self.upper, size, key, draw, 2 * stream + 1)
+
+    def lower_batch(self, key, draw, stream=0):
+        return self._draw(self.lower, self.batch_size, key, draw, 2 * stream)
+
+    def _draw(self, tree, size, key, draw, stream_id):
+        leaves = jtu.tree_leaves(tree)
+        if not leaves:
+            return tree
+        num = jnp.shape(leaves[0])[0]
+        if size is None or (size >= num and self.sampling != "with_replacement"):
+            return tree
+        key = jr.fold_in(key, stream_id)
+        if self.sampling == "with_replacement":
+            index = jr.randint(key, (size,), 0, num)
+        elif self.sampling == "without_replacement":
+            index = jr.choice(key, num, (size,), replace=False)
+        else:
+            index = _epoch_indices(jr.fold_in(jr.PRNGKey(self.seed), stream_id), num, size, draw)
+        batch = jtu.tree_map(lambda u: jnp.take(u, index, axis=0), tree)
+        if self.sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, self.sharding)
+        return batch
+
+
+def _epoch_indices(seed_key, num: int, size: int, draw) -> Array:
+    per_epoch = num // size
+    epoch, position = jnp.divmod(jnp.asarray(draw), per_epoch)
+    permutation = jr.permutation(jr.fold_in(seed_key, epoch), num)
+    return jax.lax.dynamic_slice_in_dim(permutation, position * size, size)
+
+
+def as_data(data: Any) -> AbstractData:
+    """`None` -> no data; an `AbstractData` as is; any other pytree -> `FullBatch(data)`."""
+    if isinstance(data, AbstractData):
+        return data
+    if data is None:
+        return FullBatch(upper=None, lower=None)
+    return FullBatch(data)

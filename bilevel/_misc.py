@@ -1,0 +1,62 @@
+"""Small pytree helpers shared by the whole package."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Bool, PyTree, Scalar
+
+
+def tree_dot(a: PyTree[Array], b: PyTree[Array]) -> Scalar:
+    """Euclidean inner product of two pytrees with the same structure."""
+    leaves = [jnp.vdot(u, v) for u, v in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))]
+    return sum(leaves, jnp.zeros(()))
+
+
+def tree_norm(a: PyTree[Array]) -> Scalar:
+    """Euclidean norm of a pytree seen as one flat vector."""
+    leaves = jtu.tree_leaves(a)
+    if not leaves:
+        return jnp.zeros(())
+    return jnp.sqrt(sum(jnp.sum(jnp.abs(u) ** 2) for u in leaves))
+
+
+def tree_axpy(alpha, a: PyTree[Array], b: PyTree[Array]) -> PyTree[Array]:
+    """alpha * a + b, leafwise."""
+    return jtu.tree_map(lambda u, v: alpha * u + v, a, b)
+
+
+def tree_scale(alpha, a: PyTree[Array]) -> PyTree[Array]:
+    """alpha * a, leafwise."""
+    return jtu.tree_map(lambda u: alpha * u, a)
+
+
+def tree_sub(a: PyTree[Array], b: PyTree[Array]) -> PyTree[Array]:
+    """a - b, leafwise."""
+    return jtu.tree_map(lambda u, v: u - v, a, b)
+
+
+def tree_all_finite(tree: PyTree) -> Bool[Array, ""]:
+    """True when every inexact array leaf of `tree` is finite."""
+    leaves = [
+        jnp.all(jnp.isfinite(u))
+        for u in jtu.tree_leaves(tree)
+        if isinstance(u, jax.Array) and jnp.issubdtype(u.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def tree_where(pred, on_true: PyTree, on_false: PyTree) -> PyTree:
+    """Leafwise `jnp.where(pred, a, b)` for two pytrees of the same structure."""
+    return jtu.tree_map(lambda u, v: jnp.where(pred, u, v), on_true, on_false)
+
+
+def structure_of(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of every array leaf (non-arrays are kept as they are)."""
+    return jtu.tree_map(
+        lambda u: jax.ShapeDtypeStruct(jnp.shape(u), jnp.result_type(u))
+        if eqx.is_array_like(u)
+        else u,
+        tree,
+    )
+

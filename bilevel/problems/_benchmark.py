@@ -1,0 +1,33 @@
+"""The bundle every problem constructor returns."""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+from jaxtyping import Array, PyTree
+
+
+class Benchmark(eqx.Module):
+    """A ready-to-run bilevel task.
+
+    **Fields:**
+
+    - `name`: registry name.
+    - `problem`: a [`bilevel.BilevelProblem`][] (or `MultiBlockProblem`).
+    - `x0`, `y0`: initial points.
+    - `data`: what solvers draw batches from (an `AbstractData`, a pytree, or `None`).
+    - `evaluate`: `evaluate(x, y) -> dict` of the metrics reported for this task.
+    - `solution`: the optimal `x*` when known in closed form, else `None`.
+    - `lower_solution`: `x -> y*(x)` when known in closed form, else `None`.
+    - `hypergradient`: `x -> grad F(x)` when known in closed form, else `None`.
+    """
+
+    name: str = eqx.field(static=True)
+    problem: Any
+    x0: PyTree[Array]
+    y0: PyTree[Array]
+    data: Any
+    evaluate: Callable[..., dict]
+    solution: PyTree[Array] | None = None
+    lower_solution: Callable | None = None
+    hypergradient: Callable | None = None
