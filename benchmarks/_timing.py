@@ -1,0 +1,51 @@
+"""Side-by-side timing helpers for the benchmarks (no asserts, printed tables only)."""
+
+import statistics
+import time
+
+import jax
+
+
+def median_time(fn, *args, repeats: int = 7) -> float:
+    """Median wall time (s) of `fn(*args)` over `repeats` runs, after one warm-up call
+    (which compiles); results are blocked on so asynchronous dispatch is counted."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved_median_times(fns: dict, repeats: int = 7) -> dict:
+    """Median times of several zero-argument callables, run round-robin so that machine
+    load drifts affect all of them alike. Each is called once first to compile."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    """Print a list of dicts as an aligned text table."""
+    print(f"\n## {title}")
+    if not rows:
+        return
+    columns = list(rows[0])
+    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
