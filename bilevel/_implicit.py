@@ -97,19 +97,13 @@ def _implicit_solution(x, args, solve, cond, *, linear_solver, condition):
 def _implicit_solution_jvp(primals, tangents, *, linear_solver, condition):
     x, args, solve, cond = primals
     t_x, t_args, _, t_cond = tangents  # the solver's own inputs are never differentiated
-    y = solve(x, *args)
-
-    def phi_of_inputs(x_, args_, cond_):
-        return cond_(x_, y, *args_)
-
-    inputs = (x, args, cond)
-    t_inputs = jtu.tree_map(
-        _zero_if_none, (t_x, t_args, t_cond), inputs, is_leaf=lambda t: t is None
+    # Calling the custom_jvp function (not `solve`) keeps higher-order derivatives implicit.
+    y = _implicit_solution(
+        x, args, solve, cond, linear_solver=linear_solver, condition=condition
     )
-    diff, nondiff = eqx.partition(inputs, eqx.is_inexact_array)
-    t_diff = eqx.filter(t_inputs, eqx.is_inexact_array)
-    _, rhs = jax.jvp(
-        lambda d: phi_of_inputs(*eqx.combine(d, nondiff)), (diff,), (t_diff,)
+
+    rhs = _jvp_of_tangent_leaves(
+        lambda x_, args_, cond_: cond_(x_, y, *args_), (x, args, cond), (t_x, t_args, t_cond)
     )
     _, operator = jacobian_operator(cond, x, y, args, condition_tags(condition))
     solver = linear_solver or default_linear_solver(condition, result_dtype(y))
@@ -117,10 +111,25 @@ def _implicit_solution_jvp(primals, tangents, *, linear_solver, condition):
     return y, jtu.tree_map(jnp.negative, t_y)
 
 
-def _zero_if_none(tangent, primal):
-    if tangent is None and eqx.is_inexact_array(primal):
-        return jnp.zeros_like(primal)
-    return tangent
+def _jvp_of_tangent_leaves(fn, primals: tuple, tangents: tuple):
+    """JVP of `fn(*primals)` along the leaves that carry a tangent (`None` = zero).
+
+    Primal leaves are selected by their tangent, not by their type: under reverse mode a
+    differentiated scalar may arrive as a weakly typed Python-level float.
+    """
+    t_leaves, treedef = jtu.tree_flatten(tangents, is_leaf=lambda t: t is None)
+    p_leaves = treedef.flatten_up_to(primals)
+    active = [i for i, t in enumerate(t_leaves) if t is not None]
+
+    def of_active(values):
+        leaves = list(p_leaves)
+        for i, value in zip(active, values):
+            leaves[i] = value
+        return fn(*treedef.unflatten(leaves))
+
+    primal_values = [jnp.asarray(p_leaves[i]) for i in active]
+    _, out = jax.jvp(of_active, (primal_values,), ([t_leaves[i] for i in active],))
+    return out
 
 
 class HypergradientInfo(eqx.Module):
