@@ -1,0 +1,316 @@
+r"""sl-BAMM: the single-loop averaged method of multipliers (Liu, Liu, Yao, Zeng, Zhang,
+ICML 2023) for bilevel problems whose lower level is merely convex."""
+
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+from jaxtyping import Array, Int, PyTree, Scalar
+
+from .._data import as_data
+from .._linear import result_dtype
+from .._misc import tree_dot, tree_norm, tree_sub
+from .._problem import BilevelProblem
+from .._solver import AbstractBilevelSolver
+
+
+Strategy = Literal["s1", "s2", "s3"]
+VStep = Literal["line_search", "fixed"]
+
+# Powers q_eta, q_alpha of mu_k in the fixed v-step eta_k and the x-step alpha_k.
+_MU_POWERS = {"s1": (2, 7), "s2": (1, 5), "s3": (0, 3)}
+
+
+class _SLBAMMState(eqx.Module):
+    x: PyTree[Array]
+    y: PyTree[Array]
+    v: PyTree[Array]
+    step: Int[Array, ""]
+
+
+def _scaled_step(alpha: Array, direction: PyTree[Array], start: PyTree[Array]) -> PyTree[Array]:
+    """start - alpha * direction, leafwise, with `alpha` cast to each leaf's dtype (so a
+    float64 schedule never promotes a float32 leaf)."""
+    return jtu.tree_map(lambda u, d: u - alpha.astype(d.dtype) * d, start, direction)
+
+
+def _is_number(value: Any) -> bool:
+    """True for a concrete Python real scalar (tracers and arrays are skipped,
+    so a solver whose hyperparameters are vmapped is not rejected)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class _Linearisation(eqx.Module):
+    r"""$\nabla_y\varphi_\mu$ at $(x, y)$, the pieces of the gradients it is built from, and
+    its pullback $w \mapsto (\nabla^2_{xy}\varphi_\mu\, w,\ \nabla^2_{yy}\varphi_\mu\, w)$."""
+
+    grad_y_phi: PyTree[Array]
+    upper: Scalar
+    grad_x_upper: PyTree[Array]
+    grad_y_upper: PyTree[Array]
+    grad_y_lower: PyTree[Array]
+    pullback: Any
+
+
+def averaged_gradient(
+    problem: BilevelProblem, mu: Scalar, upper_batch: Any, lower_batch: Any
+):
+    r"""$(x, y) \mapsto \nabla_y\varphi_\mu(x, y)$ with
+    $\varphi_\mu = \mu f + (1 - \mu) g$ (upper $f$, lower $g$), returning as auxiliary
+    output $(f, \nabla_x f, \nabla_y f, \nabla_y g)$."""
+
+    def fn(x, y):
+        value, (grad_x_f, grad_y_f) = jax.value_and_grad(problem.upper, argnums=(0, 1))(
+            x, y, upper_batch
+        )
+        grad_y_g = jax.grad(problem.lower, argnums=1)(x, y, lower_batch)
+        grad_y_phi = jtu.tree_map(
+            lambda a, b: mu.astype(a.dtype) * a + (1 - mu).astype(b.dtype) * b,
+            grad_y_f,
+            grad_y_g,
+        )
+        return grad_y_phi, (value, grad_x_f, grad_y_f, grad_y_g)
+
+    return fn
+
+
+def linearise(
+    problem: BilevelProblem,
+    mu: Scalar,
+    x: PyTree[Array],
+    y: PyTree[Array],
+    upper_batch: Any,
+    lower_batch: Any,
+) -> _Linearisation:
+    r"""One VJP of $(x, y) \mapsto \nabla_y\varphi_\mu(x, y)$: its pullback of a
+    multiplier $w$ gives the mixed product $\nabla_x\langle\nabla_y\varphi_\mu, w\rangle$
+    and the Hessian-vector product $\nabla^2_{yy}\varphi_\mu\, w$ (the Hessian is
+    symmetric, so the VJP in $y$ is the HVP). No Hessian is formed."""
+    fn = averaged_gradient(problem, mu, upper_batch, lower_batch)
+    grad_y_phi, pullback, aux = jax.vjp(fn, x, y, has_aux=True)
+    return _Linearisation(grad_y_phi, *aux, pullback=pullback)
+
+
+class SLBAMM(AbstractBilevelSolver):
+    r"""sl-BAMM, the single-loop averaged method of multipliers (Liu et al., 2023), for
+    a lower level $g(x, \cdot)$ that is convex but possibly *merely* convex, so that
+    $\arg\min_y g(x, y)$ may be a set and the IFT system is singular.
+
+    It replaces $g$ by the averaged objective
+    $\varphi_\mu(x, y) = \mu f(x, y) + (1 - \mu) g(x, y)$, $\mu_k = \mu_0/(k+1)^{1/p}$,
+    whose Hessian in $y$ is positive definite when $f(x, \cdot)$ is strongly convex,
+    and takes one step per iteration on each equation of the KKT system of
+    $\min f$ s.t. $\nabla_y\varphi_\mu = 0$ with multiplier $v$:
+
+    - $y^{k+1} = y^k - s\,\nabla_y\varphi_{\mu_k}(x^k, y^k)$;
+    - $r^k = H_k v^k - \nabla_y f(x^k, y^k)$ with $H_k = \nabla^2_{yy}\varphi_{\mu_k}$,
+      $v^{k+1} = v^k - \eta_k r^k$;
+    - $x^{k+1} = P_X\big(x^k - \alpha_k[\nabla_x f(x^k, y^k) -
+      \nabla^2_{xy}\varphi_{\mu_k}(x^k, y^k)\, v^k]\big)$, where
+      $\nabla^2_{xy}\varphi\, v = \nabla_x\langle\nabla_y\varphi, v\rangle$.
+
+    All three updates read $(x^k, y^k, v^k)$ (Jacobi form, as the authors' code); with
+    `sequential=True` they run Gauss-Seidel style: $y^{k+1}$ first, then $v^{k+1}$ and
+    the $x$ step at $(x^k, y^{k+1})$, the $x$ step using $v^{k+1}$. $v^0 = 0$.
+
+    Step sizes, with $\kappa_k = k + 1$ (strategies of the paper, as implemented in the
+    authors' BOAT toolbox):
+
+    | strategy | $\eta_k$ (`v_step="fixed"`) | $\alpha_k$ |
+    |---|---|---|
+    | `"s1"` | $\kappa_k^{-\tau/2}\mu_k^2 s$ | $\kappa_k^{-3\tau/2}\mu_k^7 s$ |
+    | `"s2"` | $\kappa_k^{-\tau/2}\mu_k s$ | $\kappa_k^{-3\tau/2}\mu_k^5 s$ |
+    | `"s3"` | $\kappa_k^{-\tau/2} s$ | $\kappa_k^{-3\tau/2}\mu_k^3 s$ |
+
+    With `v_step="line_search"` (default, as the authors' merely-convex script),
+    $\eta_k = \|r^k\|^2 / \langle r^k, H_k r^k\rangle$, the exact minimiser of
+    $\frac12 v^\top H_k v - \nabla_y f^\top v$ along $-r^k$, clipped to
+    $[0, \eta_{\max}]$ (zero for non-positive curvature), so a Hessian that is not
+    positive definite cannot blow the multiplier up.
+
+    Each step costs one gradient of $f$ and $g$, and one VJP of
+    $\nabla_y\varphi_\mu$ pulled back once or twice (three times with
+    `sequential=True`, plus a second gradient); no Hessian is formed and there is no
+    inner loop.
+
+    **Arguments:**
+
+    - `s`: lower-level step $s$ (default 0.1).
+    - `mu0`: $\mu_0 \in [0, 1)$ (default 0.9). $\mu_0 = 0$ turns the averaging off (no
+      averaging is needed for a strongly convex lower level); it needs `x_lr`.
+    - `p`: $p > 0$ in $\mu_k = \mu_0/(k+1)^{1/p}$ (default 10).
+    - `tau`: $\tau \ge 0$ in the step decays (default 1/40).
+    - `strategy`: `"s1"`, `"s2"` or `"s3"` (default, the authors' merely convex script).
+    - `v_step`: `"line_search"` (default) or `"fixed"` ($\eta_k$ from the table).
+    - `sequential`: Gauss-Seidel instead of Jacobi updates (default False).
+    - `eta_max`: upper clip of the line-searched $\eta_k$ (default 100).
+    - `x_lr`: if given, $\alpha_k = \kappa_k^{-3\tau/2}\,$`x_lr` replaces the strategy's
+      $\mu_k$-scaled $x$ step (default None).
+
+    Metrics, at the point the multiplier and $x$ steps read: `upper_loss` $f$,
+    `grad_norm` $\|\nabla_x f - \nabla^2_{xy}\varphi_\mu v\|$, `lower_residual`
+    $\|\nabla_y g\|$, `averaged_residual` $\|\nabla_y\varphi_\mu\|$,
+    `multiplier_residual` $\|H v - \nabla_y f\|$, `x_residual` the norm of the projected
+    $x$ gradient $x - P_X(x - [\nabla_x f - \nabla^2_{xy}\varphi_\mu v])$,
+    `kkt_residual` the sum of the last three, and `mu`, `eta`, `alpha`.
+
+    !!! info "Deviations"
+        - $\mu_k$ really decays: the authors' merely convex script freezes the averaging
+          weight at 0.1 (a default argument bound at definition time).
+        - `x_lr` and $\mu_0 = 0$ are additions: with the table's $\alpha_k \propto
+          \mu_k^3$, a strongly convex lower level would need $\mu_k \to 0$ to remove
+          the averaging bias, which stops $x$; the authors' strongly convex script also
+          uses a $\mu$-free $x$ step.
+        - The problem's `optimality` is not used: the method needs $\nabla_y g$ itself.
+          Lower-level projections and constraints are rejected at `init`.
+
+    ??? cite "References"
+        ```bibtex
+        @inproceedings{liu2023averaged,
+          title={Averaged Method of Multipliers for Bi-Level Optimization without
+                 Lower-Level Strong Convexity},
+          author={Liu, Risheng and Liu, Yaohua and Yao, Wei and Zeng, Shangzhi and
+                  Zhang, Jin},
+          booktitle={International Conference on Machine Learning},
+          year={2023},
+          note={arXiv:2302.03407}
+        }
+        ```
+    """
+
+    s: float = 0.1
+    mu0: float = 0.9
+    p: float = 10.0
+    tau: float = 1 / 40
+    strategy: Strategy = eqx.field(static=True, default="s3")
+    v_step: VStep = eqx.field(static=True, default="line_search")
+    sequential: bool = eqx.field(static=True, default=False)
+    eta_max: float = 100.0
+    x_lr: float | None = None
+
+    def __check_init__(self):
+        if self.strategy not in _MU_POWERS:
+            raise ValueError(
+                f"SLBAMM: `strategy` must be 's1', 's2' or 's3', got {self.strategy!r}"
+            )
+        if self.v_step not in ("line_search", "fixed"):
+            raise ValueError(
+                f"SLBAMM: `v_step` must be 'line_search' or 'fixed', got {self.v_step!r}"
+            )
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"SLBAMM: `sequential` must be a bool, got {self.sequential!r}")
+        checks = (
+            ("s", self.s, lambda u: u > 0, "> 0"),
+            ("mu0", self.mu0, lambda u: 0 <= u < 1, "in [0, 1)"),
+            ("p", self.p, lambda u: u > 0, "> 0"),
+            ("tau", self.tau, lambda u: u >= 0, ">= 0"),
+            ("eta_max", self.eta_max, lambda u: u > 0, "> 0"),
+            ("x_lr", self.x_lr, lambda u: u > 0, "> 0 or None"),
+        )
+        for name, value, ok, requirement in checks:
+            if _is_number(value) and not ok(value):
+                raise ValueError(f"SLBAMM: `{name}` must be {requirement}, got {value!r}")
+        if _is_number(self.mu0) and self.mu0 == 0:
+            if self.x_lr is None:
+                raise ValueError(
+                    "SLBAMM: `mu0=0` makes the strategy's x step mu_k^q * s zero; give "
+                    "`x_lr` as well"
+                )
+            if self.v_step == "fixed" and self.strategy != "s3":
+                raise ValueError(
+                    f"SLBAMM: `mu0=0` makes the fixed v step of strategy "
+                    f"{self.strategy!r} zero; use strategy='s3' or v_step='line_search'"
+                )
+
+    def schedule(self, step: Int[Array, ""], dtype) -> tuple[Scalar, Scalar, Scalar]:
+        r"""$(\mu_k, \eta_k, \alpha_k)$ at step $k$ = `step`, in `dtype`
+        ($\eta_k$ is the fixed $v$ step of the strategy)."""
+        kappa = jnp.asarray(step + 1, dtype)
+        mu = jnp.asarray(self.mu0, dtype) / kappa ** (1 / jnp.asarray(self.p, dtype))
+        tau = jnp.asarray(self.tau, dtype)
+        eta_power, alpha_power = _MU_POWERS[self.strategy]
+        eta = kappa ** (-tau / 2) * mu**eta_power * self.s
+        base = mu**alpha_power * self.s if self.x_lr is None else self.x_lr
+        alpha = kappa ** (-1.5 * tau) * base
+        return mu, jnp.asarray(eta, dtype), jnp.asarray(alpha, dtype)
+
+    def init(self, problem, x0, y0, key):
+        if not isinstance(problem, BilevelProblem):
+            raise TypeError(
+                f"SLBAMM needs a bl.BilevelProblem, got {type(problem).__name__}"
+            )
+        for name in ("project_y", "lower_constraints", "project_feasible"):
+            if getattr(problem, name) is not None:
+                raise ValueError(
+                    f"SLBAMM handles an unconstrained lower level only; the problem has "
+                    f"`{name}`. Use a penalty-type solver (e.g. LVHBA) for constrained "
+                    "lower levels"
+                )
+        problem.check_variables(x0, y0)
+        return _SLBAMMState(
+            x=x0, y=y0, v=jtu.tree_map(jnp.zeros_like, y0), step=jnp.array(0)
+        )
+
+    def _multiplier_step(self, lin: _Linearisation, v, h_v, fixed_eta):
+        r"""$v - \eta r$ with $r = H v - \nabla_y f$ (`h_v` is $H v$), and the $\eta$ used."""
+        residual = tree_sub(h_v, lin.grad_y_upper)
+        if self.v_step == "fixed":
+            eta = fixed_eta
+        else:
+            _, h_residual = lin.pullback(residual)
+            curvature = tree_dot(residual, h_residual)
+            positive = curvature > 0
+            ratio = tree_dot(residual, residual) / jnp.where(positive, curvature, 1)
+            eta = jnp.where(positive, jnp.minimum(ratio, self.eta_max), 0)
+            eta = eta.astype(fixed_eta.dtype)
+        return _scaled_step(eta, residual, v), eta
+
+    def step(self, problem, state, data, key):
+        data = as_data(data)
+        upper_key, lower_key = jr.split(key)
+        upper_batch = data.upper_batch(upper_key, state.step)
+        lower_batch = data.lower_batch(lower_key, state.step)
+        x, y, v = state.x, state.y, state.v
+        mu, fixed_eta, alpha = self.schedule(state.step, result_dtype(y))
+
+        if self.sequential:
+            gradient = averaged_gradient(problem, mu, upper_batch, lower_batch)
+            new_y = _scaled_step(jnp.asarray(self.s), gradient(x, y)[0], y)
+            lin = linearise(problem, mu, x, new_y, upper_batch, lower_batch)
+            _, h_v = lin.pullback(v)
+            new_v, eta = self._multiplier_step(lin, v, h_v, fixed_eta)
+            mixed, h_multiplier = lin.pullback(new_v)
+        else:
+            lin = linearise(problem, mu, x, y, upper_batch, lower_batch)
+            new_y = _scaled_step(jnp.asarray(self.s), lin.grad_y_phi, y)
+            mixed, h_multiplier = lin.pullback(v)
+            new_v, eta = self._multiplier_step(lin, v, h_multiplier, fixed_eta)
+
+        direction = tree_sub(lin.grad_x_upper, mixed)
+        new_x = problem.proj_x(_scaled_step(alpha, direction, x))
+        if problem.project_x is None:
+            projected = direction
+        else:
+            projected = tree_sub(x, problem.proj_x(tree_sub(x, direction)))
+        averaged_residual = tree_norm(lin.grad_y_phi)
+        multiplier_residual = tree_norm(tree_sub(h_multiplier, lin.grad_y_upper))
+        x_residual = tree_norm(projected)
+        metrics = {
+            "upper_loss": lin.upper,
+            "grad_norm": tree_norm(direction),
+            "lower_residual": tree_norm(lin.grad_y_lower),
+            "averaged_residual": averaged_residual,
+            "multiplier_residual": multiplier_residual,
+            "x_residual": x_residual,
+            "kkt_residual": averaged_residual + multiplier_residual + x_residual,
+            "mu": mu,
+            "eta": eta,
+            "alpha": alpha,
+        }
+        return _SLBAMMState(new_x, new_y, new_v, state.step + 1), metrics
+
+    def params(self, state):
+        return state.x, state.y
