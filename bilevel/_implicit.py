@@ -140,7 +140,7 @@ class HypergradientInfo(eqx.Module):
     - `optimality_residual`: $\\|\\Phi(x, y)\\|$. The IFT is exact only where this is ~0;
       a large value means the lower level was not solved and the hypergradient is biased.
     - `linear_residual`: $\\|A^\\top w - \\nabla_y f\\|$ of the adjoint solve.
-    - `linear_steps`: iterations the linear solver took.
+    - `linear_steps`: iterations the linear solver took (0 for a direct solver).
     - `linear_status`: lineax `RESULTS` of the adjoint solve (`successful`,
       `max_steps_reached`, ...); a truncated solve is returned, never raised.
     - `adjoint`: the adjoint $w$ (pass it back as `warm_start`).
@@ -206,7 +206,7 @@ def hypergradient(
     info = HypergradientInfo(
         optimality_residual=tree_norm(phi),
         linear_residual=linear_residual,
-        linear_steps=jnp.asarray(sol.stats["num_steps"]),
+        linear_steps=jnp.asarray(sol.stats.get("num_steps", 0)),
         linear_status=sol.result,
         adjoint=adjoint,
     )

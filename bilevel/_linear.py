@@ -175,7 +175,9 @@ def Neumann(num_terms: int) -> Richardson:
     r"""Truncated Neumann series $(I - J)^{-1} b \approx \sum_{k=0}^{K-1} J^k b$ for the
     operator $I - J$, with $K$ = `num_terms`: Richardson with $\omega = 1$, no tolerance,
     started at zero. The sum up to $J^{K-1}$ equals what reverse mode through $K$
-    fixed-point iterations started at the solution computes."""
+    fixed-point iterations started at the solution computes. Meant for fixed-point
+    conditions ($\partial_y\Phi = I - \partial_y T$); for a stationarity condition use
+    `Richardson(num_steps, omega=eta)` with $\eta \le 1/L$."""
     return Richardson(num_steps=num_terms, omega=1.0)
 
 
