@@ -1,4 +1,5 @@
 """Bilevel solvers: equinox Modules with `init`, `step` and `params`."""
 
 from ._implicit_diff import ImplicitDiff as ImplicitDiff
+from ._penalty import F2SA as F2SA, Penalty as Penalty, VPBGD as VPBGD
 from ._unrolled import Unrolled as Unrolled
