@@ -123,14 +123,14 @@ def hyper_representation(
     x0 = _init_encoder(rng, hidden)
     y0 = {"w": jnp.asarray(np.zeros((num_tasks, hidden, ways))), "b": jnp.asarray(np.zeros((num_tasks, ways)))}
 
+    grouped_support = _grouped(support, num_tasks)
+    grouped_test = (_grouped(test_support, num_test_tasks), _grouped(test_query, num_test_tasks))
+
     def lower_solution(x: Params) -> Params:
-        return _fit_heads(x, _grouped(support, num_tasks), ways, reg, newton_steps)
+        return _fit_heads(x, grouped_support, ways, reg, newton_steps)
 
     def evaluate(x: Params, y: Params) -> dict:
-        return _evaluate(
-            x, y, support, query, _grouped(test_support, num_test_tasks),
-            _grouped(test_query, num_test_tasks), lower, ways, newton_steps,
-        )
+        return _evaluate(x, y, support, query, *grouped_test, lower, ways, newton_steps)
 
     if batch_size is None:
         data = FullBatch(upper=query, lower=support)
@@ -200,6 +200,7 @@ def _head_objective(theta, unravel, features, labels, reg) -> Array:
     return jnp.mean(_cross_entropy(logits, labels)) + 0.5 * reg * theta @ theta
 
 
+@eqx.filter_jit
 def _fit_heads(x: Params, grouped: Batch, ways: int, reg: float, steps: int) -> Params:
     """Per-task heads minimizing the lower objective, by `steps` Newton iterations from
     zero (the objective is smooth and `reg`-strongly convex; each Hessian is small)."""
