@@ -11,6 +11,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
+from . import _checkpoint
 from ._data import as_data
 from ._misc import tree_all_finite, tree_where
 from ._problem import check_finite
@@ -100,6 +101,7 @@ def solve(
     progress: bool = True,
     checkpoint: str | None = None,
     *,
+    resume: bool = False,
     tol: float | None = None,
     tol_metric: str = "grad_norm",
 ) -> Result:
@@ -112,16 +114,19 @@ def solve(
       [`bilevel.run`][]; the trajectory is identical to `run`'s (same per-step keys).
     - `log_every`: steps per compiled chunk; one history row per chunk.
     - `progress`: show a tqdm bar with the live upper loss.
-    - `checkpoint`: reserved for checkpoint/resume; not supported yet (a clear error).
+    - `checkpoint`: a directory; after every chunk the full state (solver state with its
+      estimator memories and warm starts, the PRNG key, the step, the history) is
+      written there atomically.
+    - `resume`: continue from the checkpoint in `checkpoint` if there is one. A resumed
+      run produces the same history as an uninterrupted one (same `log_every`); the
+      checkpoint's PRNG key and state replace `key`, `x0` and `y0`.
     - `tol`: stop with status `converged` once `metrics[tol_metric] <= tol` at a log point.
 
     **Returns:** a [`bilevel.Result`][]. A non-finite state stops the run with status
     `nonfinite` and the last finite state.
     """
-    if checkpoint is not None:
-        raise NotImplementedError(
-            "solve(checkpoint=...) is not supported in this version; run without it"
-        )
+    if resume and checkpoint is None:
+        raise ValueError("`resume=True` needs a `checkpoint` directory")
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"`num_steps` must be a positive int, got {num_steps!r}")
     if not isinstance(log_every, int) or log_every < 1:
@@ -137,8 +142,20 @@ def solve(
     rows: list[dict[str, Any]] = []
     status = Status.max_steps
     done = 0
+    if resume and _checkpoint.exists(checkpoint):
+        (state, finite, loop_key), rows, meta = _checkpoint.load(
+            checkpoint, (state, finite, loop_key)
+        )
+        if meta["log_every"] != log_every:
+            raise ValueError(
+                f"the checkpoint in {checkpoint} was written with log_every="
+                f"{meta['log_every']}; resume with the same value"
+            )
+        done, status = meta["done"], Status(meta["status"])
     bar = _progress_bar(progress, num_steps)
-    for _ in range(math.ceil(num_steps / log_every)):
+    if bar is not None:
+        bar.update(done)
+    while done < num_steps and status == Status.max_steps:
         num = min(log_every, num_steps - done)
         state, finite, last, num_finite = _chunk(
             problem, solver, state, finite, data, loop_key, jnp.asarray(done), num
@@ -150,22 +167,28 @@ def solve(
         if bar is not None:
             bar.update(num)
             bar.set_postfix({k: f"{float(row[k]):.4g}" for k in ("upper_loss", tol_metric) if k in row})
-        if not bool(finite):
-            status = Status.nonfinite
-            break
-        if tol is not None and tol_metric not in row:
-            raise ValueError(
-                f"`tol_metric={tol_metric!r}` is not a metric of {type(solver).__name__}; "
-                f"available: {sorted(row)}"
-            )
-        if tol is not None and float(row[tol_metric]) <= tol:
-            status = Status.converged
-            break
+        status = _status(finite, row, tol, tol_metric, solver)
+        if checkpoint is not None:
+            meta = {"done": done, "status": status.value, "log_every": log_every}
+            _checkpoint.save(checkpoint, (state, finite, loop_key), rows, meta)
     if bar is not None:
         bar.close()
     history = {name: np.stack([row[name] for row in rows]) for name in rows[0]}
     x, y = solver.params(state)
     return Result(x=x, y=y, state=state, history=history, status=status, num_steps=done)
+
+
+def _status(finite, row, tol, tol_metric, solver) -> Status:
+    if not bool(finite):
+        return Status.nonfinite
+    if tol is not None and tol_metric not in row:
+        raise ValueError(
+            f"`tol_metric={tol_metric!r}` is not a metric of {type(solver).__name__}; "
+            f"available: {sorted(row)}"
+        )
+    if tol is not None and float(row[tol_metric]) <= tol:
+        return Status.converged
+    return Status.max_steps
 
 
 def _progress_bar(progress: bool, total: int):
