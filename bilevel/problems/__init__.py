@@ -1,4 +1,15 @@
 """Benchmark tasks: each constructor returns a [`bilevel.problems.Benchmark`][]."""
 
 from ._benchmark import Benchmark as Benchmark
+from ._distillation import distillation as distillation
+from ._hypercleaning import hypercleaning as hypercleaning
+from ._imaml import (
+    FewShotTasks as FewShotTasks,
+    TaskPool as TaskPool,
+    imaml as imaml,
+    imaml_meta_train as imaml_meta_train,
+)
+from ._logreg import logreg_hpo as logreg_hpo
 from ._quadratic import quadratic as quadratic
+from ._registry import make as make, parameters as parameters, registry as registry
+from ._ridge import ridge_hpo as ridge_hpo
