@@ -99,7 +99,10 @@ def _scalar(value: Any, dtype) -> Array:
 
 
 def _projected_residual(project, y: PyTree[Array], grad: PyTree[Array]) -> Scalar:
-    r"""$\|y - \Pi_Y(y - \nabla)\|$: the projected-gradient residual (step 1)."""
+    r"""$\|y - \Pi_Y(y - \nabla)\|$: the projected-gradient residual (step 1);
+    $\|\nabla\|$ without a projection (`project=None`)."""
+    if project is None:
+        return tree_norm(grad)
     return tree_norm(tree_sub(y, project(tree_sub(y, grad))))
 
 
@@ -256,11 +259,15 @@ def _penalty_step(
     new_x = problem.proj_x(_axpy(-rule.x_lr, d_x, x))
     new_y = y if y_steps else problem.proj_y(_axpy(-rule.y_lr, d_y, y))
     new_z = z if z_steps else problem.proj_y(_axpy(-rule.z_lr, d_z, z))
+    if problem.project_x is None:  # the gradient mapping is d_x itself
+        grad_norm = tree_norm(d_x)
+    else:
+        grad_norm = tree_norm(tree_sub(x, new_x)) / rule.x_lr
     metrics = {
         "upper_loss": oracles.f,
-        "grad_norm": tree_norm(tree_sub(x, new_x)) / rule.x_lr,
-        "lower_residual": _projected_residual(problem.proj_y, y, oracles.g_y_y),
-        "value_residual": _projected_residual(problem.proj_y, z, oracles.g_z_y),
+        "grad_norm": grad_norm,
+        "lower_residual": _projected_residual(problem.project_y, y, oracles.g_y_y),
+        "value_residual": _projected_residual(problem.project_y, z, oracles.g_z_y),
         "penalty_gap": oracles.g_y - oracles.g_z,
         "lambda": rule.penalty,
     }
