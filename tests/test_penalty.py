@@ -20,7 +20,7 @@ import bilevel as bl
 SIGMAS = jnp.array([1e-1, 1e-2, 1e-3])
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Problems and closed forms
 
 
@@ -30,24 +30,42 @@ def quad():
 
 
 def _blocks(fn, batch, nx, ny):
-    """Dense Hessian and gradient at 0 of a quadratic fn(x, y, batch) in v = (x, y)."""
-    joint = lambda v: fn(v[:nx], v[nx:], batch)  # noqa: E731
+    """Dense Hessian and gradient at 0 of a quadratic fn(x, y, batch) in v = (x, y),
+    as float64 NumPy arrays."""
+    joint = jax.jit(lambda v: fn(v[:nx], v[nx:], batch))
     zero = jnp.zeros(nx + ny)
-    return jax.hessian(joint)(zero), jax.grad(joint)(zero)
+    return np.asarray(jax.hessian(joint)(zero)), np.asarray(jax.grad(joint)(zero))
 
 
-def penalty_solution(problem, batch, nx, ny, sigma):
-    r"""$\arg\min_x \psi_\sigma(x)$ for quadratic f, g: the joint minimiser over (x, y) of
-    $f + (g - g^*)/\sigma$, with $g^*(x)$ eliminated by a Schur complement."""
-    hf, gf = _blocks(problem.upper, batch, nx, ny)
-    hg, gg = _blocks(problem.lower, batch, nx, ny)
+@pytest.fixture(scope="module")
+def quad_blocks(quad):
+    """(H_f, grad_f(0), H_g, grad_g(0)) of the quadratic problem, dims (3, 5)."""
+    rows = quad.data.lower
+    upper = _blocks(quad.problem.upper, None, 3, 5)
+    return (*upper, *_blocks(quad.problem.lower, rows, 3, 5))
+
+
+def penalty_solution(blocks, sigma, nx=3):
+    r"""$\arg\min_x \psi_\sigma(x)$ for quadratic f, g: the joint minimiser over
+    (x, y) of $f + (g - g^*)/\sigma$, with $g^*(x)$ eliminated by a Schur complement."""
+    hf, gf, hg, gg = blocks
     g_yy, g_xy = hg[nx:, nx:], hg[:nx, nx:]
-    schur = hg[:nx, :nx] - g_xy @ jnp.linalg.solve(g_yy, g_xy.T)
-    z0 = -jnp.linalg.solve(g_yy, gg[nx:])  # argmin_z g(0, z)
+    schur = hg[:nx, :nx] - g_xy @ np.linalg.solve(g_yy, g_xy.T)
+    z0 = -np.linalg.solve(g_yy, gg[nx:])  # argmin_z g(0, z)
     lam = 1 / sigma
-    hessian = (hf + lam * hg).at[:nx, :nx].add(-lam * schur)
-    grad0 = (gf + lam * gg).at[:nx].add(-lam * (gg[:nx] + g_xy @ z0))
-    return -jnp.linalg.solve(hessian, grad0)[:nx]
+    hessian = hf + lam * hg
+    hessian[:nx, :nx] -= lam * schur
+    grad0 = gf + lam * gg
+    grad0[:nx] -= lam * (gg[:nx] + g_xy @ z0)
+    return -np.linalg.solve(hessian, grad0)[:nx]
+
+
+def value_gap(blocks, x, y, nx=3):
+    """g(x, y) - min_z g(x, z) for the quadratic g given by its blocks."""
+    _, _, hg, gg = blocks
+    g_yy, g_yx = hg[nx:, nx:], hg[nx:, :nx]
+    residual = g_yy @ y + g_yx @ x + gg[nx:]  # grad_y g(x, y)
+    return 0.5 * residual @ np.linalg.solve(g_yy, residual)
 
 
 def _box_problem():
@@ -87,7 +105,7 @@ def _box_hypergradient(problem, x):
     return grad, info.optimality_residual
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 1. Penalty direction with exact y_sigma, z* -> IFT hypergradient, error O(sigma)
 
 
@@ -125,14 +143,14 @@ def test_direction_error_is_linear_in_sigma(quad, box):
         directions = jax.jit(jax.vmap(lambda s: _direction(problem, x, s)))(SIGMAS)
         errors = jnp.linalg.norm(directions - reference[None, :], axis=1)
         # Error = C sigma + O(sigma^2): the log-log slope over two decades is 1 up to
-        # O(sigma_max) = 0.1 (measured 0.99 on both); the errors themselves decrease
-        # monotonically and stay below sigma * ||reference|| * 2 (C measured < 1).
+        # O(sigma_max) = 0.1 (measured 0.99 and 0.98); the errors decrease monotonically
+        # and stay below 2 sigma ||reference|| (C / ||reference|| measured 0.43, 0.19).
         assert 0.9 <= _slope(errors) <= 1.1, errors
         assert bool(jnp.all(errors[1:] < errors[:-1]))
         assert bool(jnp.all(errors <= 2 * SIGMAS * jnp.linalg.norm(reference))), errors
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 2. Each solver reaches the quadratic's x* up to the O(sigma) penalty bias
 
 
@@ -155,7 +173,8 @@ QUADRATIC_CASES = {
     # linear ramp of gamma from 1 to 10 over 500 steps
     "vpbgd": (
         bl.solvers.VPBGD(
-            penalty=10.0, penalty_init=1.0, ramp_steps=500, x_lr=0.02, z_lr=0.2, z_steps=5
+            penalty=10.0, penalty_init=1.0, ramp_steps=500,
+            x_lr=0.02, z_lr=0.2, z_steps=5,
         ),
         3000,
         lambda k: 1 + 9 * np.minimum(k / 500, 1),
@@ -173,38 +192,39 @@ QUADRATIC_CASES = {
 
 
 @pytest.mark.parametrize("name", list(QUADRATIC_CASES))
-def test_quadratic_reaches_solution(quad, name):
+def test_quadratic_reaches_solution(quad, quad_blocks, name):
     solver, num_steps, schedule = QUADRATIC_CASES[name]
-    state, history = bl.run(quad.problem, solver, quad.x0, quad.y0, quad.data, num_steps)
-    x, y = solver.params(state)
-    # The lambda metric follows the documented schedule exactly.
-    np.testing.assert_allclose(history["lambda"], schedule(np.arange(num_steps)), rtol=1e-12)
+    problem = quad.problem
+    state, history = bl.run(problem, solver, quad.x0, quad.y0, quad.data, num_steps)
+    x, y = (np.asarray(v) for v in solver.params(state))
+    # The lambda metric follows the documented schedule (to rounding).
+    expected = schedule(np.arange(num_steps))
+    np.testing.assert_allclose(history["lambda"], expected, rtol=1e-12)
     sigma = 1 / float(history["lambda"][-1])
-    x_sigma = jax.jit(lambda s: penalty_solution(quad.problem, quad.data.lower, 3, 5, s))(
-        sigma
-    )
-    bias = float(jnp.linalg.norm(x_sigma - quad.solution))
+    x_sigma = penalty_solution(quad_blocks, sigma)
+    bias = float(np.linalg.norm(x_sigma - quad.solution))
     # The penalty bias is O(sigma): ||x_sigma - x*|| / sigma = 0.54..0.57 here.
     assert bias <= sigma
-    # The optimisation error is a small fraction (5 %) of that bias (measured: 1e-13 for
-    # the penalty loops, 1e-3 and 6e-3 of the bias for VPBGD and F2SA), so x_K lies within
-    # 1.05 * ||x_sigma - x*|| <= 1.05 sigma of x*.
-    assert float(jnp.linalg.norm(x - x_sigma)) <= 0.05 * bias
-    assert float(jnp.linalg.norm(x - quad.solution)) <= 1.05 * bias
-    # Metrics: penalty gap g(x, y) - g*(x) and the penalised variable's residual
-    # ||grad_y g(x, y)|| = sigma ||grad_y f(x, y)|| at y = y_sigma(x), from dense algebra
-    # (rtol 1e-2 covers the last step's x_{K-1} vs x_K and the remaining optimisation
-    # error).
-    lower = lambda y_: quad.problem.lower(x, y_, quad.data.lower)  # noqa: E731
-    g_star = lower(jnp.linalg.solve(jax.hessian(lower)(y), -jax.grad(lower)(jnp.zeros(5))))
-    np.testing.assert_allclose(history["penalty_gap"][-1], lower(y) - g_star, rtol=1e-2)
-    grad_f = jax.grad(quad.problem.upper, argnums=1)(x, y, None)
+    # The optimisation error is a small fraction (5 %) of that bias (measured: 1e-13
+    # for the penalty loops, 1e-3 and 6e-3 of the bias for VPBGD and F2SA), so x_K lies
+    # within 1.05 ||x_sigma - x*|| <= 1.05 sigma of x*.
+    assert float(np.linalg.norm(x - x_sigma)) <= 0.05 * bias
+    assert float(np.linalg.norm(x - quad.solution)) <= 1.05 * bias
+    # Metrics: penalty gap g(x, y) - g*(x) = 1/2 r^T G_yy^-1 r with r = grad_y g(x, y),
+    # and the penalised variable's residual ||r|| = sigma ||grad_y f(x, y)|| at
+    # y = y_sigma(x), from dense algebra (rtol 1e-2 covers the last step's x_{K-1} vs
+    # x_K and the remaining optimisation error).
+    gap = value_gap(quad_blocks, x, y)
+    np.testing.assert_allclose(history["penalty_gap"][-1], gap, rtol=1e-2)
+    hf, gf = quad_blocks[:2]
+    grad_f = hf[3:, :3] @ x + hf[3:, 3:] @ y + gf[3:]
     np.testing.assert_allclose(
-        history["lower_residual"][-1], sigma * jnp.linalg.norm(grad_f), rtol=1e-2
+        history["lower_residual"][-1], sigma * np.linalg.norm(grad_f), rtol=1e-2
     )
 
 
-# ---------------------------------------------------------------------------------------
+
+# --------------------------------------------------------------------------------------
 # 3. Box-constrained lower level: agreement with implicit differentiation
 
 
@@ -213,15 +233,17 @@ def test_box_solution_matches_implicit_differentiation(box):
     @jax.vmap
     def final_x(sigma):
         solver = bl.solvers.Penalty(sigma=sigma, x_lr=0.5, y_lr=0.3, z_lr=0.3)
-        state, history = bl.run(box, solver, jnp.zeros(3), jnp.zeros(5), None, 300)
+        state, history = bl.run(box, solver, jnp.zeros(3), jnp.zeros(5), None, 60)
         return state.x, history["grad_norm"][-1]
 
     xs, grad_norms = final_x(SIGMAS)
-    # The penalty iteration has converged to its fixed point (||grad psi_sigma|| ~ 0)...
+    # The penalty iteration has converged to its fixed point (||grad psi_sigma|| < 1e-12
+    # after ~50 steps)...
     assert float(jnp.max(grad_norms)) < 1e-10
     # ...where the true hypergradient (IFT through the projected-gradient fixed point)
-    # is grad F - grad psi_sigma = O(sigma): slope 1 within O(sigma_max), and below
-    # sigma (F is 1-strongly convex, so ||x_sigma - x*|| <= ||grad F(x_sigma)|| too).
+    # is grad F - grad psi_sigma = O(sigma): slope 1 within O(sigma_max) (measured
+    # 0.99; norms 1.5e-2, 1.5e-3, 1.6e-4), and below sigma (F is 1-strongly convex, so
+    # ||x_sigma - x*|| <= ||grad F(x_sigma)|| too).
     hypergrads, residuals = jax.vmap(lambda x: _box_hypergradient(box, x))(xs)
     assert float(jnp.max(residuals)) < 1e-12
     norms = jnp.linalg.norm(hypergrads, axis=1)
@@ -229,7 +251,7 @@ def test_box_solution_matches_implicit_differentiation(box):
     assert bool(jnp.all(norms <= SIGMAS)), norms
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 4. Merely convex lower level with a non-singleton solution set (sl-BAMM toy)
 
 
@@ -276,10 +298,10 @@ def test_merely_convex_reaches_optimistic_solution(name):
     problem, x0, y0 = _slbamm_toy()
     state, history = bl.run(problem, solver, x0, y0, None, num_steps)
     x, (u, w) = solver.params(state)
-    # psi_sigma(x) has gradient (x - 1) / (1 + sigma) (derived: y_sigma = ((x + sigma) /
-    # (1 + sigma), x), z* = (x, w0)), so x* = u = w = 1 for every sigma: no penalty bias,
-    # the tolerance is optimisation accuracy only (spec S1 asks 1e-4; linear rates reach
-    # 1e-8 within these budgets).
+    # psi_sigma(x) has gradient (x - 1) / (1 + sigma) (derived: y_sigma =
+    # ((x + sigma) / (1 + sigma), x), z* = (x, w0)), so x* = u = w = 1 for every sigma:
+    # no penalty bias, the tolerance is optimisation accuracy only (spec S1 asks 1e-4;
+    # linear rates reach 1e-8 within these budgets).
     for value in (x, u, w):
         np.testing.assert_allclose(value, 1.0, atol=1e-8)
     # The value-function copy z sits in S(x) but at a non-optimistic point: its w-part
@@ -290,7 +312,7 @@ def test_merely_convex_reaches_optimistic_solution(name):
     assert float(history["penalty_gap"][-1]) < 1e-12
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 5. V-PBGD toy: iterates end at local minima of the hyper-objective
 
 
@@ -355,9 +377,10 @@ def test_vpbgd_toy_ends_at_local_minima():
     assert grad_norms.max() < 1e-6  # stationary for the penalised problem
     nearest = np.argmin(np.abs(xs[:, None] - minima[None, :]), axis=1)
     distance = np.abs(xs - minima[nearest])
-    # Every end point is a local minimum of psi up to the penalty bias, whose first-order
-    # value |shift| = |phi'(x*)| / (gamma psi''(x*)) is 0.014, 0.026, 0.0056 for the three
-    # minima; 1.5 |shift| leaves room for the O(gamma^-2) term (measured 1e-3).
+    # Every end point is a local minimum of psi up to the penalty bias, whose
+    # first-order value |shift| = |phi'(x*)| / (gamma psi''(x*)) is 0.014, 0.026 and
+    # 0.0056 for the three minima; 1.5 |shift| leaves room for the O(gamma^-2) term
+    # (measured 1e-3).
     assert bool(np.all(distance <= 1.5 * np.abs(shifts[nearest]))), (xs, minima, shifts)
     # All three basins are visited, and y ends near y*(x) = -x, within the O(1/gamma)
     # offset |f_y| / (gamma g_yy) <= 4 / (2 gamma) = 0.2.
@@ -365,7 +388,7 @@ def test_vpbgd_toy_ends_at_local_minima():
     assert np.max(np.abs(ys + xs)) <= 4 / (2 * gamma)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 6. Coupled vs independent samples for the two grad_x g calls
 
 
@@ -408,7 +431,7 @@ def test_sample_coupling_variance(coupled):
     # Exact moments for b i.i.d. rows: with P = a a^T and A = E P,
     # d_x = (P_1 (x - y) - P_2 (x - z)) / sigma, E d_x = A (z - y) / sigma, and
     # E||d_x - E d_x||^2 = (V(y - x) + V(z - x)) / b / sigma^2 for independent P_1, P_2,
-    # V(y - z) / b / sigma^2 when P_1 = P_2, where V(v) = mean_i ||a_i a_i^T v - A v||^2.
+    # V(y - z) / b / sigma^2 when P_1 = P_2, with V(v) = mean_i ||a_i a_i^T v - A v||^2.
     outer = rows[:, :, None] * rows[:, None, :]
     second = jnp.mean(outer, axis=0)
 
@@ -431,7 +454,7 @@ def test_sample_coupling_variance(coupled):
     np.testing.assert_allclose(empirical_variance, variance, rtol=0.15)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 7. Clear errors for bad configuration and input
 
 
@@ -471,4 +494,6 @@ def test_invalid_problem_and_inputs():
     with pytest.raises(ValueError, match="lower_constraints"):
         bl.solvers.F2SA().init(constrained, x, y, None)
     with pytest.raises(TypeError, match="floating"):
-        bl.solvers.VPBGD().init(bl.BilevelProblem(upper, lower), x, jnp.zeros(2, int), None)
+        bl.solvers.VPBGD().init(
+            bl.BilevelProblem(upper, lower), x, jnp.zeros(2, int), None
+        )

@@ -14,9 +14,9 @@ oracle is first order (no Hessian, no lower-level strong convexity):
 - $d_z = \nabla_y g(x, z)$.
 
 The solvers differ only in how they schedule $\lambda$ and the step sizes, how many
-warm-started inner steps they take on $y$ and $z$ before the $x$ step (zero means a joint
-step from the same oracles), and whether the directions carry a STORM-type recursive
-momentum. The shared core is `_penalty_step`; [`bilevel.solvers.Penalty`][],
+warm-started inner steps they take on $y$ and $z$ before the $x$ step (zero means a
+joint step from the same oracles), and whether the directions carry a STORM-type
+recursive momentum. The shared core is `_penalty_step`; [`bilevel.solvers.Penalty`][],
 [`bilevel.solvers.VPBGD`][] and [`bilevel.solvers.F2SA`][] only map their fields to it.
 """
 
@@ -39,7 +39,7 @@ from .._problem import BilevelProblem
 from .._solver import AbstractBilevelSolver
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # State and per-step scalars
 
 
@@ -61,7 +61,7 @@ class _PenaltyState(eqx.Module):
 
 class _Rule(eqx.Module):
     """The scalars of outer iteration $k$: penalty $\\lambda_k$, step sizes on the
-    $\\lambda$-form directions above, and the STORM weight $\\eta_k$ (1: no momentum)."""
+    $\\lambda$-form directions above, and the STORM weight $\\eta_k$ (1: none)."""
 
     penalty: Scalar
     x_lr: Scalar
@@ -84,14 +84,17 @@ class _Oracles(eqx.Module):
     g_z_y: PyTree[Array]
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Small helpers
 
 
 def _axpy(alpha: Array, a: PyTree[Array], b: PyTree[Array]) -> PyTree[Array]:
     """`alpha * a + b` leafwise, with `alpha` cast to each leaf's dtype (so a float64
     schedule never promotes float32 variables under strict dtype promotion)."""
-    return jtu.tree_map(lambda u, v: jnp.asarray(alpha, jnp.result_type(u)) * u + v, a, b)
+    def leaf(u, v):
+        return jnp.asarray(alpha, jnp.result_type(u)) * u + v
+
+    return jtu.tree_map(leaf, a, b)
 
 
 def _scalar(value: Any, dtype) -> Array:
@@ -127,7 +130,7 @@ def _check_steps(owner: str, name: str, value: Any) -> None:
         raise ValueError(f"{owner}: `{name}` must be an int >= 0, got {value!r}")
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # The shared core
 
 
@@ -142,8 +145,8 @@ def _init_state(
     if problem.lower_constraints is not None:
         raise ValueError(
             f"{owner} handles lower-level constraints only as a simple set Y through "
-            "`project_y`; `lower_constraints` (x-dependent) are not supported: express Y "
-            "with `project_y`, or use a constrained solver such as LVHBA"
+            "`project_y`; `lower_constraints` (x-dependent) are not supported: "
+            "express Y with `project_y`, or use a constrained solver such as LVHBA"
         )
     problem.check_variables(x0, y0)
     momentum = None
@@ -182,8 +185,9 @@ def _value_steps(problem, x, z, data, key, lr, num_steps: int, step):
     r"""`num_steps` projected gradient steps $z \leftarrow \Pi_Y(z - \gamma\nabla_y
     g(x, z))$ (the foundation's `inner_steps`, lower stream 0)."""
     optimizer = optax.sgd(jnp.asarray(lr, result_dtype(z)))
+    first_draw = step * num_steps
     z, _ = inner_steps(
-        problem, optimizer, x, z, optimizer.init(z), data, key, num_steps, step * num_steps
+        problem, optimizer, x, z, optimizer.init(z), data, key, num_steps, first_draw
     )
     return z
 
@@ -215,8 +219,10 @@ def _directions(o: _Oracles, penalty: Scalar):
 
 def _storm(problem, state: _PenaltyState, batches, current, rule: _Rule, point):
     r"""STORM-type recursive estimate $D_k = d(p_k; \xi_k) + (1 - \eta)(D_{k-1} -
-    d(p_{k-1}; \xi_k))$, the same sample $\xi_k$ at both points; $D_0 = d(p_0; \xi_0)$."""
-    previous = _directions(_oracles(problem, *state.momentum.point, batches), rule.penalty)
+    d(p_{k-1}; \xi_k))$, the same sample $\xi_k$ at both points;
+    $D_0 = d(p_0; \xi_0)$."""
+    old_oracles = _oracles(problem, *state.momentum.point, batches)
+    previous = _directions(old_oracles, rule.penalty)
     weight = jnp.where(state.step > 0, 1 - rule.momentum, jnp.zeros_like(rule.momentum))
     correction = [tree_sub(d, p) for d, p in zip(state.momentum.direction, previous)]
     directions = tuple(_axpy(weight, c, d) for c, d in zip(correction, current))
@@ -237,7 +243,8 @@ def _penalty_step(
     """One outer iteration of the value-function penalty family.
 
     1. `z_steps` warm-started projected steps on $g(x_k, \\cdot)$ (value function);
-    2. `y_steps` warm-started projected steps on $f + \\lambda_k g$ (penalised variable);
+    2. `y_steps` warm-started projected steps on $f + \\lambda_k g$ (penalised
+       variable);
     3. oracles at $(x_k, y, z)$; directions, STORM-corrected when the state holds
        momentum buffers;
     4. $x \\leftarrow \\Pi_X(x - \\alpha d_x)$, and the joint steps
@@ -254,7 +261,9 @@ def _penalty_step(
     directions = _directions(oracles, rule.penalty)
     momentum = None
     if state.momentum is not None:
-        directions, momentum = _storm(problem, state, batches, directions, rule, (x, y, z))
+        directions, momentum = _storm(
+            problem, state, batches, directions, rule, (x, y, z)
+        )
     d_x, d_y, d_z = directions
     new_x = problem.proj_x(_axpy(-rule.x_lr, d_x, x))
     new_y = y if y_steps else problem.proj_y(_axpy(-rule.y_lr, d_y, y))
@@ -275,18 +284,9 @@ def _penalty_step(
     return new_state, metrics
 
 
-_METRICS_DOC = r"""
-    Metrics each step: `upper_loss` $f(x_k, y)$; `grad_norm`, the gradient mapping
-    $\|x_k - x_{k+1}\| / \alpha_k$ (the projected penalty-gradient norm; $\|d_x\|$ when
-    $X = \mathbb{R}^n$); `lower_residual` $\|y - \Pi_Y(y - \nabla_y g(x_k, y))\|$ of the
-    penalised variable (it shrinks like $\sigma$); `value_residual`, the same for $z$;
-    `penalty_gap` $g(x_k, y) - g(x_k, z)$; `lambda` $\lambda_k = 1/\sigma_k$. All are
-    evaluated from the oracles of the $x$ step, so they cost nothing extra (and are
-    minibatch estimates with stochastic data).
-"""
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Kwon, Kwon, Wright, Nowak (ICLR 2024)
 
 
@@ -300,13 +300,14 @@ class Penalty(AbstractBilevelSolver):
     gradient, for any $y_\sigma \in \arg\min_Y h_\sigma(x, \cdot)$ and
     $z^* \in \arg\min_Y g(x, \cdot)$, is
     $\nabla\psi_\sigma(x) = \nabla_x f(x, y_\sigma) + (\nabla_x g(x, y_\sigma) -
-    \nabla_x g(x, z^*))/\sigma$ and is within $O(\sigma)$ of $\nabla\psi(x)$ under the
-    proximal error bound. The lower level may be merely convex or non-convex, with $S(x)$
-    a set (optimistic convention).
+    \nabla_x g(x, z^*))/\sigma$ and is within $O(\sigma)$ of $\nabla\psi(x)$ under
+    the proximal error bound. The lower level may be merely convex or non-convex, with
+    $S(x)$ a set (optimistic convention).
 
     `variant="double_loop"` (P-DL), outer step $k$:
 
-    1. $z \leftarrow \Pi_Y(z - \gamma\nabla_y g(x_k, z))$, `z_steps` times, warm-started;
+    1. $z \leftarrow \Pi_Y(z - \gamma\nabla_y g(x_k, z))$, `z_steps` times,
+       warm-started;
     2. $y \leftarrow \Pi_Y(y - \beta(\sigma_k\nabla_y f + \nabla_y g)(x_k, y))$,
        `y_steps` times, warm-started;
     3. $x_{k+1} = \Pi_X(x_k - \alpha\, d_k)$,
@@ -327,7 +328,8 @@ class Penalty(AbstractBilevelSolver):
 
     - `variant`: `"double_loop"` (default) or `"single_loop"`.
     - `sigma`: $\sigma > 0$ (default 0.01; the bias in $x$ is $O(\sigma)$).
-    - `sigma_decay`: $p \ge 0$ (default 0); `sigma_min`: floor of $\sigma_k$ (default 0).
+    - `sigma_decay`: $p \ge 0$ (default 0); `sigma_min`: floor of $\sigma_k$
+      (default 0).
     - `x_lr`: $\alpha$ (default 0.1). The paper's worst-case guidance is
       $\alpha = \Theta(\sigma)$; for lower levels with a well-conditioned solution map
       $\psi_\sigma$ stays smooth and a constant $\alpha$ works.
@@ -339,13 +341,22 @@ class Penalty(AbstractBilevelSolver):
     - `momentum`: STORM weight $\eta \in (0, 1]$ of the single loop (default 0.1;
       $\eta = 1$ is plain SGD).
     - `coupled_samples`: evaluate $\nabla_x g(x, y)$ and $\nabla_x g(x, z)$ on the same
-      lower batch (default `True`): under mean-squared smoothness the variance of their
-      difference is $O(\|y - z\|^2) = O(\sigma^2)$, so the $1/\sigma$-amplified term keeps
-      $O(1)$ variance. `False` draws them independently.
+      lower batch (default `True`): under mean-squared smoothness the variance of
+      their difference is $O(\|y - z\|^2) = O(\sigma^2)$, so the $1/\sigma$-amplified
+      term keeps $O(1)$ variance. `False` draws them independently.
 
     With stochastic data, each inner step draws fresh batches (the $y$ and $z$ loops
     independently of each other), and the $x$ step draws its own.
-    """ + _METRICS_DOC
+
+    Metrics each step: `upper_loss` $f(x_k, y)$; `grad_norm`, the gradient mapping
+    $\|x_k - x_{k+1}\| / \alpha_k$ (the projected penalty-gradient norm; $\|d_x\|$ when
+    the problem has no `project_x`); `lower_residual`
+    $\|y - \Pi_Y(y - \nabla_y g(x_k, y))\|$ of the penalised variable (it shrinks like
+    $\sigma$); `value_residual`, the same for $z$; `penalty_gap`
+    $g(x_k, y) - g(x_k, z)$; `lambda` $\lambda_k = 1/\sigma_k$. All come from the
+    oracles of the $x$ step at no extra cost (minibatch estimates with stochastic
+    data).
+    """
 
     variant: Literal["double_loop", "single_loop"] = eqx.field(
         static=True, default="double_loop"
@@ -378,7 +389,7 @@ class Penalty(AbstractBilevelSolver):
                 if getattr(self, name) < 1:
                     raise ValueError(
                         f"Penalty: the double loop needs `{name}` >= 1, got "
-                        f"{getattr(self, name)!r} (use variant='single_loop' for joint steps)"
+                        f"{getattr(self, name)!r} (variant='single_loop' steps jointly)"
                     )
 
     def _rule(self, step: Array, dtype) -> _Rule:
@@ -391,27 +402,39 @@ class Penalty(AbstractBilevelSolver):
         return _Rule(
             penalty=1 / sigma,
             x_lr=_scalar(self.x_lr, dtype),
-            y_lr=_scalar(self.y_lr, dtype) * sigma,  # beta on h_sigma = sigma * (f + g / sigma)
+            # beta acts on h_sigma = sigma f + g = sigma (f + lambda g)
+            y_lr=_scalar(self.y_lr, dtype) * sigma,
             z_lr=_scalar(self.z_lr, dtype),
             momentum=_scalar(eta, dtype),
         )
 
-    def init(self, problem, x0, y0, key):
+    def init(
+        self, problem: BilevelProblem, x0: PyTree[Array], y0: PyTree[Array],
+        key: PRNGKeyArray | None,
+    ) -> _PenaltyState:
         return _init_state("Penalty", problem, x0, y0, self.variant == "single_loop")
 
-    def step(self, problem, state, data, key):
-        loops = (0, 0) if self.variant == "single_loop" else (self.y_steps, self.z_steps)
+    def step(
+        self,
+        problem: BilevelProblem,
+        state: _PenaltyState,
+        data: Any,
+        key: PRNGKeyArray,
+    ) -> tuple[_PenaltyState, dict[str, Scalar]]:
+        single = self.variant == "single_loop"
         rule = self._rule(state.step, result_dtype(state.x))
         return _penalty_step(
             problem, state, data, key, rule,
-            y_steps=loops[0], z_steps=loops[1], coupled=self.coupled_samples,
+            y_steps=0 if single else self.y_steps,
+            z_steps=0 if single else self.z_steps,
+            coupled=self.coupled_samples,
         )
 
-    def params(self, state):
+    def params(self, state: _PenaltyState) -> tuple[PyTree[Array], PyTree[Array]]:
         return state.x, state.y
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Shen & Chen (ICML 2023)
 
 
@@ -436,8 +459,8 @@ class VPBGD(AbstractBilevelSolver):
 
     **Arguments:**
 
-    - `penalty`: $\gamma$ (default 10, the paper's toy; $\gamma = \Theta(\epsilon^{-1/2})$
-      in the theory).
+    - `penalty`: $\gamma$ (default 10, the paper's toy;
+      $\gamma = \Theta(\epsilon^{-1/2})$ in the theory).
     - `penalty_init`, `ramp_steps`: linear ramp (default 0 steps: constant $\gamma$).
     - `x_lr`: $\alpha$ (default 0.01 $= 0.1/\gamma$, the toy); `y_lr`: step of $y$ if
       different (default: `x_lr`). Need $\alpha \lesssim 1/L_\gamma$, $L_\gamma =
@@ -445,9 +468,18 @@ class VPBGD(AbstractBilevelSolver):
     - `z_lr`: $\beta$ of the value-function loop (default 0.1); `z_steps`: its length
       (default 1, warm-started, as in the public code).
     - `scale_by_penalty`: see above (default `False`).
-    - `coupled_samples`: one lower batch for both $\nabla_x g$ calls (default `True`; see
-      [`bilevel.solvers.Penalty`][]).
-    """ + _METRICS_DOC
+    - `coupled_samples`: one lower batch for both $\nabla_x g$ calls (default `True`;
+      see [`bilevel.solvers.Penalty`][]).
+
+    Metrics each step: `upper_loss` $f(x_k, y)$; `grad_norm`, the gradient mapping
+    $\|x_k - x_{k+1}\| / \alpha_k$ (the projected penalty-gradient norm; $\|d_x\|$ when
+    the problem has no `project_x`); `lower_residual`
+    $\|y - \Pi_Y(y - \nabla_y g(x_k, y))\|$ of the penalised variable (it shrinks like
+    $\sigma$); `value_residual`, the same for $z$; `penalty_gap`
+    $g(x_k, y) - g(x_k, z)$; `lambda` $\lambda_k = 1/\sigma_k$. All come from the
+    oracles of the $x$ step at no extra cost (minibatch estimates with stochastic
+    data).
+    """
 
     penalty: float = 10.0
     penalty_init: float = 0.0
@@ -486,21 +518,30 @@ class VPBGD(AbstractBilevelSolver):
             momentum=_scalar(1.0, dtype),
         )
 
-    def init(self, problem, x0, y0, key):
+    def init(
+        self, problem: BilevelProblem, x0: PyTree[Array], y0: PyTree[Array],
+        key: PRNGKeyArray | None,
+    ) -> _PenaltyState:
         return _init_state("VPBGD", problem, x0, y0, storm=False)
 
-    def step(self, problem, state, data, key):
+    def step(
+        self,
+        problem: BilevelProblem,
+        state: _PenaltyState,
+        data: Any,
+        key: PRNGKeyArray,
+    ) -> tuple[_PenaltyState, dict[str, Scalar]]:
         rule = self._rule(state.step, result_dtype(state.x))
         return _penalty_step(
             problem, state, data, key, rule,
             y_steps=0, z_steps=self.z_steps, coupled=self.coupled_samples,
         )
 
-    def params(self, state):
+    def params(self, state: _PenaltyState) -> tuple[PyTree[Array], PyTree[Array]]:
         return state.x, state.y
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Kwon, Kwon, Wright, Nowak (ICML 2023)
 
 
@@ -513,11 +554,13 @@ class F2SA(AbstractBilevelSolver):
     $t = k + k_0$, $\lambda_k = \lambda_0 t^{b}$, $\alpha_k = c_\alpha t^{-a}$,
     $\gamma_k = c_\gamma t^{-c}$:
 
-    1. `y_steps` / `z_steps` warm-started inner steps, each on fresh independent samples:
+    1. `y_steps` / `z_steps` warm-started inner steps, each on fresh independent
+       samples:
        $z \leftarrow \Pi_Y(z - \gamma_k\nabla_y g(x_k, z))$,
        $y \leftarrow \Pi_Y(y - \alpha_k(\nabla_y f + \lambda_k\nabla_y g)(x_k, y))$;
-    2. $x_{k+1} = \Pi_X(x_k - \xi\alpha_k(\nabla_x f(x_k, y) + \lambda_k(\nabla_x g(x_k, y)
-       - \nabla_x g(x_k, z))))$, the three gradients on independent samples.
+    2. $x_{k+1} = \Pi_X(x_k - \xi\alpha_k(\nabla_x f(x_k, y)
+       + \lambda_k(\nabla_x g(x_k, y) - \nabla_x g(x_k, z))))$, the three gradients on
+       independent samples.
 
     The defaults $(a, b, c) = (5/7, 2/7, 4/7)$ are the paper's exponents when both
     levels are stochastic; its analysis also asks $\alpha_k\lambda_k \le 1/(4L_g)$,
@@ -532,9 +575,19 @@ class F2SA(AbstractBilevelSolver):
     - `x_ratio`: $\xi$ (default 1).
     - `offset`: $k_0 \ge 1$ (default 1).
     - `y_steps`, `z_steps`: inner steps $T$ (default 10 each).
-    - `coupled_samples`: default `False` (the paper's independent samples); `True` shares
-      the lower batch of the two $\nabla_x g$ calls (see [`bilevel.solvers.Penalty`][]).
-    """ + _METRICS_DOC
+    - `coupled_samples`: default `False` (the paper's independent samples); `True`
+      shares the lower batch of the two $\nabla_x g$ calls (see
+      [`bilevel.solvers.Penalty`][]).
+
+    Metrics each step: `upper_loss` $f(x_k, y)$; `grad_norm`, the gradient mapping
+    $\|x_k - x_{k+1}\| / \alpha_k$ (the projected penalty-gradient norm; $\|d_x\|$ when
+    the problem has no `project_x`); `lower_residual`
+    $\|y - \Pi_Y(y - \nabla_y g(x_k, y))\|$ of the penalised variable (it shrinks like
+    $\sigma$); `value_residual`, the same for $z$; `penalty_gap`
+    $g(x_k, y) - g(x_k, z)$; `lambda` $\lambda_k = 1/\sigma_k$. All come from the
+    oracles of the $x$ step at no extra cost (minibatch estimates with stochastic
+    data).
+    """
 
     penalty: float = 1.0
     penalty_growth: float = 2 / 7
@@ -557,28 +610,40 @@ class F2SA(AbstractBilevelSolver):
         for name in ("y_steps", "z_steps"):
             _check_steps("F2SA", name, getattr(self, name))
             if getattr(self, name) < 1:
-                raise ValueError(f"F2SA: `{name}` must be >= 1, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"F2SA: `{name}` must be >= 1, got {getattr(self, name)!r}"
+                )
 
     def _rule(self, step: Array, dtype) -> _Rule:
         t = step.astype(dtype) + _scalar(self.offset, dtype)
         y_lr = _scalar(self.y_lr, dtype) * t ** -_scalar(self.y_lr_decay, dtype)
+        growth = _scalar(self.penalty_growth, dtype)
         return _Rule(
-            penalty=_scalar(self.penalty, dtype) * t ** _scalar(self.penalty_growth, dtype),
+            penalty=_scalar(self.penalty, dtype) * t**growth,
             x_lr=_scalar(self.x_ratio, dtype) * y_lr,
             y_lr=y_lr,
             z_lr=_scalar(self.z_lr, dtype) * t ** -_scalar(self.z_lr_decay, dtype),
             momentum=_scalar(1.0, dtype),
         )
 
-    def init(self, problem, x0, y0, key):
+    def init(
+        self, problem: BilevelProblem, x0: PyTree[Array], y0: PyTree[Array],
+        key: PRNGKeyArray | None,
+    ) -> _PenaltyState:
         return _init_state("F2SA", problem, x0, y0, storm=False)
 
-    def step(self, problem, state, data, key):
+    def step(
+        self,
+        problem: BilevelProblem,
+        state: _PenaltyState,
+        data: Any,
+        key: PRNGKeyArray,
+    ) -> tuple[_PenaltyState, dict[str, Scalar]]:
         rule = self._rule(state.step, result_dtype(state.x))
         return _penalty_step(
             problem, state, data, key, rule,
             y_steps=self.y_steps, z_steps=self.z_steps, coupled=self.coupled_samples,
         )
 
-    def params(self, state):
+    def params(self, state: _PenaltyState) -> tuple[PyTree[Array], PyTree[Array]]:
         return state.x, state.y
