@@ -34,7 +34,7 @@ TOY_Y0 = (jnp.full(N, 0.01), jnp.full(N, 0.01))
 
 @pytest.fixture(scope="module")
 def toy_runs():
-    """6000 steps of each variant, one compiled scan each (shared by the tests below)."""
+    """6000 steps of each variant, one compiled scan each (shared by the tests)."""
     variants = {
         "s3": bl.solvers.SLBAMM(),
         "s2": bl.solvers.SLBAMM(strategy="s2"),
@@ -80,22 +80,26 @@ def test_schedule_decays(toy_runs):
     mu = 0.9 / kappa**0.1
     np.testing.assert_allclose(history["mu"], mu, rtol=1e-12)
     np.testing.assert_allclose(history["eta"], kappa ** (-1 / 80) * 0.1, rtol=1e-12)
-    np.testing.assert_allclose(history["alpha"], kappa ** (-3 / 80) * mu**3 * 0.1, rtol=1e-12)
+    alpha = kappa ** (-3 / 80) * mu**3 * 0.1
+    np.testing.assert_allclose(history["alpha"], alpha, rtol=1e-12)
 
 
-# --- LL strongly convex identity toy (spec 2.5b): x* = y* = 0.5 ------------------------
-def test_strongly_convex_identity_toy():
+# --- LL strongly convex identity toy (spec 2.5b): x* = y* = 0.5 -----------------------
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_strongly_convex_identity_toy(dtype):
     problem = bl.BilevelProblem(
         lambda x, y, b: 0.5 * y @ y + 0.5 * jnp.sum((x - 1.0) ** 2),
         lambda x, y, b: 0.5 * y @ y - x @ y,
     )
     # No averaging is needed for a strongly convex LL: mu0 = 0 with a mu-free x step.
     solver = bl.solvers.SLBAMM(mu0=0.0, x_lr=0.1)
-    x0 = y0 = jnp.full(N, 2.0)
-    state, _ = bl.run(problem, solver, x0, y0, None, 1000, jr.PRNGKey(0))
+    x0 = y0 = jnp.full(N, 2.0, dtype)
+    state, history = bl.run(problem, solver, x0, y0, None, 1000, jr.PRNGKey(0))
     x, y = solver.params(state)
-    half = jnp.full(N, 0.5)
-    # Spec oracle S2: relative error < 1e-4 (measured ~1e-15 after 1000 steps).
+    half = jnp.full(N, 0.5, dtype)
+    # Spec oracle S2: relative error < 1e-4 (measured ~1e-15 in float64 and ~1e-7 in
+    # float32 after 1000 steps). float32 inputs under x64 stay float32 (no promotion).
+    assert x.dtype == y.dtype == history["eta"].dtype == dtype
     assert relative_error(x, half) < 1e-4
     assert relative_error(y, half) < 1e-4
 
@@ -109,7 +113,8 @@ def smooth_upper(x, y, batch):
 
 def smooth_lower(x, y, batch):
     quadratic = 0.5 * y @ (batch["Q"] @ y) - (batch["B"] @ x) @ y
-    return quadratic + 0.1 * jnp.sum(jnp.logaddexp(0.0, x)) * (y @ y) + 0.05 * jnp.sum(y**4)
+    coupling = 0.1 * jnp.sum(jnp.logaddexp(0.0, x)) * (y @ y)
+    return quadratic + coupling + 0.05 * jnp.sum(y**4)
 
 
 def _smooth_data():
@@ -139,7 +144,8 @@ def test_pullback_matches_dense_hessian():
         lin = linearise(problem, mu, x, y, upper, lower)
         mixed, hvp = lin.pullback(w)
         hessian = jax.hessian(phi, argnums=1)(x, y)
-        cross = jax.jacobian(jax.grad(phi, argnums=1), argnums=0)(x, y)  # (dim y, dim x)
+        # (dim y, dim x) matrix of d(grad_y phi)/dx
+        cross = jax.jacobian(jax.grad(phi, argnums=1), argnums=0)(x, y)
         dense = (cross.T @ w, hessian @ w, jax.grad(phi, argnums=1)(x, y))
         return (mixed, hvp, lin.grad_y_phi), dense
 
@@ -198,7 +204,8 @@ def reference_step(x, y, v, k, upper, lower, solver):
     multiplier = jnp.linalg.norm(hessian @ w - grad_y_f)
     projected = jnp.linalg.norm(x - _clip_x(x - direction))
     kkt = averaged + multiplier + projected
-    return new_x, new_y, new_v, {"mu": mu, "eta": eta, "alpha": alpha, "kkt_residual": kkt}
+    metrics = {"mu": mu, "eta": eta, "alpha": alpha, "kkt_residual": kkt}
+    return new_x, new_y, new_v, metrics
 
 
 @pytest.mark.parametrize(
@@ -272,7 +279,10 @@ def test_line_search_clipped(lower_curvature, expected_eta):
         ({"eta_max": 0.0}, "eta_max"),
         ({"x_lr": -1.0}, "x_lr"),
         ({"mu0": 0.0}, "x_lr"),
-        ({"mu0": 0.0, "x_lr": 0.1, "v_step": "fixed", "strategy": "s1"}, "fixed v step"),
+        (
+            {"mu0": 0.0, "x_lr": 0.1, "v_step": "fixed", "strategy": "s1"},
+            "fixed v step",
+        ),
     ],
 )
 def test_bad_configuration(options, match):

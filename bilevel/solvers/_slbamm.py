@@ -12,7 +12,7 @@ from jaxtyping import Array, Int, PyTree, Scalar
 
 from .._data import as_data
 from .._linear import result_dtype
-from .._misc import tree_dot, tree_norm, tree_sub
+from .._misc import tree_norm, tree_sub
 from .._problem import BilevelProblem
 from .._solver import AbstractBilevelSolver
 
@@ -31,10 +31,20 @@ class _SLBAMMState(eqx.Module):
     step: Int[Array, ""]
 
 
-def _scaled_step(alpha: Array, direction: PyTree[Array], start: PyTree[Array]) -> PyTree[Array]:
+def _scaled_step(
+    alpha: Array, direction: PyTree[Array], start: PyTree[Array]
+) -> PyTree[Array]:
     """start - alpha * direction, leafwise, with `alpha` cast to each leaf's dtype (so a
     float64 schedule never promotes a float32 leaf)."""
     return jtu.tree_map(lambda u, d: u - alpha.astype(d.dtype) * d, start, direction)
+
+
+def _dot(a: PyTree[Array], b: PyTree[Array], dtype) -> Scalar:
+    """Inner product of two pytrees, accumulated in `dtype`. (`bilevel._misc.tree_dot`
+    starts its sum from a default-dtype zero, which strict promotion rejects for
+    float32 leaves under x64.)"""
+    pairs = zip(jtu.tree_leaves(a), jtu.tree_leaves(b))
+    return sum((jnp.vdot(u, v).astype(dtype) for u, v in pairs), jnp.zeros((), dtype))
 
 
 def _is_number(value: Any) -> bool:
@@ -44,8 +54,9 @@ def _is_number(value: Any) -> bool:
 
 
 class _Linearisation(eqx.Module):
-    r"""$\nabla_y\varphi_\mu$ at $(x, y)$, the pieces of the gradients it is built from, and
-    its pullback $w \mapsto (\nabla^2_{xy}\varphi_\mu\, w,\ \nabla^2_{yy}\varphi_\mu\, w)$."""
+    r"""$\nabla_y\varphi_\mu$ at $(x, y)$, the gradients it is built from, and its
+    pullback
+    $w \mapsto (\nabla^2_{xy}\varphi_\mu\, w,\ \nabla^2_{yy}\varphi_\mu\, w)$."""
 
     grad_y_phi: PyTree[Array]
     upper: Scalar
@@ -59,8 +70,8 @@ def averaged_gradient(
     problem: BilevelProblem, mu: Scalar, upper_batch: Any, lower_batch: Any
 ):
     r"""$(x, y) \mapsto \nabla_y\varphi_\mu(x, y)$ with
-    $\varphi_\mu = \mu f + (1 - \mu) g$ (upper $f$, lower $g$), returning as auxiliary
-    output $(f, \nabla_x f, \nabla_y f, \nabla_y g)$."""
+    $\varphi_\mu = \mu F + (1 - \mu) f$ (upper $F$, lower $f$), returning as auxiliary
+    output $(F, \nabla_x F, \nabla_y F, \nabla_y f)$."""
 
     def fn(x, y):
         value, (grad_x_f, grad_y_f) = jax.value_and_grad(problem.upper, argnums=(0, 1))(
@@ -86,9 +97,10 @@ def linearise(
     lower_batch: Any,
 ) -> _Linearisation:
     r"""One VJP of $(x, y) \mapsto \nabla_y\varphi_\mu(x, y)$: its pullback of a
-    multiplier $w$ gives the mixed product $\nabla_x\langle\nabla_y\varphi_\mu, w\rangle$
-    and the Hessian-vector product $\nabla^2_{yy}\varphi_\mu\, w$ (the Hessian is
-    symmetric, so the VJP in $y$ is the HVP). No Hessian is formed."""
+    multiplier $w$ gives the mixed product
+    $\nabla_x\langle\nabla_y\varphi_\mu, w\rangle$ and the Hessian-vector product
+    $\nabla^2_{yy}\varphi_\mu\, w$ (the Hessian is symmetric, so the VJP in $y$ is
+    the HVP). No Hessian is formed."""
     fn = averaged_gradient(problem, mu, upper_batch, lower_batch)
     grad_y_phi, pullback, aux = jax.vjp(fn, x, y, has_aux=True)
     return _Linearisation(grad_y_phi, *aux, pullback=pullback)
@@ -96,19 +108,21 @@ def linearise(
 
 class SLBAMM(AbstractBilevelSolver):
     r"""sl-BAMM, the single-loop averaged method of multipliers (Liu et al., 2023), for
-    a lower level $g(x, \cdot)$ that is convex but possibly *merely* convex, so that
-    $\arg\min_y g(x, y)$ may be a set and the IFT system is singular.
+    $\min_{x \in X} F(x, y)$ s.t. $y \in \arg\min_y f(x, y)$ with a lower level
+    $f(x, \cdot)$ that is convex but possibly *merely* convex, so that the argmin may
+    be a set and the IFT system is singular. (Paper notation: $F$ is the problem's
+    `upper`, $f$ its `lower`.)
 
-    It replaces $g$ by the averaged objective
-    $\varphi_\mu(x, y) = \mu f(x, y) + (1 - \mu) g(x, y)$, $\mu_k = \mu_0/(k+1)^{1/p}$,
-    whose Hessian in $y$ is positive definite when $f(x, \cdot)$ is strongly convex,
+    It replaces $f$ by the averaged objective
+    $\varphi_\mu(x, y) = \mu F(x, y) + (1 - \mu) f(x, y)$, $\mu_k = \mu_0/(k+1)^{1/p}$,
+    whose Hessian in $y$ is positive definite when $F(x, \cdot)$ is strongly convex,
     and takes one step per iteration on each equation of the KKT system of
-    $\min f$ s.t. $\nabla_y\varphi_\mu = 0$ with multiplier $v$:
+    $\min F$ s.t. $\nabla_y\varphi_\mu = 0$ with multiplier $v$:
 
     - $y^{k+1} = y^k - s\,\nabla_y\varphi_{\mu_k}(x^k, y^k)$;
-    - $r^k = H_k v^k - \nabla_y f(x^k, y^k)$ with $H_k = \nabla^2_{yy}\varphi_{\mu_k}$,
+    - $r^k = H_k v^k - \nabla_y F(x^k, y^k)$ with $H_k = \nabla^2_{yy}\varphi_{\mu_k}$,
       $v^{k+1} = v^k - \eta_k r^k$;
-    - $x^{k+1} = P_X\big(x^k - \alpha_k[\nabla_x f(x^k, y^k) -
+    - $x^{k+1} = P_X\big(x^k - \alpha_k[\nabla_x F(x^k, y^k) -
       \nabla^2_{xy}\varphi_{\mu_k}(x^k, y^k)\, v^k]\big)$, where
       $\nabla^2_{xy}\varphi\, v = \nabla_x\langle\nabla_y\varphi, v\rangle$.
 
@@ -127,11 +141,11 @@ class SLBAMM(AbstractBilevelSolver):
 
     With `v_step="line_search"` (default, as the authors' merely-convex script),
     $\eta_k = \|r^k\|^2 / \langle r^k, H_k r^k\rangle$, the exact minimiser of
-    $\frac12 v^\top H_k v - \nabla_y f^\top v$ along $-r^k$, clipped to
+    $\frac12 v^\top H_k v - \nabla_y F^\top v$ along $-r^k$, clipped to
     $[0, \eta_{\max}]$ (zero for non-positive curvature), so a Hessian that is not
     positive definite cannot blow the multiplier up.
 
-    Each step costs one gradient of $f$ and $g$, and one VJP of
+    Each step costs one gradient of $F$ and $f$, and one VJP of
     $\nabla_y\varphi_\mu$ pulled back once or twice (three times with
     `sequential=True`, plus a second gradient); no Hessian is formed and there is no
     inner loop.
@@ -150,11 +164,11 @@ class SLBAMM(AbstractBilevelSolver):
     - `x_lr`: if given, $\alpha_k = \kappa_k^{-3\tau/2}\,$`x_lr` replaces the strategy's
       $\mu_k$-scaled $x$ step (default None).
 
-    Metrics, at the point the multiplier and $x$ steps read: `upper_loss` $f$,
-    `grad_norm` $\|\nabla_x f - \nabla^2_{xy}\varphi_\mu v\|$, `lower_residual`
-    $\|\nabla_y g\|$, `averaged_residual` $\|\nabla_y\varphi_\mu\|$,
-    `multiplier_residual` $\|H v - \nabla_y f\|$, `x_residual` the norm of the projected
-    $x$ gradient $x - P_X(x - [\nabla_x f - \nabla^2_{xy}\varphi_\mu v])$,
+    Metrics, at the point the multiplier and $x$ steps read: `upper_loss` $F$,
+    `grad_norm` $\|\nabla_x F - \nabla^2_{xy}\varphi_\mu v\|$, `lower_residual`
+    $\|\nabla_y f\|$, `averaged_residual` $\|\nabla_y\varphi_\mu\|$,
+    `multiplier_residual` $\|H v - \nabla_y F\|$, `x_residual` the norm of the projected
+    $x$ gradient $x - P_X(x - [\nabla_x F - \nabla^2_{xy}\varphi_\mu v])$,
     `kkt_residual` the sum of the last three, and `mu`, `eta`, `alpha`.
 
     !!! info "Deviations"
@@ -164,7 +178,7 @@ class SLBAMM(AbstractBilevelSolver):
           \mu_k^3$, a strongly convex lower level would need $\mu_k \to 0$ to remove
           the averaging bias, which stops $x$; the authors' strongly convex script also
           uses a $\mu$-free $x$ step.
-        - The problem's `optimality` is not used: the method needs $\nabla_y g$ itself.
+        - The problem's `optimality` is not used: the method needs $\nabla_y f$ itself.
           Lower-level projections and constraints are rejected at `init`.
 
     ??? cite "References"
@@ -198,10 +212,13 @@ class SLBAMM(AbstractBilevelSolver):
             )
         if self.v_step not in ("line_search", "fixed"):
             raise ValueError(
-                f"SLBAMM: `v_step` must be 'line_search' or 'fixed', got {self.v_step!r}"
+                "SLBAMM: `v_step` must be 'line_search' or 'fixed', got "
+                f"{self.v_step!r}"
             )
         if not isinstance(self.sequential, bool):
-            raise ValueError(f"SLBAMM: `sequential` must be a bool, got {self.sequential!r}")
+            raise ValueError(
+                f"SLBAMM: `sequential` must be a bool, got {self.sequential!r}"
+            )
         checks = (
             ("s", self.s, lambda u: u > 0, "> 0"),
             ("mu0", self.mu0, lambda u: 0 <= u < 1, "in [0, 1)"),
@@ -212,7 +229,9 @@ class SLBAMM(AbstractBilevelSolver):
         )
         for name, value, ok, requirement in checks:
             if _is_number(value) and not ok(value):
-                raise ValueError(f"SLBAMM: `{name}` must be {requirement}, got {value!r}")
+                raise ValueError(
+                    f"SLBAMM: `{name}` must be {requirement}, got {value!r}"
+                )
         if _is_number(self.mu0) and self.mu0 == 0:
             if self.x_lr is None:
                 raise ValueError(
@@ -245,7 +264,7 @@ class SLBAMM(AbstractBilevelSolver):
         for name in ("project_y", "lower_constraints", "project_feasible"):
             if getattr(problem, name) is not None:
                 raise ValueError(
-                    f"SLBAMM handles an unconstrained lower level only; the problem has "
+                    "SLBAMM handles an unconstrained lower level only; the problem has "
                     f"`{name}`. Use a penalty-type solver (e.g. LVHBA) for constrained "
                     "lower levels"
                 )
@@ -255,17 +274,18 @@ class SLBAMM(AbstractBilevelSolver):
         )
 
     def _multiplier_step(self, lin: _Linearisation, v, h_v, fixed_eta):
-        r"""$v - \eta r$ with $r = H v - \nabla_y f$ (`h_v` is $H v$), and the $\eta$ used."""
+        r"""$v - \eta r$ with $r = H v - \nabla_y F$ (`h_v` is $H v$); also returns
+        the $\eta$ used."""
         residual = tree_sub(h_v, lin.grad_y_upper)
         if self.v_step == "fixed":
             eta = fixed_eta
         else:
             _, h_residual = lin.pullback(residual)
-            curvature = tree_dot(residual, h_residual)
+            dtype = fixed_eta.dtype
+            curvature = _dot(residual, h_residual, dtype)
             positive = curvature > 0
-            ratio = tree_dot(residual, residual) / jnp.where(positive, curvature, 1)
-            eta = jnp.where(positive, jnp.minimum(ratio, self.eta_max), 0)
-            eta = eta.astype(fixed_eta.dtype)
+            ratio = _dot(residual, residual, dtype) / jnp.where(positive, curvature, 1)
+            eta = jnp.where(positive, jnp.minimum(ratio, self.eta_max), 0).astype(dtype)
         return _scaled_step(eta, residual, v), eta
 
     def step(self, problem, state, data, key):
