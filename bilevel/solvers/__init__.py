@@ -2,4 +2,5 @@
 
 from ._implicit_diff import ImplicitDiff as ImplicitDiff
 from ._penalty import F2SA as F2SA, Penalty as Penalty, VPBGD as VPBGD
+from ._slbamm import SLBAMM as SLBAMM
 from ._unrolled import Unrolled as Unrolled
