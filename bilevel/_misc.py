@@ -9,8 +9,10 @@ from jaxtyping import Array, Bool, PyTree, Scalar
 
 def tree_dot(a: PyTree[Array], b: PyTree[Array]) -> Scalar:
     """Euclidean inner product of two pytrees with the same structure."""
-    leaves = [jnp.vdot(u, v) for u, v in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))]
-    return sum(leaves, jnp.zeros(()))
+    products = [jnp.vdot(u, v) for u, v in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))]
+    if not products:
+        return jnp.zeros(())
+    return sum(products[1:], products[0])
 
 
 def tree_norm(a: PyTree[Array]) -> Scalar:
@@ -37,13 +39,16 @@ def tree_sub(a: PyTree[Array], b: PyTree[Array]) -> PyTree[Array]:
 
 
 def tree_all_finite(tree: PyTree) -> Bool[Array, ""]:
-    """True when every inexact array leaf of `tree` is finite."""
-    leaves = [
-        jnp.all(jnp.isfinite(u))
-        for u in jtu.tree_leaves(tree)
-        if isinstance(u, jax.Array) and jnp.issubdtype(u.dtype, jnp.inexact)
-    ]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+    """True when every inexact array leaf of `tree` is finite.
+
+    Uses $\sum_i 0 \cdot u_i$, which is NaN exactly when some $u_i$ is NaN or inf and
+    cannot overflow: one fused reduction per leaf (this runs at every step of `run`).
+    """
+    finite = jnp.array(True)
+    for u in jtu.tree_leaves(tree):
+        if isinstance(u, jax.Array) and jnp.issubdtype(u.dtype, jnp.inexact):
+            finite = finite & jnp.isfinite(jnp.sum(u * 0))
+    return finite
 
 
 def tree_where(pred, on_true: PyTree, on_false: PyTree) -> PyTree:
