@@ -18,6 +18,11 @@ warm-started inner steps they take on $y$ and $z$ before the $x$ step (zero mean
 joint step from the same oracles), and whether the directions carry a STORM-type
 recursive momentum. The shared core is `_penalty_step`; [`bilevel.solvers.Penalty`][],
 [`bilevel.solvers.VPBGD`][] and [`bilevel.solvers.F2SA`][] only map their fields to it.
+
+Both $y$ and $z$ start at `y0` and are warm-started across outer steps. `params`
+returns $(x, y)$: $y$, the minimiser of $f + \lambda g$, is the (optimistic) lower
+solution estimate; $z$ is only a value-function witness, and when $S(x)$ is not a
+singleton it may sit at any of its points.
 """
 
 from typing import Any, Literal
