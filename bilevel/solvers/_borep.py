@@ -83,10 +83,13 @@ class BOREP(AbstractBilevelSolver):
     - `normalize=False` replaces the normalized step by $x_{k+1} = P_X(x_k - \eta
       m_{k+1})$. With `beta=0, period=1, inner_steps=1, refine_epochs=0` this is a
       fixed-step single-loop method in the style of SOBA (Dagréou et al. 2022; here
-      with the lower, $z$ and $x$ updates taken in sequence), the baseline that fails
-      under unbounded smoothness.
-    - The periodic branch is chosen by `lax.switch`; under `jax.vmap` over states it
-      becomes a select that evaluates every branch at each step (correct, slower).
+      with the lower, $z$ and $x$ updates taken in sequence): the kind of method whose
+      step must stay below $2/L$ at the current point, which unbounded smoothness makes
+      arbitrarily small.
+    - The lower-update branch is chosen by `lax.switch` on the step counter. If
+      `jax.vmap` batches the counter itself (not the case when vmapping `bl.run` over
+      seeds or data), the switch becomes a select that runs every branch at each step:
+      correct, but slower.
     - With a general optimality condition $\Phi$ (e.g. a projected-gradient fixed point),
       step 2 targets $\partial_y\Phi^{-\top}\nabla_y f$, the adjoint of
       [`bilevel.hypergradient`][]; for the default $\Phi = \nabla_y g$ this is the
@@ -102,10 +105,10 @@ class BOREP(AbstractBilevelSolver):
     - `period`: $I$, iterations between lower updates (default 2).
     - `inner_steps`: $N$, SGD steps per lower update (default 3).
     - `refine_epochs`: $E$, Epoch-SGD epochs before the loop (default 3; 0 = none).
-    - `refine_steps`: $T_1$, steps of the first epoch (default 10).
-    - `refine_lr`: $\gamma_1$ (default: `inner_lr`).
     - `z_radius`: optional radius $R$ of the ball $z$ is projected on (theory:
       $l_{f,0}/\mu$); default `None`, no projection.
+    - `refine_steps`: $T_1$, steps of the first epoch (default 10).
+    - `refine_lr`: $\gamma_1$ (default: `inner_lr`).
     - `eps`: $\epsilon$ in the normalization (default 1e-10, as in the official code).
     - `order`: `"lower_first"` (paper) or `"hvp_first"` (see above).
     - `normalize`: normalized upper step (default) or the plain step $\eta m_{k+1}$.
@@ -137,9 +140,9 @@ class BOREP(AbstractBilevelSolver):
     period: int = eqx.field(static=True, default=2)
     inner_steps: int = eqx.field(static=True, default=3)
     refine_epochs: int = eqx.field(static=True, default=3)
+    z_radius: float | None = None
     refine_steps: int = eqx.field(static=True, default=10)
     refine_lr: float | None = None
-    z_radius: float | None = None
     eps: float = 1e-10
     order: Literal["lower_first", "hvp_first"] = eqx.field(
         static=True, default="lower_first"
