@@ -160,11 +160,11 @@ def quad_run(eta, data, seed=0):
 
 
 def test_converges_on_quadratic():
-    # ||x0 - x*|| = 1.3. With a constant eta every error source is O(eta): each
+    # ||x0 - x*|| = 1.18. With a constant eta every error source is O(eta): each
     # normalized step has length eta (a limit cycle around x*, widened by the momentum's
     # 1/(1 - beta) lag), and y, z trail a target moving ~eta per step. Measured
-    # errors / eta: 10-19 over eta in [2.5e-4, 4e-3]. The bound 25 eta at two values of
-    # eta shows convergence to x* as eta -> 0.
+    # errors / eta: 9-10 here (10-19 on another quadratic, eta in [2.5e-4, 4e-3]).
+    # The bound 25 eta at two values of eta shows convergence to x* as eta -> 0.
     for eta in (2e-3, 5e-4):
         x, y = quad_run(eta, QUAD_FULL)
         assert float(jnp.linalg.norm(x - QUAD.solution)) <= 25 * eta
@@ -180,13 +180,13 @@ def test_stochastic_quadratic():
     )
     # Minibatches of 6 rows, independent streams for the lower SGD, the Hessian-vector
     # product and the cross term. Constant steps leave a noise floor on top of the
-    # O(eta) terms above: measured errors 0.01-0.07 over 8 runs (epoch and
-    # without-replacement sampling, four seeds each), against ||x0 - x*|| = 1.3.
+    # O(eta) terms above: measured errors 0.02-0.08 over 8 runs (epoch and
+    # without-replacement sampling, four seeds each), against ||x0 - x*|| = 1.18.
     errors = [
         float(jnp.linalg.norm(quad_run(2e-3, sampled, seed)[0] - QUAD.solution))
         for seed in (0, 1)
     ]
-    assert max(errors) <= 0.1
+    assert max(errors) <= 0.15
     assert errors[0] != errors[1]  # the key drives "without_replacement" sampling
 
 
