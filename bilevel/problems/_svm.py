@@ -5,6 +5,7 @@ scikit-learn's packaged breast-cancer data."""
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
+import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float, PyTree
 from sklearn.datasets import load_breast_cancer
@@ -83,13 +84,72 @@ def _margins(y: PyTree[Array], features: Array, labels: Array) -> Array:
     return labels * (features @ y["w"] + y["b"])
 
 
+# The problem's functions are module-level and receive their data through
+# `jtu.Partial`, so problems built from different seeds or splits of the same sizes share
+# one compiled program.
+
+
+def _upper(c, y, batch):
+    features, labels = batch
+    norm = jnp.sqrt(jnp.sum(y["w"] ** 2))
+    return jnp.mean(_leaky_smoothed_zero_one(_margins(y, features, labels) / norm))
+
+
+def _lower(c, y, batch):
+    return 0.5 * jnp.sum(y["w"] ** 2) + 0.5 * jnp.sum(jnp.exp(c) * y["xi"] ** 2)
+
+
+def _constraints(rows, c, y):
+    """$h_i = 1 - \\xi_i - b_i(w^\\top a_i + b)$; `rows` holds $b_i (a_i, 1)$."""
+    return 1 - y["xi"] - rows @ jnp.concatenate([y["w"], y["b"][None]])
+
+
+def _project_x(box, c):
+    return jnp.clip(c, box[0], box[1])
+
+
+def _project_feasible(rows, box, c, y):
+    center = jnp.concatenate([y["w"], y["b"][None]])
+    ones = jnp.ones_like(y["xi"])
+    v = squared_hinge_argmin(jnp.ones_like(center), center, ones, rows, 1 - y["xi"])
+    xi = jnp.maximum(y["xi"], 1 - rows @ v)
+    dim = center.shape[0] - 1
+    return _project_x(box, c), {"w": v[:dim], "b": v[dim], "xi": xi}
+
+
+def _lower_solution(rows, c):
+    dim = rows.shape[1] - 1
+    scale = jnp.concatenate([jnp.ones(dim, rows.dtype), jnp.zeros(1, rows.dtype)])
+    v = squared_hinge_argmin(scale, jnp.zeros_like(scale), jnp.exp(c), rows, jnp.ones_like(c))
+    return {"w": v[:dim], "b": v[dim], "xi": jnp.maximum(1 - rows @ v, 0)}
+
+
+def _accuracy(y, part):
+    features, labels = part
+    return jnp.mean((_margins(y, features, labels) > 0).astype(features.dtype))
+
+
+def _evaluate(splits, rows, c, y):
+    train, val, test = splits
+    optimum = _lower(c, _lower_solution(rows, c), train)
+    violation = jnp.maximum(_constraints(rows, c, y), 0)
+    return {
+        "val_accuracy": _accuracy(y, val),
+        "test_accuracy": _accuracy(y, test),
+        "upper_loss": _upper(c, y, val),
+        "lower_value": _lower(c, y, train),
+        "lower_gap": _lower(c, y, train) - optimum,
+        "constraint_violation": jnp.sqrt(jnp.sum(violation**2)),
+    }
+
+
 def _split(num_train: int, num_val: int, seed: int, flip_fraction: float):
     features, targets = load_breast_cancer(return_X_y=True)
     labels = 2.0 * targets - 1.0
     order = np.random.default_rng(seed).permutation(len(labels))
     train, val, test = np.split(order, [num_train, num_train + num_val])
     mean, std = features[train].mean(axis=0), features[train].std(axis=0)
-    features = (features - mean) / std
+    features = (features - mean) / (std * np.sqrt(features.shape[1]))
     train_labels = labels[train].copy()
     num_flips = int(round(flip_fraction * num_train))
     flipped = np.random.default_rng(seed + 1).choice(num_train, num_flips, replace=False)
@@ -112,40 +172,56 @@ def svm_hpo(
 ) -> Benchmark:
     r"""Per-sample weights of a linear SVM tuned on validation data, with the margin
     constraints in the lower level (Xu & Zhu 2023, "Efficient gradient approximation
-    method for constrained bilevel optimization", AAAI; experiment of Yao et al. 2024,
-    LV-HBA, ICLR).
+    method for constrained bilevel optimization", AAAI; experiment 1.6c of LV-HBA,
+    Yao et al. 2024, ICLR).
 
-    Upper variable $x = c \in \mathbb{R}^{N}$ (log-weights of the $N$ training samples),
-    lower variable $y = (w, b, \xi)$ as the dict `{"w": (d,), "b": (), "xi": (N,)}`:
+    Upper variable $x = c \in [c_{lo}, c_{hi}]^N$ (log-weights of the $N$ training
+    samples), lower variable $y = (w, b, \xi)$ as the dict
+    `{"w": (d,), "b": (), "xi": (N,)}`:
 
     - lower: $\min_y \frac12\|w\|^2 + \frac12\sum_i e^{c_i}\xi_i^2$ s.t.
       $h_i(c, y) = 1 - \xi_i - b_i(w^\top a_i + b) \le 0$, $i = 1..N$;
     - upper: $\frac{1}{N_{val}}\sum_{j} \ell\big(b_j(w^\top a_j + b)/\|w\|\big)$ with the
-      smoothed 0-1 loss $\ell(t) = \mathrm{LeakyReLU}(2\sigma(-5t) - 1)$.
+      smoothed 0-1 loss $\ell(t) = \mathrm{LeakyReLU}(2\sigma(-5t) - 1)$ (slope 0.01).
 
-    Data: scikit-learn's breast-cancer set (569 samples, 30 features, shipped with the
-    package), shuffled with `seed`, split into `num_train` / `num_val` / the rest for
-    test, standardised with the training statistics; labels $\pm 1$. With
-    `flip_fraction`, that fraction of training labels is flipped (a hyper-cleaning
-    variant). The upper batch is the validation pair `(features, labels)`, the lower
-    batch the training pair; `lower_constraints` closes over the training data (it takes
-    no batch).
+    Data: scikit-learn's breast-cancer set (569 samples, $d = 30$ features, shipped with
+    the package), shuffled with `seed`, split into `num_train` / `num_val` / the rest
+    for test, standardised with the training statistics and divided by $\sqrt d$ (rows
+    of unit mean squared norm); labels $\pm 1$. With `flip_fraction`, that fraction of
+    the training labels is flipped (a hyper-cleaning variant: the weights can learn to
+    discount the flipped samples). The upper batch is the validation pair
+    `(features, labels)`, the lower batch the training pair; `lower_constraints` holds
+    the training data itself (it takes no batch).
 
-    `project_feasible` is exact in $\xi$: for fixed $(w, b)$ the projection sets
-    $\xi_i = \max(\xi^0_i, 1 - b_i(w^\top a_i + b))$, which leaves the strongly convex
-    piecewise quadratic $\frac12\|(w, b) - (w^0, b^0)\|^2 + \frac12\sum_i
-    \max(0, 1 - \xi^0_i - b_i(w^\top a_i + b))^2$ in $d + 1$ variables, minimised by
-    semismooth Newton (`squared_hinge_argmin`). Its output is feasible to rounding
-    whatever the Newton accuracy. `lower_solution(c)` solves the lower level the same
-    way ($\xi$ eliminated: a weighted squared-hinge SVM), to tolerance 1e-10 in float64.
+    `project_feasible` clips $c$ into its box and is exact in $\xi$: for fixed $(w, b)$
+    the projection sets $\xi_i = \max(\xi^0_i, 1 - b_i(w^\top a_i + b))$, which leaves
+    the strongly convex piecewise quadratic $\frac12\|(w, b) - (w^0, b^0)\|^2 +
+    \frac12\sum_i \max(0, 1 - \xi^0_i - b_i(w^\top a_i + b))^2$ in $d + 1$ variables,
+    minimised by semismooth Newton (`squared_hinge_argmin`, tolerance 1e-10 in float64).
+    Its output satisfies the constraints to rounding whatever the Newton accuracy.
+    `lower_solution(c)` solves the lower level the same way ($\xi$ eliminated: a
+    weighted squared-hinge SVM); it is numerical, not a closed form.
 
-    Deviation from the formulation: the upper loss is a mean, not a sum, over the
-    validation set, so step sizes do not depend on its size.
+    Deviations from the GAM formulation: the upper loss is a mean, not a sum, over the
+    validation set (step sizes then do not depend on its size); $c$ lives in a box
+    (default $[-8, 3]$) because $e^{c}$ sets the curvature of the lower level, and an
+    unbounded $c$ makes any fixed step size unstable; the $1/\sqrt d$ feature scaling
+    keeps the constraint Jacobian's norm (hence the stable saddle step of LV-HBA)
+    moderate.
+
+    **Arguments:**
+
+    - `num_train`, `num_val`: split sizes (the test set is the rest of the 569 samples).
+    - `seed`: seeds the shuffle and the label flips.
+    - `flip_fraction`: fraction of training labels flipped, in $[0, 0.5)$.
+    - `log_weight_init`: the initial $c_i$ (default 0, i.e. unit weights).
+    - `log_weight_range`: the box $[c_{lo}, c_{hi}]$ of $c$.
 
     `evaluate(x, y)` reports `val_accuracy`, `test_accuracy` (fraction of
     $b_j(w^\top a_j + b) > 0$), `upper_loss`, `lower_value` $f(c, y)$, `lower_gap`
     $f(c, y) - \min f(c, \cdot)$ and `constraint_violation`. The untuned baseline is
-    `evaluate(x0, lower_solution(x0))`.
+    `evaluate(x0, lower_solution(x0))`; a tuned $c$ is best judged by
+    `evaluate(c, lower_solution(c))` (the SVM retrained with the tuned weights).
 
     ??? cite "References"
         ```bibtex
@@ -171,83 +247,43 @@ def svm_hpo(
             f"svm_hpo: need num_train >= 2, num_val >= 1 and num_train + num_val < {total} "
             f"(the rest is the test set); got num_train={num_train}, num_val={num_val}"
         )
-    if not log_weight_range[0] <= log_weight_init <= log_weight_range[1]:
+    low, high = log_weight_range
+    if not low < high:
+        raise ValueError(f"svm_hpo: `log_weight_range` must be increasing, got {log_weight_range}")
+    if not low <= log_weight_init <= high:
         raise ValueError(
             f"svm_hpo: `log_weight_init`={log_weight_init} must lie in "
             f"`log_weight_range`={log_weight_range}"
         )
     if not 0 <= flip_fraction < 0.5:
         raise ValueError(f"svm_hpo: `flip_fraction` must lie in [0, 0.5), got {flip_fraction}")
-    train, val, test = (
+    splits = tuple(
         tuple(jnp.asarray(a) for a in part)
         for part in _split(num_train, num_val, seed, flip_fraction)
     )
-    train_x, train_y = train
-    dim = train_x.shape[1]
-    rows = jnp.concatenate([train_y[:, None] * train_x, train_y[:, None]], axis=1)
-
-    def upper(c, y, batch):
-        features, labels = batch
-        norm = jnp.sqrt(jnp.sum(y["w"] ** 2))
-        return jnp.mean(_leaky_smoothed_zero_one(_margins(y, features, labels) / norm))
-
-    def lower(c, y, batch):
-        return 0.5 * jnp.sum(y["w"] ** 2) + 0.5 * jnp.sum(jnp.exp(c) * y["xi"] ** 2)
-
-    def constraints(c, y):
-        return 1 - y["xi"] - _margins(y, train_x, train_y)
-
-    low, high = log_weight_range
-
-    def project_x(c):
-        return jnp.clip(c, low, high)
-
-    def project_feasible(c, y):
-        center = jnp.concatenate([y["w"], y["b"][None]])
-        ones = jnp.ones_like(y["xi"])
-        v = squared_hinge_argmin(jnp.ones_like(center), center, ones, rows, 1 - y["xi"])
-        xi = jnp.maximum(y["xi"], 1 - rows @ v)
-        return project_x(c), {"w": v[:dim], "b": v[dim], "xi": xi}
-
-    def lower_solution(c):
-        scale = jnp.concatenate([jnp.ones(dim, rows.dtype), jnp.zeros(1, rows.dtype)])
-        ones = jnp.ones_like(c)
-        v = squared_hinge_argmin(scale, jnp.zeros_like(scale), jnp.exp(c), rows, ones)
-        return {"w": v[:dim], "b": v[dim], "xi": jnp.maximum(1 - rows @ v, 0)}
-
-    def accuracy(y, part):
-        features, labels = part
-        return jnp.mean((_margins(y, features, labels) > 0).astype(features.dtype))
-
-    def evaluate(c, y):
-        violation = jnp.maximum(constraints(c, y), 0)
-        return {
-            "val_accuracy": accuracy(y, val),
-            "test_accuracy": accuracy(y, test),
-            "upper_loss": upper(c, y, val),
-            "lower_value": lower(c, y, train),
-            "lower_gap": lower(c, y, train) - lower(c, lower_solution(c), train),
-            "constraint_violation": jnp.sqrt(jnp.sum(violation**2)),
-        }
-
-    dtype = train_x.dtype
+    train, val, _ = splits
+    features, labels = train
+    rows = jnp.concatenate([labels[:, None] * features, labels[:, None]], axis=1)
+    dtype = features.dtype
+    box = jnp.asarray(log_weight_range, dtype)
+    problem = BilevelProblem(
+        _upper,
+        _lower,
+        lower_constraints=jtu.Partial(_constraints, rows),
+        project_x=jtu.Partial(_project_x, box),
+        project_feasible=jtu.Partial(_project_feasible, rows, box),
+    )
     y0 = {
-        "w": jnp.ones(dim, dtype),
+        "w": jnp.ones(features.shape[1], dtype),
         "b": jnp.zeros((), dtype),
         "xi": jnp.ones(num_train, dtype),
     }
     return Benchmark(
         name="svm_hpo",
-        problem=BilevelProblem(
-            upper,
-            lower,
-            lower_constraints=constraints,
-            project_x=project_x,
-            project_feasible=project_feasible,
-        ),
+        problem=problem,
         x0=jnp.full((num_train,), log_weight_init, dtype),
         y0=y0,
         data=FullBatch(upper=val, lower=train),
-        evaluate=evaluate,
-        lower_solution=lower_solution,
+        evaluate=jtu.Partial(_evaluate, splits, rows),
+        lower_solution=jtu.Partial(_lower_solution, rows),
     )

@@ -142,6 +142,17 @@ class LVHBA(AbstractBilevelSolver):
     A problem with `lower_constraints` must give `project_feasible` (checked at
     `init`); $\theta$ is projected with `project_y`.
 
+    !!! tip "Choosing the steps (observed on the spec's toys and `svm_hpo`)"
+        - Keep $\eta > \alpha$. Along directions where $f(x, \cdot)$ is flat, the
+          $y$-step pushes $y$ away from $\theta$ at rate $\alpha/\gamma_1$ while $\theta$
+          follows at rate $\eta/\gamma_1$; with $\eta \le \alpha$, $y - \theta$ grows
+          geometrically.
+        - The descent-ascent step needs roughly $\eta \lesssim (1/\gamma_1 + 1/\gamma_2)
+          / \|\nabla_\theta g\|^2$: many coupled constraints (a large Jacobian) call for
+          a small $\gamma_2$ or a small $\eta$.
+        - The default $r = 1$ suits multipliers of order one; with $r = \infty$ the
+          spec's equality toy diverges.
+
     ??? cite "References"
         ```bibtex
         @inproceedings{yao2024lvhba,
