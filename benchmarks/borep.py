@@ -193,7 +193,7 @@ def main():
     print("BO-REP: bl.run vs a hand-fused lax.scan (same updates, full batches, float32)")
     rows = [
         throughput(
-            "quadratic 10x20", bl.problems.quadratic(dim_x=10, dim_y=20), borep(0.01), 5000
+            "quadratic 10x20", bl.problems.quadratic(dim_x=10, dim_y=20), borep(0.01), 20000
         ),
         throughput(
             "hyper_representation RNN", bl.problems.hyper_representation(), borep(0.01), 100
