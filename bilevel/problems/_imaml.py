@@ -182,8 +182,10 @@ def _distinct(key: PRNGKeyArray, num: int, size: int) -> Array:
 
 
 @eqx.filter_jit
-def _sample(tasks, key, num_tasks: int, split: str):
-    return tasks.sample(key, num_tasks, split)
+def _sample_pool_and_eval(tasks, key, num_tasks: int, num_eval_tasks: int):
+    # one compilation for both draws
+    k_pool, k_eval = jr.split(key)
+    return tasks.sample(k_pool, num_tasks, "train"), tasks.sample(k_eval, num_eval_tasks, "test")
 
 
 def _adapt_steps(tasks: FewShotTasks, theta, support):
@@ -363,10 +365,11 @@ def imaml(
         train_images=train_images,
         test_images=test_images,
     )
-    k_init, k_pool, k_eval = jr.split(jr.PRNGKey(seed), 3)
+    k_init, k_tasks = jr.split(jr.PRNGKey(seed))
     x0 = _init_mlp(k_init, sizes, dtype)
-    support, query = _sample(tasks, k_pool, num_tasks, "train")
-    eval_support, eval_query = _sample(tasks, k_eval, num_eval_tasks, "test")
+    (support, query), (eval_support, eval_query) = _sample_pool_and_eval(
+        tasks, k_tasks, num_tasks, num_eval_tasks
+    )
     y0 = jtu.tree_map(lambda u: jnp.broadcast_to(u, (num_tasks,) + u.shape), x0)
 
     @ft.cache
