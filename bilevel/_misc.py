@@ -39,7 +39,7 @@ def tree_sub(a: PyTree[Array], b: PyTree[Array]) -> PyTree[Array]:
 
 
 def tree_all_finite(tree: PyTree) -> Bool[Array, ""]:
-    """True when every inexact array leaf of `tree` is finite.
+    r"""True when every inexact array leaf of `tree` is finite.
 
     Uses $\sum_i 0 \cdot u_i$, which is NaN exactly when some $u_i$ is NaN or inf and
     cannot overflow: one fused reduction per leaf (this runs at every step of `run`).
