@@ -52,7 +52,9 @@ def fused_borep(f, g, x0, y0, upper_batch, lower_batch, num_steps, solver):
         y = lax.cond(
             k == 0,
             lambda y: refine(x, y),
-            lambda y: lax.cond(k % solver.period == 0, lambda y: sgd(x, y), lambda y: y, y),
+            lambda y: lax.cond(
+                k % solver.period == 0, lambda y: sgd(x, y), lambda y: y, y
+            ),
             y,
         )
         loss, (gx, gy) = jax.value_and_grad(f, argnums=(0, 1))(x, y, upper_batch)
@@ -170,7 +172,8 @@ def accuracy_table(seeds, num_steps):
                 x, y = solver.params(state)
                 jax.block_until_ready(x)
                 elapsed = time.perf_counter() - start
-                results.append((b.evaluate(x, y), bool(jnp.all(history["finite"])), elapsed))
+                finite = bool(jnp.all(history["finite"]))
+                results.append((b.evaluate(x, y), finite, elapsed))
             rows.append(_row(method, lr, results))
     return rows
 
@@ -193,10 +196,16 @@ def main():
     print("BO-REP: bl.run vs a hand-fused lax.scan (same updates, full batches, float32)")
     rows = [
         throughput(
-            "quadratic 10x20", bl.problems.quadratic(dim_x=10, dim_y=20), borep(0.01), 20000
+            "quadratic 10x20",
+            bl.problems.quadratic(dim_x=10, dim_y=20),
+            borep(0.01),
+            20000,
         ),
         throughput(
-            "hyper_representation RNN", bl.problems.hyper_representation(), borep(0.01), 100
+            "hyper_representation RNN",
+            bl.problems.hyper_representation(),
+            borep(0.01),
+            100,
         ),
     ]
     print_table("steps/second (target ratio <= 1.10)", rows)
@@ -212,12 +221,16 @@ def main():
 
     seeds, num_steps = (0, 1, 2), 600
     print(
-        f"\nHyper-representation on digits (20 train tasks 2-way 5-shot, 15 queries/class; "
+        "\nHyper-representation on digits (20 train tasks 2-way 5-shot, "
+        "15 queries/class; "
         f"50 test tasks on held-out images; RNN width 16): {num_steps} outer steps, "
         f"seeds {seeds}. Test accuracy = heads refit (Newton) on each test task's support "
         "set with the learned encoder, scored on its queries."
     )
-    print_table("test accuracy after a fixed budget of outer steps", accuracy_table(seeds, num_steps))
+    print_table(
+        "test accuracy after a fixed budget of outer steps",
+        accuracy_table(seeds, num_steps),
+    )
 
 
 if __name__ == "__main__":

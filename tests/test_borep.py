@@ -120,9 +120,10 @@ def paper_run():
 
 @pytest.mark.parametrize("solver", [PAPER_FORM, OPTIONS], ids=["paper", "options"])
 def test_steps_match_numpy_reference(solver, paper_run):
-    (states, metrics), reference = (
-        paper_run if solver is PAPER_FORM else (stepped(solver, 6), numpy_borep(solver, X0, Y0, 6))
-    )
+    if solver is PAPER_FORM:
+        (states, metrics), reference = paper_run
+    else:
+        (states, metrics), reference = stepped(solver, 6), numpy_borep(solver, X0, Y0, 6)
     for state, row, ref in zip(states, metrics, reference):
         np.testing.assert_allclose(state.x, ref["new_x"], **EXACT)
         np.testing.assert_allclose(state.y, ref["y"], **EXACT)
@@ -131,7 +132,8 @@ def test_steps_match_numpy_reference(solver, paper_run):
         for name in ("upper_loss", "grad_norm", "lower_residual", "linear_residual"):
             np.testing.assert_allclose(row[name], ref[name], **EXACT)
     if solver.z_radius is not None:  # the projection is active in this configuration
-        assert max(float(jnp.linalg.norm(s.z)) for s in states) == pytest.approx(solver.z_radius)
+        largest = max(float(jnp.linalg.norm(s.z)) for s in states)
+        assert largest == pytest.approx(solver.z_radius)
 
 
 def test_lower_level_changes_only_at_period_starts(paper_run):
@@ -243,7 +245,9 @@ def test_unbounded_smoothness_quartic():
     # and an adjoint solved to 1e-10), same budget. Step sizes as arrays: one
     # compilation serves both runs.
     def fixed(lr):
-        solver = bl.solvers.ImplicitDiff(outer_lr=jnp.asarray(lr), inner_lr=0.2, inner_steps=20)
+        solver = bl.solvers.ImplicitDiff(
+            outer_lr=jnp.asarray(lr), inner_lr=0.2, inner_steps=20
+        )
         state, history = bl.run(T2, solver, x0, y0, None, steps)
         return solver.params(state)[0], history
 
@@ -340,7 +344,10 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="BOREP needs a bl.BilevelProblem"):
         solver.init(multi, X0, Y0, jr.PRNGKey(0))
     constrained = bl.BilevelProblem(
-        quartic_upper, quartic_lower, lower_constraints=lambda x, y: y, project_y=lambda y: y
+        quartic_upper,
+        quartic_lower,
+        lower_constraints=lambda x, y: y,
+        project_y=lambda y: y,
     )
     with pytest.raises(ValueError, match="lower_constraints"):
         solver.init(constrained, X0, Y0, jr.PRNGKey(0))

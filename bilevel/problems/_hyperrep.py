@@ -101,11 +101,16 @@ def hyper_representation(
         num_test_tasks=num_test_tasks, newton_steps=newton_steps,
     )
     if ways > 10:
-        raise ValueError(f"hyper_representation: `ways` must be <= 10 digit classes, got {ways}")
+        raise ValueError(
+            f"hyper_representation: `ways` must be <= 10 digit classes, got {ways}"
+        )
     if not reg > 0:
         raise ValueError(f"hyper_representation: `reg` must be positive, got {reg!r}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"hyper_representation: `batch_size` must be a positive int or None, got {batch_size!r}")
+        raise ValueError(
+            "hyper_representation: `batch_size` must be a positive int or None, got "
+            f"{batch_size!r}"
+        )
     images, labels = _load_digits()
     rng = np.random.default_rng(seed)
     train_pool, test_pool = _split(labels, rng)
@@ -121,10 +126,16 @@ def hyper_representation(
     lower = _SupportLoss(num_tasks=num_tasks, reg=reg)
     upper = _QueryLoss()
     x0 = _init_encoder(rng, hidden)
-    y0 = {"w": jnp.asarray(np.zeros((num_tasks, hidden, ways))), "b": jnp.asarray(np.zeros((num_tasks, ways)))}
+    y0 = {
+        "w": jnp.asarray(np.zeros((num_tasks, hidden, ways))),
+        "b": jnp.asarray(np.zeros((num_tasks, ways))),
+    }
 
     grouped_support = _grouped(support, num_tasks)
-    grouped_test = (_grouped(test_support, num_test_tasks), _grouped(test_query, num_test_tasks))
+    grouped_test = (
+        _grouped(test_support, num_test_tasks),
+        _grouped(test_query, num_test_tasks),
+    )
 
     def lower_solution(x: Params) -> Params:
         return _fit_heads(x, grouped_support, ways, reg, newton_steps)
@@ -206,7 +217,10 @@ def _fit_heads(x: Params, grouped: Batch, ways: int, reg: float, steps: int) -> 
     zero (the objective is smooth and `reg`-strongly convex; each Hessian is small)."""
     features = jax.vmap(lambda u: encode(x, u))(grouped["images"])
     hidden = features.shape[-1]
-    zero = {"w": jnp.zeros((hidden, ways), features.dtype), "b": jnp.zeros(ways, features.dtype)}
+    zero = {
+        "w": jnp.zeros((hidden, ways), features.dtype),
+        "b": jnp.zeros(ways, features.dtype),
+    }
     theta0, unravel = ravel_pytree(zero)
 
     def fit(feats, labels):
@@ -247,7 +261,9 @@ def _accuracy(logits, labels) -> Array:
 def _init_encoder(rng, hidden: int) -> Params:
     return {
         "w_in": jnp.asarray(rng.standard_normal((hidden, 8)) / np.sqrt(8.0)),
-        "w_rec": jnp.asarray(rng.standard_normal((hidden, hidden)) / np.sqrt(4.0 * hidden)),
+        "w_rec": jnp.asarray(
+            rng.standard_normal((hidden, hidden)) / np.sqrt(4.0 * hidden)
+        ),
         "b": jnp.asarray(np.zeros(hidden)),
     }
 
@@ -270,7 +286,9 @@ def _split(labels, rng) -> tuple[list, list]:
     return train, test
 
 
-def _make_tasks(images, pools, rng, num_tasks, ways, shots, queries) -> tuple[Batch, Batch]:
+def _make_tasks(
+    images, pools, rng, num_tasks, ways, shots, queries
+) -> tuple[Batch, Batch]:
     """Flat support and query sets of `num_tasks` random `ways`-way tasks, sorted by
     task, with labels 0..ways-1 inside each task."""
     support = {"images": [], "labels": [], "tasks": []}
@@ -305,5 +323,7 @@ def _grouped(batch: Batch, num_tasks: int) -> Batch:
 def _check_sizes(**sizes: int) -> None:
     for name, value in sizes.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"hyper_representation: `{name}` must be an int >= 1, got {value!r}")
+            raise ValueError(
+                f"hyper_representation: `{name}` must be an int >= 1, got {value!r}"
+            )
 

@@ -189,7 +189,8 @@ class BOREP(AbstractBilevelSolver):
         data = as_data(data)
         k = state.step
         lower_key, upper_key, hvp_key, cross_key = jr.split(key, 4)
-        branch = jnp.where(k == 0, _INITIAL, jnp.where(k % self.period == 0, _PERIODIC, _FROZEN))
+        period_start = jnp.where(k % self.period == 0, _PERIODIC, _FROZEN)
+        branch = jnp.where(k == 0, _INITIAL, period_start)
         x = state.x
         upper_batch = data.upper_batch(upper_key, k)
         hvp_batch = data.lower_batch(hvp_key, k, stream=_HVP_STREAM)
@@ -273,7 +274,9 @@ class BOREP(AbstractBilevelSolver):
         return y
 
 
-def _averaged_sgd(problem, x, y, data, key, lr, num: int, first_draw: int) -> PyTree[Array]:
+def _averaged_sgd(
+    problem, x, y, data, key, lr, num: int, first_draw: int
+) -> PyTree[Array]:
     """Average of the iterates of `num` projected SGD steps on $g(x, \\cdot)$ from `y`."""
 
     def body(t, carry):
@@ -292,7 +295,8 @@ def _condition_and_product(problem, x, y, batch, z) -> tuple[PyTree[Array], PyTr
     when $\partial_y\Phi$ is declared symmetric, a VJP otherwise."""
     condition = problem.condition
     if condition.symmetric:
-        phi, operator = jacobian_operator(condition, x, y, (batch,), condition_tags(condition))
+        tags = condition_tags(condition)
+        phi, operator = jacobian_operator(condition, x, y, (batch,), tags)
     else:
         phi, operator = jacobian_transpose_operator(condition, x, y, (batch,))
     return phi, operator.mv(z)
@@ -304,7 +308,8 @@ def _project_ball(tree: PyTree[Array], radius) -> PyTree[Array]:
     if radius is None:
         return tree
     norm = tree_norm(tree)
-    return tree_scale(jnp.minimum(1.0, radius / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny)), tree)
+    safe_norm = jnp.maximum(norm, jnp.finfo(norm.dtype).tiny)
+    return tree_scale(jnp.minimum(1.0, radius / safe_norm), tree)
 
 
 def _is_concrete(value) -> bool:
