@@ -3,6 +3,7 @@
 from ._benchmark import Benchmark as Benchmark
 from ._distillation import distillation as distillation
 from ._hypercleaning import hypercleaning as hypercleaning
+from ._hyperrep import hyper_representation as hyper_representation
 from ._imaml import (
     FewShotTasks as FewShotTasks,
     TaskPool as TaskPool,

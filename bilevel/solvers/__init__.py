@@ -1,5 +1,6 @@
 """Bilevel solvers: equinox Modules with `init`, `step` and `params`."""
 
+from ._borep import BOREP as BOREP
 from ._implicit_diff import ImplicitDiff as ImplicitDiff
 from ._penalty import F2SA as F2SA, Penalty as Penalty, VPBGD as VPBGD
 from ._slbamm import SLBAMM as SLBAMM
