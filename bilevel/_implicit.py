@@ -61,6 +61,9 @@ def implicit_diff(
     def decorator(inner_solve: Callable) -> Callable:
         @ft.wraps(inner_solve)
         def wrapped(x, *args):
+            # Python scalars become arrays so that the closure-converted functions see the
+            # same (strongly typed) inputs at trace time and inside the JVP rule.
+            x, args = jtu.tree_map(_scalar_to_array, (x, args))
             solve = eqx.filter_closure_convert(inner_solve, x, *args)
             y_struct = jax.eval_shape(solve, x, *args)
             _check_condition_output(condition, x, y_struct, args)
@@ -72,6 +75,14 @@ def implicit_diff(
         return wrapped
 
     return decorator
+
+
+def _scalar_to_array(leaf):
+    if isinstance(leaf, float | complex) or (
+        isinstance(leaf, jax.Array) and getattr(leaf, "weak_type", False)
+    ):
+        return jnp.asarray(leaf, dtype=jnp.result_type(float))
+    return leaf
 
 
 def _check_condition_output(condition, x, y_struct, args) -> None:

@@ -225,3 +225,17 @@ def test_import_does_not_import_jaxopt():
     code = "import sys, bilevel; print('jaxopt' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_python_float_hyperparameter():
+    # jax.grad at a plain Python float: the closure conversion must see a fixed dtype.
+    def lower(lam, y):
+        return 0.5 * jnp.sum((y - 1.0) ** 2) + 0.5 * lam * jnp.sum(y**2)
+
+    @bl.implicit_diff(bl.stationarity_condition(lower))
+    def solve(lam):
+        return jnp.ones(3) / (1.0 + lam)
+
+    # y*(lam) = 1 / (1 + lam) per coordinate: d/dlam sum y* = -3 / (1 + lam)^2.
+    assert abs(jax.grad(lambda lam: jnp.sum(solve(lam)))(0.5) + 3 / 1.5**2) < 1e-12
+    assert abs(jax.jacfwd(lambda lam: jnp.sum(solve(lam)))(0.5) + 3 / 1.5**2) < 1e-12
