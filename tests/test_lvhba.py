@@ -3,7 +3,7 @@
 Oracles: closed-form optima of the coupled-constraint toy (specs/lvhba.md 1.6a), the
 closed-form lower solution of the AiPOD toy (1.6b), finite differences of an
 independently computed value function, a plain numpy transcription of the update
-(1.3), KKT certificates and jaxopt's OSQP for the polyhedral projection.
+(1.3), KKT certificates and scipy's SLSQP for the polyhedral projection.
 """
 
 import jax
@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+import scipy.optimize
 
 import bilevel as bl
 from bilevel.problems._svm import squared_hinge_argmin
@@ -199,11 +200,19 @@ def test_danskin_gradients_match_finite_differences(getkey):
     margins = z + GAMMA2 * problem.lower_constraints(x, theta)
     assert margins[0] > 0.1 and margins[1] < -0.1
 
-    got_value, (g_x, g_y, g_z) = solver.value_function_grad(problem, x, y, z, theta, lam)
+    @jax.jit
+    def solver_pieces(*args):
+        return (
+            solver.value_function_grad(problem, *args),
+            solver.saddle_step(problem, *args),
+        )
+
+    (got_value, (g_x, g_y, g_z)), (new_theta, new_lam) = solver_pieces(
+        x, y, z, theta, lam
+    )
     np.testing.assert_allclose(got_value, value, rtol=1e-12)
     # (theta*, lambda*) is a fixed point of the solver's descent-ascent step: checks the
     # signs of both updates (tolerance: Newton converged to ~1e-15)
-    new_theta, new_lam = solver.saddle_step(problem, x, y, z, theta, lam)
     np.testing.assert_allclose(new_theta, theta, atol=1e-12)
     np.testing.assert_allclose(new_lam, lam, atol=1e-12)
 
@@ -399,9 +408,7 @@ def _svm_rows(bench):
     return jnp.concatenate([labels[:, None] * features, labels[:, None]], axis=1)
 
 
-def test_svm_projection_kkt_and_osqp(small_svm):
-    import jaxopt
-
+def test_svm_projection_kkt_and_slsqp(small_svm):
     rows = _svm_rows(small_svm)
     num, dim = rows.shape
     key1, key2, key3 = jr.split(jr.PRNGKey(7), 3)
@@ -422,13 +429,16 @@ def test_svm_projection_kkt_and_osqp(small_svm):
     assert float(jnp.min(mu)) >= 0 and float(jnp.min(slack)) >= -1e-12
     np.testing.assert_allclose(v - v0, rows.T @ mu, atol=1e-9)  # Newton tol 1e-10
     np.testing.assert_allclose(mu * slack, 0, atol=1e-12)
-    # Independent solver: jaxopt's OSQP on the full QP in (w, b, xi); ADMM is accurate
-    # to its own tolerance only, hence 1e-6.
-    z0 = jnp.concatenate([v0, y["xi"]])
-    ineq = -jnp.concatenate([rows, jnp.eye(num)], axis=1)
-    osqp = jaxopt.OSQP(tol=1e-10, maxiter=20_000)
-    ref = osqp.run(params_obj=(jnp.eye(dim + num), -z0), params_ineq=(ineq, -jnp.ones(num)))
-    np.testing.assert_allclose(jnp.concatenate([v, p["xi"]]), ref.params.primal, atol=1e-6)
+    # Independent solver: scipy's SLSQP on the full QP in (w, b, xi) (float64 numpy; it
+    # stops at machine precision, ~1e-14 here), hence 1e-8.
+    z0 = np.asarray(jnp.concatenate([v0, y["xi"]]))
+    ineq = np.asarray(jnp.concatenate([rows, jnp.eye(num)], axis=1))
+    ref = scipy.optimize.minimize(
+        lambda u: 0.5 * np.sum((u - z0) ** 2), z0, jac=lambda u: u - z0, method="SLSQP",
+        constraints=[{"type": "ineq", "fun": lambda u: ineq @ u - 1, "jac": lambda u: ineq}],
+        options={"ftol": 1e-15, "maxiter": 500},
+    )
+    np.testing.assert_allclose(jnp.concatenate([v, p["xi"]]), ref.x, atol=1e-8)
 
 
 def test_svm_lower_solution_kkt(small_svm):

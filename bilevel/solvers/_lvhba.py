@@ -261,11 +261,11 @@ class LVHBA(AbstractBilevelSolver):
     # -- the solver interface ----------------------------------------------------------
 
     def init(self, problem, x0, y0, key):
-        problem.check_variables(x0, y0)
         if not isinstance(problem, BilevelProblem):
             raise TypeError(
                 f"LVHBA needs a bilevel.BilevelProblem, got {type(problem).__name__}"
             )
+        problem.check_variables(x0, y0)
         dtype = _dtype_of(y0)
         if problem.lower_constraints is not None:
             if problem.project_feasible is None:
