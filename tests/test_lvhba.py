@@ -375,6 +375,17 @@ def test_wrong_constraint_shape_rejected(constraints):
         bl.solvers.LVHBA().init(problem, jnp.zeros(2), jnp.zeros(4), jr.PRNGKey(0))
 
 
+def test_wrong_projection_output_rejected():
+    upper, lower = _toy_objectives(2)
+    problem = bl.BilevelProblem(
+        upper, lower,
+        lower_constraints=lambda x, y: (jnp.sum(x) + jnp.sum(y)).reshape(1),
+        project_feasible=lambda x, y: jnp.concatenate([x, y]),  # not an (x, y) pair
+    )
+    with pytest.raises(ValueError, match="must return a pair"):
+        bl.solvers.LVHBA().init(problem, jnp.zeros(2), jnp.zeros(4), jr.PRNGKey(0))
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [

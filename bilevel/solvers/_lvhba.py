@@ -61,6 +61,23 @@ def _project_joint(problem: BilevelProblem, x: PyTree, y: PyTree) -> tuple[PyTre
     return problem.proj_x(x), problem.proj_y(y)
 
 
+def _check_projection(problem: BilevelProblem, x0: PyTree, y0: PyTree) -> None:
+    """`project_feasible(x, y)` must return an `(x, y)` pair shaped like its input."""
+    if problem.project_feasible is None:
+        return
+    expected = jax.eval_shape(lambda x, y: (x, y), x0, y0)
+    out = jax.eval_shape(problem.project_feasible, x0, y0)
+    same = jtu.tree_structure(out) == jtu.tree_structure(expected) and all(
+        (a.shape, a.dtype) == (b.shape, b.dtype)
+        for a, b in zip(jtu.tree_leaves(out), jtu.tree_leaves(expected))
+    )
+    if not same:
+        raise ValueError(
+            "LVHBA: `project_feasible(x, y)` must return a pair (x, y) with the "
+            f"structure, shapes and dtypes of (x0, y0) = {expected}; got {out}"
+        )
+
+
 class LVHBA(AbstractBilevelSolver):
     r"""LV-HBA, the proximal Lagrangian value-function method for lower levels with
     coupled constraints (Yao, Yu, Zeng, Zhang, "Constrained Bi-Level Optimization:
@@ -288,6 +305,7 @@ class LVHBA(AbstractBilevelSolver):
             num, dtype = out.shape[0], out.dtype
         else:
             num = 0
+        _check_projection(problem, x0, y0)
         x, y = _project_joint(problem, x0, y0)
         start = self.project_multiplier(jnp.full((num,), self.multiplier_init, dtype))
         return _LVHBAState(
