@@ -14,7 +14,7 @@ from _timing import interleaved_median_times, print_table
 import bilevel as bl
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Two toys of specs/lvhba.md: 1.6a (coupled halfspace, n = 100) and 1.6b (AiPOD, coupled
 # equalities through dense 90 x 100 matrices)
 
@@ -65,7 +65,8 @@ def aipod_toy(n=100, m=90):
         alpha=0.02, beta=0.001, eta=0.1, gamma1=1.0, gamma2=1.0, c0=30.0, p=0.45,
         r=float("inf"), equality=True,
     )
-    return upper, lower, constraints, project, solver, (10 * jnp.ones(n), 10 * jnp.ones(n))
+    start = (10 * jnp.ones(n), 10 * jnp.ones(n))
+    return upper, lower, constraints, project, solver, start
 
 
 def fused_loop(upper, lower, constraints, project, hp, equality, x0, y0, num_steps):
@@ -91,10 +92,12 @@ def fused_loop(upper, lower, constraints, project, hp, equality, x0, y0, num_ste
             return up / c_k + lo, (up, lo)
 
         (_, (up, lo)), (gx, gy) = jax.value_and_grad(merit, (0, 1), has_aux=True)(x, y)
-        (lag, _), gvx = jax.value_and_grad(lagrangian, has_aux=True)(x, new_theta, new_lam)
+        lagrangian_grad = jax.value_and_grad(lagrangian, has_aux=True)
+        (lag, _), gvx = lagrangian_grad(x, new_theta, new_lam)
         value = lag + (y - new_theta) @ (y - new_theta) / (2 * g1)
         value = value - (new_lam - z) @ (new_lam - z) / (2 * g2)
-        new_x, new_y = project(x - alpha * (gx - gvx), y - alpha * (gy - (y - new_theta) / g1))
+        d_y = gy - (y - new_theta) / g1
+        new_x, new_y = project(x - alpha * (gx - gvx), y - alpha * d_y)
         new_z = jnp.clip(z + beta * (new_lam - z) / g2, low, r)
         h_now = constraints(x, y)
         violation = h_now if equality else jnp.maximum(h_now, 0)
@@ -103,7 +106,9 @@ def fused_loop(upper, lower, constraints, project, hp, equality, x0, y0, num_ste
             + jnp.sum(((y - new_y) / alpha) ** 2)
             + jnp.sum(((z - new_z) / beta) ** 2)
         )
-        saddle = jnp.sqrt(jnp.sum((theta - new_theta) ** 2) + jnp.sum((lam - new_lam) ** 2))
+        saddle = jnp.sqrt(
+            jnp.sum((theta - new_theta) ** 2) + jnp.sum((lam - new_lam) ** 2)
+        )
         metrics = {
             "upper_loss": up,
             "grad_norm": mapping,
@@ -124,7 +129,10 @@ def fused_loop(upper, lower, constraints, project, hp, equality, x0, y0, num_ste
 
 def time_toys(num_steps=5000):
     rows = []
-    toys = (("1.6a coupled halfspace (n=100)", llc_toy), ("1.6b AiPOD (n=100, l=90)", aipod_toy))
+    toys = (
+        ("1.6a coupled halfspace (n=100)", llc_toy),
+        ("1.6b AiPOD (n=100, l=90)", aipod_toy),
+    )
     for name, make in toys:
         upper, lower, constraints, project, solver, (x0, y0) = make()
         problem = bl.BilevelProblem(
@@ -136,7 +144,8 @@ def time_toys(num_steps=5000):
         key = jr.PRNGKey(0)
         fused = jax.jit(
             lambda x0, y0: fused_loop(
-                upper, lower, constraints, project, solver, solver.equality, x0, y0, num_steps
+                upper, lower, constraints, project, solver, solver.equality,
+                x0, y0, num_steps,
             )
         )
 
@@ -176,7 +185,7 @@ def time_toys(num_steps=5000):
     )
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # SVM hyperparameter optimisation (specs/lvhba.md 1.6c) on breast_cancer
 
 
@@ -224,17 +233,21 @@ def svm_accuracies(flips=(0.0, 0.3), seeds=(0, 1, 2)):
             )
     print_table(
         f"svm_hpo (breast_cancer, 300/150/119): LVHBA {SVM_STEPS} steps "
-        "(alpha=0.02, beta=0.01, eta=0.03, gamma=(3, 0.1), c0=0.1) vs the untuned SVM (c = 0). "
-        "'retrained': the SVM re-solved at the tuned weights; seconds include compilation "
-        "on the first row",
+        "(alpha=0.02, beta=0.01, eta=0.03, gamma=(3, 0.1), c0=0.1) vs the untuned "
+        "SVM (c = 0). 'retrained': the SVM re-solved at the tuned weights; seconds "
+        "include compilation on the first row",
         rows,
     )
     for flip in flips:
         sel = [r for r in rows if r["flip"] == flip]
+        means = {
+            key: np.mean([r[key] for r in sel])
+            for key in ("base val", "base test", "retrained val", "retrained test")
+        }
         print(
-            f"flip={flip}: mean test accuracy untuned {np.mean([r['base test'] for r in sel]):.4f}, "
-            f"LV-HBA {np.mean([r['LV-HBA test'] for r in sel]):.4f}, "
-            f"retrained {np.mean([r['retrained test'] for r in sel]):.4f}"
+            f"flip={flip}: mean val / test accuracy untuned "
+            f"{means['base val']:.4f} / {means['base test']:.4f}, LV-HBA (retrained) "
+            f"{means['retrained val']:.4f} / {means['retrained test']:.4f}"
         )
 
 

@@ -19,7 +19,7 @@ from bilevel.problems._svm import squared_hinge_argmin
 from .helpers import central_difference, relative_error
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 1.6a: coupled-constraint toy, F* = n/20 at x* = -0.3, y1* = 0.7, y2* = -0.4
 
 
@@ -99,7 +99,7 @@ def test_toy_upper_value_rises_to_optimum_from_below(toy_run):
     assert f_star - upper[-1] < 0.3
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # 1.6b: AiPOD toy, lower level strongly convex with coupled equality constraints
 
 
@@ -133,16 +133,18 @@ def test_aipod_toy_lower_gap():
         alpha=0.02, beta=0.001, eta=0.1, gamma1=1.0, gamma2=1.0, c0=30.0, p=0.45,
         r=float("inf"), equality=True,
     )
-    state, history = bl.run(problem, solver, 10 * jnp.ones(n), 10 * jnp.ones(n), None, 5000)
+    start = 10 * jnp.ones(n)
+    state, history = bl.run(problem, solver, start, start, None, 5000)
     x, y = solver.params(state)
     a_pinv = jnp.linalg.pinv(a)
     y_star = x - a_pinv @ (a @ x) - a_pinv @ (h @ x)  # projection of x onto {Ay = -Hx}
     assert float(jnp.linalg.norm(y - y_star)) < 1e-3  # spec oracle L2
-    assert float(jnp.linalg.norm(b @ x)) < 1e-10  # x stays in X = {Bx = 0}: exact projection
+    # x stays in X = {Bx = 0}: the projection is exact to rounding
+    assert float(jnp.linalg.norm(b @ x)) < 1e-10
     assert float(history["upper_loss"][-1]) < float(history["upper_loss"][0])
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Danskin gradients of v_gamma against finite differences
 
 
@@ -158,7 +160,8 @@ def _danskin_problem():
 
     def constraints(x, theta):
         # convex in theta: a ball whose radius depends on x, and a halfspace
-        return jnp.stack([theta @ theta - 1.0 - 0.5 * x[0] ** 2, normal @ theta + x[1] - 0.3])
+        ball = theta @ theta - 1.0 - 0.5 * x[0] ** 2
+        return jnp.stack([ball, normal @ theta + x[1] - 0.3])
 
     return bl.BilevelProblem(
         lambda x, y, batch: jnp.sum(y**2),
@@ -171,7 +174,8 @@ def _danskin_problem():
 def _value_function(problem, x, y, z):
     r"""Reference v_gamma: lambda eliminated in closed form,
     max_{lam >= 0} lam'h - |lam - z|^2/(2 g2) = sum(max(0, z + g2 h)^2 - z^2)/(2 g2),
-    then Newton (dense float64 Hessians) on the remaining strongly convex theta problem."""
+    then Newton (dense float64 Hessians) on the remaining strongly convex theta
+    problem."""
     h = problem.lower_constraints
 
     def psi(theta):
@@ -193,7 +197,8 @@ def _value_function(problem, x, y, z):
 def test_danskin_gradients_match_finite_differences(getkey):
     problem = _danskin_problem()
     solver = bl.solvers.LVHBA(gamma1=GAMMA1, gamma2=GAMMA2, r=float("inf"))
-    x, y, z = jnp.array([0.4, -0.2]), jnp.array([1.5, 1.0, -1.0]), jnp.array([0.5, -0.5])
+    x, y = jnp.array([0.4, -0.2]), jnp.array([1.5, 1.0, -1.0])
+    z = jnp.array([0.5, -0.5])
     value_function = jax.jit(lambda *v: _value_function(problem, *v))
     value, theta, lam = value_function(x, y, z)
     # one constraint strictly active, one strictly inactive: v_gamma is smooth here
@@ -227,7 +232,7 @@ def test_danskin_gradients_match_finite_differences(getkey):
         np.testing.assert_allclose(analytic, fd, rtol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # The update rule against a plain numpy transcription of Algorithm 1 (spec 1.3)
 
 
@@ -286,8 +291,8 @@ def _toy_reference(n, x0, y0, steps):
         return x - shift, y - shift
 
     return _reference_run(
-        _toy_grads(n), proj_c, lambda t: t, lambda m: np.clip(m, 0, HYPER["r"]), x0, y0, 1,
-        steps,
+        _toy_grads(n), proj_c, lambda t: t, lambda m: np.clip(m, 0, HYPER["r"]),
+        x0, y0, 1, steps,
     )
 
 
@@ -338,7 +343,8 @@ def test_update_matches_numpy_reference(case):
         problem, x0, y0, reference = _moreau_case()
         ref = reference(x0, y0, steps)
     solver = bl.solvers.LVHBA(**HYPER)
-    state, history = bl.run(problem, solver, jnp.asarray(x0), jnp.asarray(y0), None, steps)
+    x0, y0 = jnp.asarray(x0), jnp.asarray(y0)
+    state, history = bl.run(problem, solver, x0, y0, None, steps)
     got = (state.x, state.y, state.theta, state.lam, state.z, history["upper_loss"])
     # Same arithmetic in float64, 40 steps: agreement to rounding (1e-10 leaves room
     # for reassociation by XLA).
@@ -346,7 +352,7 @@ def test_update_matches_numpy_reference(case):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-10, atol=1e-12)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Bad input
 
 
@@ -369,7 +375,8 @@ def test_constraints_without_projection_rejected():
 def test_wrong_constraint_shape_rejected(constraints):
     upper, lower = _toy_objectives(2)
     problem = bl.BilevelProblem(
-        upper, lower, lower_constraints=constraints, project_feasible=lambda x, y: (x, y)
+        upper, lower, lower_constraints=constraints,
+        project_feasible=lambda x, y: (x, y),
     )
     with pytest.raises(ValueError, match="1-D array"):
         bl.solvers.LVHBA().init(problem, jnp.zeros(2), jnp.zeros(4), jr.PRNGKey(0))
@@ -405,7 +412,7 @@ def test_bad_configuration_rejected(kwargs, field):
         bl.solvers.LVHBA(**kwargs)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # svm_hpo: the polyhedral projection and the lower solution
 
 
@@ -446,7 +453,9 @@ def test_svm_projection_kkt_and_slsqp(small_svm):
     ineq = np.asarray(jnp.concatenate([rows, jnp.eye(num)], axis=1))
     ref = scipy.optimize.minimize(
         lambda u: 0.5 * np.sum((u - z0) ** 2), z0, jac=lambda u: u - z0, method="SLSQP",
-        constraints=[{"type": "ineq", "fun": lambda u: ineq @ u - 1, "jac": lambda u: ineq}],
+        constraints=[
+            {"type": "ineq", "fun": lambda u: ineq @ u - 1, "jac": lambda u: ineq}
+        ],
         options={"ftol": 1e-15, "maxiter": 500},
     )
     np.testing.assert_allclose(jnp.concatenate([v, p["xi"]]), ref.x, atol=1e-8)

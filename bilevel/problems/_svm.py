@@ -33,9 +33,9 @@ def squared_hinge_argmin(
     directions).
 
     Semismooth Newton with Armijo backtracking, started at $v = c$: the generalised
-    Hessian is $\mathrm{diag}(s) + R^\top \mathrm{diag}(\omega \odot [q > Rv]) R$, so once
-    the active set $\{i : q_i > r_i^\top v\}$ is identified the full step lands on the
-    exact minimiser (finite termination); the line search makes the method globally
+    Hessian is $\mathrm{diag}(s) + R^\top \mathrm{diag}(\omega \odot [q > Rv]) R$, so
+    once the active set $\{i : q_i > r_i^\top v\}$ is identified the full step lands on
+    the exact minimiser (finite termination); the line search makes the method globally
     convergent (Qi & Sun 1993, "A nonsmooth version of Newton's method", Math.
     Programming). Stops when $\|\nabla\varphi\|_\infty \le \tau \max(1,
     \|v\|_\infty)$, $\tau$ = 1e-10 (float64) or 1e-5 (float32), or after `max_steps`.
@@ -44,7 +44,8 @@ def squared_hinge_argmin(
 
     def value(v):
         hinge = jnp.maximum(offsets - rows @ v, 0)
-        return 0.5 * jnp.sum(scale * (v - center) ** 2) + 0.5 * jnp.sum(weights * hinge**2)
+        proximity = 0.5 * jnp.sum(scale * (v - center) ** 2)
+        return proximity + 0.5 * jnp.sum(weights * hinge**2)
 
     def gradient(v):
         hinge = jnp.maximum(offsets - rows @ v, 0)
@@ -85,8 +86,8 @@ def _margins(y: PyTree[Array], features: Array, labels: Array) -> Array:
 
 
 # The problem's functions are module-level and receive their data through
-# `jtu.Partial`, so problems built from different seeds or splits of the same sizes share
-# one compiled program.
+# `jtu.Partial`, so problems built from different seeds or splits of the same sizes
+# share one compiled program.
 
 
 def _upper(c, y, batch):
@@ -120,7 +121,8 @@ def _project_feasible(rows, box, c, y):
 def _lower_solution(rows, c):
     dim = rows.shape[1] - 1
     scale = jnp.concatenate([jnp.ones(dim, rows.dtype), jnp.zeros(1, rows.dtype)])
-    v = squared_hinge_argmin(scale, jnp.zeros_like(scale), jnp.exp(c), rows, jnp.ones_like(c))
+    center = jnp.zeros_like(scale)
+    v = squared_hinge_argmin(scale, center, jnp.exp(c), rows, jnp.ones_like(c))
     return {"w": v[:dim], "b": v[dim], "xi": jnp.maximum(1 - rows @ v, 0)}
 
 
@@ -152,7 +154,8 @@ def _split(num_train: int, num_val: int, seed: int, flip_fraction: float):
     features = (features - mean) / (std * np.sqrt(features.shape[1]))
     train_labels = labels[train].copy()
     num_flips = int(round(flip_fraction * num_train))
-    flipped = np.random.default_rng(seed + 1).choice(num_train, num_flips, replace=False)
+    flip_rng = np.random.default_rng(seed + 1)
+    flipped = flip_rng.choice(num_train, num_flips, replace=False)
     train_labels[flipped] *= -1
     return (
         (features[train], train_labels),
@@ -181,8 +184,9 @@ def svm_hpo(
 
     - lower: $\min_y \frac12\|w\|^2 + \frac12\sum_i e^{c_i}\xi_i^2$ s.t.
       $h_i(c, y) = 1 - \xi_i - b_i(w^\top a_i + b) \le 0$, $i = 1..N$;
-    - upper: $\frac{1}{N_{val}}\sum_{j} \ell\big(b_j(w^\top a_j + b)/\|w\|\big)$ with the
-      smoothed 0-1 loss $\ell(t) = \mathrm{LeakyReLU}(2\sigma(-5t) - 1)$ (slope 0.01).
+    - upper: $\frac{1}{N_{val}}\sum_{j} \ell\big(b_j(w^\top a_j + b)/\|w\|\big)$ with
+      the smoothed 0-1 loss $\ell(t) = \mathrm{LeakyReLU}(2\sigma(-5t) - 1)$
+      (negative slope 0.01).
 
     Data: scikit-learn's breast-cancer set (569 samples, $d = 30$ features, shipped with
     the package), shuffled with `seed`, split into `num_train` / `num_val` / the rest
@@ -244,19 +248,24 @@ def svm_hpo(
     total = 569
     if num_train < 2 or num_val < 1 or num_train + num_val >= total:
         raise ValueError(
-            f"svm_hpo: need num_train >= 2, num_val >= 1 and num_train + num_val < {total} "
+            "svm_hpo: need num_train >= 2, num_val >= 1 and "
+            f"num_train + num_val < {total} "
             f"(the rest is the test set); got num_train={num_train}, num_val={num_val}"
         )
     low, high = log_weight_range
     if not low < high:
-        raise ValueError(f"svm_hpo: `log_weight_range` must be increasing, got {log_weight_range}")
+        raise ValueError(
+            f"svm_hpo: `log_weight_range` must be increasing, got {log_weight_range}"
+        )
     if not low <= log_weight_init <= high:
         raise ValueError(
             f"svm_hpo: `log_weight_init`={log_weight_init} must lie in "
             f"`log_weight_range`={log_weight_range}"
         )
     if not 0 <= flip_fraction < 0.5:
-        raise ValueError(f"svm_hpo: `flip_fraction` must lie in [0, 0.5), got {flip_fraction}")
+        raise ValueError(
+            f"svm_hpo: `flip_fraction` must lie in [0, 0.5), got {flip_fraction}"
+        )
     splits = tuple(
         tuple(jnp.asarray(a) for a in part)
         for part in _split(num_train, num_val, seed, flip_fraction)

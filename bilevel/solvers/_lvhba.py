@@ -26,14 +26,15 @@ class _LVHBAState(eqx.Module):
     step: Int[Array, ""]
 
 
-def _check_positive(name: str, value, *, allow_zero: bool = False, allow_inf: bool = False):
-    """`value > 0` (or `>= 0`), finite unless `allow_inf`; traced values are not checked."""
+def _check_positive(name: str, value, *, allow_zero=False, allow_inf=False) -> None:
+    """`value > 0` (or `>= 0`), finite unless `allow_inf`; tracers are not checked."""
     if isinstance(value, jax.core.Tracer):
         return
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"LVHBA: `{name}` must be a real number, got {value!r}") from None
+        message = f"LVHBA: `{name}` must be a real number, got {value!r}"
+        raise ValueError(message) from None
     ok = number >= 0 if allow_zero else number > 0
     if not ok or math.isnan(number) or (math.isinf(number) and not allow_inf):
         bound = ">= 0" if allow_zero else "> 0"
@@ -46,16 +47,18 @@ def _dtype_of(tree: PyTree[Array]):
 
 
 def _constraints(problem: BilevelProblem, y_like: PyTree[Array]):
-    """$h$, or a function returning no constraints ($l = 0$) when the problem has none."""
+    """$h$, or a function returning no constraints ($l = 0$) if the problem has none."""
     if problem.lower_constraints is not None:
         return problem.lower_constraints
     empty = jnp.zeros((0,), _dtype_of(y_like))
     return lambda x, y: empty
 
 
-def _project_joint(problem: BilevelProblem, x: PyTree, y: PyTree) -> tuple[PyTree, PyTree]:
-    r"""$\mathrm{Proj}_C(x, y)$: the problem's `project_feasible`, or $(P_X x, P_Y y)$ when
-    the lower level has no coupled constraints."""
+def _project_joint(
+    problem: BilevelProblem, x: PyTree, y: PyTree
+) -> tuple[PyTree, PyTree]:
+    r"""$\mathrm{Proj}_C(x, y)$: the problem's `project_feasible`, or
+    $(P_X x, P_Y y)$ when the lower level has no coupled constraints."""
     if problem.project_feasible is not None:
         return problem.project_feasible(x, y)
     return problem.proj_x(x), problem.proj_y(y)
@@ -91,10 +94,11 @@ class LVHBA(AbstractBilevelSolver):
 
     With the proximal Lagrangian
     $L_\gamma(\theta, \lambda; x, y, z) = f(x, \theta) + \lambda^\top g(x, \theta)
-    + \frac{1}{2\gamma_1}\|\theta - y\|^2 - \frac{1}{2\gamma_2}\|\lambda - z\|^2$ and its
-    value function $v_\gamma(x, y, z) = \min_{\theta \in Y} \max_{\lambda \ge 0} L_\gamma$,
-    the method takes projected gradient steps on the penalised merit
-    $F/c_k + f - v_\gamma$ over $C \times Z$, tracking the saddle point
+    + \frac{1}{2\gamma_1}\|\theta - y\|^2 - \frac{1}{2\gamma_2}\|\lambda - z\|^2$
+    and its value function
+    $v_\gamma(x, y, z) = \min_{\theta \in Y} \max_{\lambda \ge 0} L_\gamma$, the
+    method takes projected gradient steps on the penalised merit $F/c_k + f - v_\gamma$
+    over $C \times Z$, tracking the saddle point
     $(\theta^*, \lambda^*)$ of $L_\gamma$ by one projected descent-ascent step per
     iteration. Iteration $k$ (Algorithm 1):
 
@@ -161,9 +165,9 @@ class LVHBA(AbstractBilevelSolver):
 
     !!! tip "Choosing the steps (observed on the spec's toys and `svm_hpo`)"
         - Keep $\eta > \alpha$. Along directions where $f(x, \cdot)$ is flat, the
-          $y$-step pushes $y$ away from $\theta$ at rate $\alpha/\gamma_1$ while $\theta$
-          follows at rate $\eta/\gamma_1$; with $\eta \le \alpha$, $y - \theta$ grows
-          geometrically.
+          $y$-step pushes $y$ away from $\theta$ at rate $\alpha/\gamma_1$ while
+          $\theta$ follows at rate $\eta/\gamma_1$; with $\eta \le \alpha$,
+          $y - \theta$ grows geometrically.
         - The descent-ascent step needs roughly $\eta \lesssim (1/\gamma_1 + 1/\gamma_2)
           / \|\nabla_\theta g\|^2$: many coupled constraints (a large Jacobian) call for
           a small $\gamma_2$ or a small $\eta$.
@@ -229,8 +233,8 @@ class LVHBA(AbstractBilevelSolver):
         r"""$L_\gamma(\theta, \lambda; x, y, z)$ and its gradient in $(x, y, z)$ with
         $(\theta, \lambda)$ held constant.
 
-        At the saddle point $(\theta^*, \lambda^*)$ these are $v_\gamma$ and, by Danskin's
-        theorem, $\nabla v_\gamma = (\nabla_x f(x, \theta^*) + \nabla_x g(x,
+        At the saddle point $(\theta^*, \lambda^*)$ these are $v_\gamma$ and, by
+        Danskin's theorem, $\nabla v_\gamma = (\nabla_x f(x, \theta^*) + \nabla_x g(x,
         \theta^*)^\top\lambda^*,\ (y - \theta^*)/\gamma_1,\ (\lambda^* - z)/\gamma_2)$;
         no derivative flows through $(\theta, \lambda)$.
         """
@@ -248,7 +252,8 @@ class LVHBA(AbstractBilevelSolver):
             + tree_dot(diff_y, diff_y) / (2 * self.gamma1)
             - jnp.dot(diff_z, diff_z) / (2 * self.gamma2)
         )
-        return value, (grad_x, tree_scale(1 / self.gamma1, diff_y), diff_z / self.gamma2)
+        grad_y = tree_scale(1 / self.gamma1, diff_y)
+        return value, (grad_x, grad_y, diff_z / self.gamma2)
 
     def saddle_step(
         self,
@@ -287,7 +292,8 @@ class LVHBA(AbstractBilevelSolver):
         if problem.lower_constraints is not None:
             if problem.project_feasible is None:
                 raise ValueError(
-                    "LVHBA: the problem has `lower_constraints` but no `project_feasible`; "
+                    "LVHBA: the problem has `lower_constraints` but no "
+                    "`project_feasible`; "
                     "give the projection onto {x in X, y in Y, h(x, y) <= 0} (LV-HBA "
                     "projects (x, y) onto it at every step)"
                 )
