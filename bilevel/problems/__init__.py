@@ -14,3 +14,4 @@ from ._logreg import logreg_hpo as logreg_hpo
 from ._quadratic import quadratic as quadratic
 from ._registry import make as make, parameters as parameters, registry as registry
 from ._ridge import ridge_hpo as ridge_hpo
+from ._svm import svm_hpo as svm_hpo

@@ -2,6 +2,7 @@
 
 from ._borep import BOREP as BOREP
 from ._implicit_diff import ImplicitDiff as ImplicitDiff
+from ._lvhba import LVHBA as LVHBA
 from ._penalty import F2SA as F2SA, Penalty as Penalty, VPBGD as VPBGD
 from ._slbamm import SLBAMM as SLBAMM
 from ._unrolled import Unrolled as Unrolled
