@@ -17,9 +17,10 @@ class Benchmark(eqx.Module):
     - `x0`, `y0`: initial points.
     - `data`: what solvers draw batches from (an `AbstractData`, a pytree, or `None`).
     - `evaluate`: `evaluate(x, y) -> dict` of the metrics reported for this task.
-    - `solution`: the optimal `x*` when known in closed form, else `None`.
-    - `lower_solution`: `x -> y*(x)` when known in closed form, else `None`.
-    - `hypergradient`: `x -> grad F(x)` when known in closed form, else `None`.
+    - `solution`: the optimal `x*` when known (closed form), else `None`.
+    - `lower_solution`: `x -> y*(x)` in closed form or by an accurate numerical solve
+      (documented per problem), else `None`.
+    - `hypergradient`: `x -> grad F(x)` in closed form or to solver accuracy, else `None`.
     """
 
     name: str = eqx.field(static=True)
