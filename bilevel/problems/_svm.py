@@ -8,7 +8,6 @@ import jax.scipy.linalg as jsl
 import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float, PyTree
-from sklearn.datasets import load_breast_cancer
 
 from .._data import FullBatch
 from .._problem import BilevelProblem
@@ -146,6 +145,8 @@ def _evaluate(splits, rows, c, y):
 
 
 def _split(num_train: int, num_val: int, seed: int, flip_fraction: float):
+    from sklearn.datasets import load_breast_cancer  # lazy: keeps `import bilevel` fast
+
     features, targets = load_breast_cancer(return_X_y=True)
     labels = 2.0 * targets - 1.0
     order = np.random.default_rng(seed).permutation(len(labels))
