@@ -2,6 +2,8 @@ r"""Multi-block bilevel problems $\min_x \frac1m\sum_i f_i(x, y_i^*(x))$,
 $y_i^*(x) = \arg\min_{y_i} g_i(x, y_i)$: a closed-form quadratic (test oracle) and
 per-class hyperparameter optimisation on scikit-learn's digits."""
 
+import functools as ft
+
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -52,11 +54,9 @@ def multiblock_quadratic(
         raise ValueError("multiblock_quadratic: sizes must be >= 1")
     if lower_reg <= 0 or upper_reg < 0:
         raise ValueError("multiblock_quadratic: need lower_reg > 0 and upper_reg >= 0")
-    k_rows, k_b, k_c, k_t = jr.split(jr.PRNGKey(seed), 4)
-    rows = jr.normal(k_rows, (num_blocks, num_samples, dim_y))
-    coupling = jr.normal(k_b, (num_blocks, dim_y, dim_x)) / np.sqrt(dim_x)
-    shift = jr.normal(k_c, (num_blocks, dim_y))
-    target = jr.normal(k_t, (num_blocks, dim_y))
+    rows, coupling, shift, target, response, offset, solution = _quadratic_arrays(
+        seed, num_blocks, dim_x, dim_y, num_samples, lower_reg, upper_reg
+    )
 
     def lower(x, y, batch, i):
         return (
@@ -68,10 +68,6 @@ def multiblock_quadratic(
     def upper(x, y, batch, i):
         return 0.5 * jnp.sum((y - target[i]) ** 2) + 0.5 * upper_reg * x @ x
 
-    hessians = jnp.einsum("mnk,mnl->mkl", rows, rows) / num_samples + lower_reg * jnp.eye(dim_y)[None]
-    response = jnp.linalg.solve(hessians, coupling)  # M_i
-    offset = jnp.linalg.solve(hessians, shift[..., None])[..., 0]  # A_i^{-1} c_i
-
     def lower_solution(x):
         return response @ x - offset
 
@@ -79,13 +75,10 @@ def multiblock_quadratic(
         residual = lower_solution(x) - target
         return jnp.einsum("mkd,mk->d", response, residual) / num_blocks + upper_reg * x
 
-    normal = jnp.einsum("mkd,mke->de", response, response) / num_blocks
-    rhs = jnp.einsum("mkd,mk->d", response, target + offset) / num_blocks
-    solution = jnp.linalg.solve(normal + upper_reg * jnp.eye(dim_x), rhs)
-
     def evaluate(x, y):
         y_star = lower_solution(x)
-        objective = jnp.mean(jax.vmap(upper, (None, 0, None, 0))(x, y_star, None, jnp.arange(num_blocks)))
+        blocks = jnp.arange(num_blocks)
+        objective = jnp.mean(jax.vmap(upper, (None, 0, None, 0))(x, y_star, None, blocks))
         return {
             "hyper_objective": objective,
             "hypergradient_norm": jnp.linalg.norm(hypergradient(x)),
@@ -104,6 +97,24 @@ def multiblock_quadratic(
         lower_solution=lower_solution,
         hypergradient=hypergradient,
     )
+
+
+@ft.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _quadratic_arrays(seed, num_blocks, dim_x, dim_y, num_samples, lower_reg, upper_reg):
+    """Random data and closed forms of `multiblock_quadratic` (one compiled call)."""
+    k_rows, k_b, k_c, k_t = jr.split(jr.PRNGKey(seed), 4)
+    rows = jr.normal(k_rows, (num_blocks, num_samples, dim_y))
+    coupling = jr.normal(k_b, (num_blocks, dim_y, dim_x)) / np.sqrt(dim_x)
+    shift = jr.normal(k_c, (num_blocks, dim_y))
+    target = jr.normal(k_t, (num_blocks, dim_y))
+    eye = jnp.eye(dim_y)[None]
+    hessians = jnp.einsum("mnk,mnl->mkl", rows, rows) / num_samples + lower_reg * eye
+    response = jnp.linalg.solve(hessians, coupling)  # M_i = A_i^{-1} B_i
+    offset = jnp.linalg.solve(hessians, shift[..., None])[..., 0]  # A_i^{-1} c_i
+    normal = jnp.einsum("mkd,mke->de", response, response) / num_blocks
+    rhs = jnp.einsum("mkd,mk->d", response, target + offset) / num_blocks
+    solution = jnp.linalg.solve(normal + upper_reg * jnp.eye(dim_x), rhs)
+    return rows, coupling, shift, target, response, offset, solution
 
 
 def multiblock_hpo(

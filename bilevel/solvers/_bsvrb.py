@@ -123,11 +123,11 @@ class BlockMinibatch(AbstractData):
         if self.sampling == "with_replacement":
             index = jr.randint(key, (size,), 0, num)
         else:
-            index = jr.choice(key, num, (size,), replace=False)
+            index = _random_subset(key, (num,), size)
         return jtu.tree_map(lambda u: jnp.take(u, index, axis=0), rows)
 
 
-def _block_batches(data: AbstractData, key, draws, blocks, upper: bool):
+def _block_batches(data: AbstractData, keys, draws, blocks, upper: bool):
     """One batch per sampled block, shaped `(num_shards, per_shard, ...)`.
 
     With per-block data (`block_upper_batch` / `block_lower_batch`, e.g.
@@ -138,7 +138,6 @@ def _block_batches(data: AbstractData, key, draws, blocks, upper: bool):
     """
     name = "block_upper_batch" if upper else "block_lower_batch"
     per_block = getattr(data, name, None)
-    keys = _vmap2(jr.fold_in, (None, 0))(key, draws)
     if per_block is not None:
         return _vmap2(per_block, (0, 0, 0))(keys, draws, blocks)
     shared = data.upper_batch if upper else data.lower_batch
@@ -206,7 +205,9 @@ class BSVRB(AbstractBilevelSolver):
     - `alpha`: MSVR weight $\alpha \in (0, 1]$ (default 0.9, the official scripts').
     - `gamma`: MSVR correction weight $\gamma \ge 0$, or `"auto"` (default) for the
       theory's $\gamma = \frac{m - I}{I(1-\alpha)} + (1-\alpha)$; with $I = m$ it is
-      $1-\alpha$, and MSVR is then STORM. The official scripts use $\gamma = 1$.
+      $1-\alpha$, and MSVR is then STORM. The theory takes $\alpha$ small; with $\alpha$
+      near 1 and $I \ll m$ this $\gamma$ is large and needs small $\tau$, $\eta$. The
+      official scripts use $\gamma = 1$ with $\alpha = 0.9$.
     - `v_radius`: $C_v$ of the v2 ball projection, a bound on $\|(\nabla^2_{yy}
       g_i)^{-1}\nabla_y f_i\| \le C_f/\mu$ (default 10, the official code's; `None`: no
       projection).
@@ -226,9 +227,10 @@ class BSVRB(AbstractBilevelSolver):
 
     **Per-block data.** Block $i$'s objectives are called as $f_i$ = `upper(x, y_i,
     batch, i)` and $g_i$ = `lower(x, y_i, batch, i)`, with `i` an int32 scalar. For the
-    $s$-th sampled block of step $t$ the batches come from `data` with the key
-    `fold_in(key, s)` and draw count $tI + s$: from `data.block_upper_batch(key, draw,
-    i)` when `data` has it (per-block rows, [`bilevel.solvers.BlockMinibatch`][]),
+    $s$-th sampled block of step $t$ the batches come from `data` with a key of its own
+    (one split of the step's key) and draw count $tI + s$: from
+    `data.block_upper_batch(key, draw, i)` / `data.block_lower_batch(key, draw, i)` when
+    `data` has them (per-block rows, [`bilevel.solvers.BlockMinibatch`][]),
     otherwise from `data.upper_batch(key, draw)`, a pool shared by all blocks
     ([`bilevel.FullBatch`][], [`bilevel.Minibatch`][]), the objectives reading their
     block's part through `i`. The batch size $B$ is the data's (`batch_size=`).
@@ -420,17 +422,24 @@ class BSVRB(AbstractBilevelSolver):
     def step(self, problem, state, data, key):
         data = as_data(data)
         num_blocks, per_step, shards = self._sizes(problem)
+        if getattr(data, "num_blocks", None) not in (None, num_blocks):
+            raise ValueError(
+                f"BSVRB: the data has {data.num_blocks} blocks but the problem has "
+                f"num_blocks={num_blocks}"
+            )
         per_shard, shard_size = per_step // shards, num_blocks // shards
-        key_blocks, key_upper, key_lower = jr.split(key, 3)
+        # one split for everything (each random call site costs compile time)
+        keys = jr.split(key, 1 + 2 * per_step)
+        slot_keys = keys[1:].reshape((2, shards, per_shard) + keys.shape[1:])
 
-        local = _sample_blocks(key_blocks, shards, shard_size, per_shard, per_step == num_blocks)
+        local = _sample_blocks(keys[0], shards, shard_size, per_shard, per_step == num_blocks)
         local = self._place(local, True)
         offsets = (jnp.arange(shards, dtype=jnp.int32) * shard_size)[:, None]
         blocks = local + offsets
         slots = jnp.arange(per_step).reshape(shards, per_shard)
         draws = state.step * per_step + slots
-        upper = _block_batches(data, key_upper, draws, blocks, upper=True)
-        lower = _block_batches(data, key_lower, draws, blocks, upper=False)
+        upper = _block_batches(data, slot_keys[0], draws, blocks, upper=True)
+        lower = _block_batches(data, slot_keys[1], draws, blocks, upper=False)
 
         def rows(tree):
             return _gather(tree, local, shards)
@@ -663,9 +672,16 @@ def _sample_blocks(key, shards: int, shard_size: int, per_shard: int, everything
     """Local indices `(shards, per_shard)`: `per_shard` distinct blocks of each shard."""
     if everything:
         return jnp.broadcast_to(jnp.arange(shard_size, dtype=jnp.int32), (shards, shard_size))
-    keys = jr.split(key, shards)
-    choose = lambda k: jr.choice(k, shard_size, (per_shard,), replace=False)  # noqa: E731
-    return jax.vmap(choose)(keys).astype(jnp.int32)
+    return _random_subset(key, (shards, shard_size), per_shard)
+
+
+def _random_subset(key, shape: tuple[int, ...], size: int) -> Int[Array, "... size"]:
+    """`size` distinct indices of `range(shape[-1])` for every leading index, every
+    subset equally likely: the positions of the `size` smallest of i.i.d. uniforms (one
+    batched sort, which the SPMD partitioner keeps local along the leading axes, unlike
+    `top_k`)."""
+    order = jnp.argsort(jr.uniform(key, shape), axis=-1)
+    return order[..., :size].astype(jnp.int32)
 
 
 def _grouped(leaf, shards):
@@ -688,6 +704,7 @@ def _scatter(tree, local, new_rows, shards):
 
 def _times_rows(scale, leaf):
     """`scale` (one value per sampled block, shape `(S, P)`) times `leaf` `(S, P, ...)`."""
+    scale = scale.astype(leaf.dtype)
     return scale.reshape(scale.shape + (1,) * (leaf.ndim - scale.ndim)) * leaf
 
 
