@@ -191,7 +191,8 @@ def multiblock_hpo(
             hess = jax.hessian(lower, argnums=1)
 
             def body(_, w):
-                return w - jnp.linalg.solve(hess(x, w, train_data, i), grad(x, w, train_data, i))
+                step = jnp.linalg.solve(hess(x, w, train_data, i), grad(x, w, train_data, i))
+                return w - step
 
             return jax.lax.fori_loop(0, newton_steps, body, jnp.zeros(dim, x.dtype))
 

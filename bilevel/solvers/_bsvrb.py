@@ -293,13 +293,18 @@ class BSVRB(AbstractBilevelSolver):
         for name in ("blocks_per_step", "num_shards"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"BSVRB: `{name}` must be a positive int or None, got {value!r}")
+                raise ValueError(
+                    f"BSVRB: `{name}` must be a positive int or None, got {value!r}"
+                )
         if self.lower_update not in _LOWER_UPDATES:
             raise ValueError(
-                f"BSVRB: `lower_update` must be one of {_LOWER_UPDATES}, got {self.lower_update!r}"
+                f"BSVRB: `lower_update` must be one of {_LOWER_UPDATES}, "
+                f"got {self.lower_update!r}"
             )
         if isinstance(self.gamma, str) and self.gamma != "auto":
-            raise ValueError(f"BSVRB: `gamma` must be a number >= 0 or 'auto', got {self.gamma!r}")
+            raise ValueError(
+                f"BSVRB: `gamma` must be a number >= 0 or 'auto', got {self.gamma!r}"
+            )
         checks = {
             "eta": lambda a: a >= 0,
             "beta": lambda a: 0 < a <= 1,
@@ -313,8 +318,11 @@ class BSVRB(AbstractBilevelSolver):
         bounds = {"beta": "in (0, 1]", "alpha": "in (0, 1]", "eta": ">= 0", "gamma": ">= 0"}
         for name, ok in checks.items():
             value = getattr(self, name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
-                raise ValueError(f"BSVRB: `{name}` must be {bounds.get(name, '> 0')}, got {value!r}")
+            concrete = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if concrete and not ok(value):
+                raise ValueError(
+                    f"BSVRB: `{name}` must be {bounds.get(name, '> 0')}, got {value!r}"
+                )
         if self.mesh is not None:
             if self.mesh_axis not in self.mesh.axis_names:
                 raise ValueError(
@@ -421,61 +429,33 @@ class BSVRB(AbstractBilevelSolver):
 
     def step(self, problem, state, data, key):
         data = as_data(data)
-        num_blocks, per_step, shards = self._sizes(problem)
+        num_blocks, _, shards = self._sizes(problem)
         if getattr(data, "num_blocks", None) not in (None, num_blocks):
             raise ValueError(
                 f"BSVRB: the data has {data.num_blocks} blocks but the problem has "
                 f"num_blocks={num_blocks}"
             )
-        per_shard, shard_size = per_step // shards, num_blocks // shards
-        # one split for everything (each random call site costs compile time)
-        keys = jr.split(key, 1 + 2 * per_step)
-        slot_keys = keys[1:].reshape((2, shards, per_shard) + keys.shape[1:])
-
-        local = _sample_blocks(keys[0], shards, shard_size, per_shard, per_step == num_blocks)
-        local = self._place(local, True)
-        offsets = (jnp.arange(shards, dtype=jnp.int32) * shard_size)[:, None]
-        blocks = local + offsets
-        slots = jnp.arange(per_step).reshape(shards, per_shard)
-        draws = state.step * per_step + slots
-        upper = _block_batches(data, slot_keys[0], draws, blocks, upper=True)
-        lower = _block_batches(data, slot_keys[1], draws, blocks, upper=False)
+        local, blocks, batches = self._sample(problem, state, data, key)
 
         def rows(tree):
             return _gather(tree, local, shards)
 
-        last = rows(state.last_sampled)
-        fresh = last < 0
-        coeffs = _Coefficients(self.alpha, self._gamma(num_blocks, per_step))
-        point = (state.x, state.x_prev)
-        if self.version == 1:
-            fn = ft.partial(_v1_block, problem, coeffs, self.hessian_floor)
-            out = _vmap2(fn, (None, 0, 0, 0, 0, 0, 0, 0, 0))(
-                point, rows(state.y), rows(state.y_prev), rows(state.u),
-                rows(state.hessian), rows(state.hessian_prev), fresh, (upper, lower), blocks,
-            )
-        else:
-            fn = ft.partial(_v2_block, problem, coeffs)
-            out = _vmap2(fn, (None, 0, 0, 0, 0, 0, 0, 0, 0, 0))(
-                point, rows(state.y), rows(state.y_prev), rows(state.u), rows(state.v),
-                rows(state.v_prev), rows(state.s), fresh, (upper, lower), blocks,
-            )
-
-        grad = _mean_over_slots(out.grad)
-        grad_prev = _mean_over_slots(out.grad_prev)
-        first = state.step == 0
-        storm = tree_axpy(1 - self.beta, tree_sub(state.z, grad_prev), grad)
-        z = tree_where(first, grad, storm)
-        x = problem.proj_x(tree_axpy(-self.eta, z, state.x))
-
         def scatter(tree, new_rows):
             return _scatter(tree, local, new_rows, shards)
 
+        last = rows(state.last_sampled)
+        fresh = last < 0
+        out = self._block_terms(problem, state, rows, fresh, batches, blocks)
+
+        grad = _mean_over_slots(out.grad)
+        grad_prev = _mean_over_slots(out.grad_prev)
+        storm = tree_axpy(1 - self.beta, tree_sub(state.z, grad_prev), grad)
+        z = tree_where(state.step == 0, grad, storm)
+        x = problem.proj_x(tree_axpy(-self.eta, z, state.x))
+
         u = scatter(state.u, out.u)
-        step_scale = self._lower_steps(state.step, last, fresh)
-        y = self._lower_step(
-            state.y, u, out.u, rows(state.y), step_scale, self.tau, scatter, project=False
-        )
+        scale = self._lower_steps(state.step, last, fresh)
+        y = self._lower_step(state.y, u, out.u, rows(state.y), scale, self.tau, scatter)
         hessian = hessian_prev = v = s = None
         if self.version == 1:
             hessian = scatter(state.hessian, out.hessian)
@@ -483,8 +463,9 @@ class BSVRB(AbstractBilevelSolver):
         else:
             s = scatter(state.s, out.s)
             v = self._lower_step(
-                state.v, s, out.s, rows(state.v), step_scale, self.tau_v, scatter, project=True
+                state.v, s, out.s, rows(state.v), scale, self.tau_v, scatter, project=True
             )
+        last_sampled = scatter(state.last_sampled, jnp.broadcast_to(state.step, local.shape))
 
         metrics = {
             "upper_loss": jnp.mean(out.upper_loss),
@@ -494,23 +475,55 @@ class BSVRB(AbstractBilevelSolver):
         }
         if self.version == 2:
             metrics["linear_residual"] = jnp.sqrt(jnp.mean(out.linear_residual_sq))
+        blocked = self._place(
+            dict(y=y, u=u, hessian=hessian, hessian_prev=hessian_prev, v=v, s=s,
+                 last_sampled=last_sampled),
+            True,
+        )
         new_state = _BSVRBState(
             x=self._place(x, False),
             x_prev=state.x,
-            y=self._place(y, True),
             y_prev=state.y,
-            u=self._place(u, True),
-            hessian=self._place(hessian, True),
-            hessian_prev=self._place(hessian_prev, True),
-            v=self._place(v, True),
             v_prev=state.v,
-            s=self._place(s, True),
             z=self._place(z, False),
-            last_sampled=self._place(scatter(state.last_sampled, jnp.broadcast_to(
-                state.step, local.shape)), True),
             step=state.step + 1,
+            **blocked,
         )
         return new_state, metrics
+
+    def _sample(self, problem, state, data, key):
+        """Sampled blocks (local indices and global ones, `(shards, per_shard)`) and
+        their upper and lower batches."""
+        num_blocks, per_step, shards = self._sizes(problem)
+        per_shard, shard_size = per_step // shards, num_blocks // shards
+        # one split for every key of the step (each random call site costs compile time)
+        keys = jr.split(key, 1 + 2 * per_step)
+        slot_keys = keys[1:].reshape((2, shards, per_shard) + keys.shape[1:])
+        everything = per_step == num_blocks
+        local = _sample_blocks(keys[0], shards, shard_size, per_shard, everything)
+        local = self._place(local, True)
+        offsets = (jnp.arange(shards, dtype=jnp.int32) * shard_size)[:, None]
+        blocks = local + offsets
+        slots = jnp.arange(per_step).reshape(shards, per_shard)
+        draws = state.step * per_step + slots
+        upper = _block_batches(data, slot_keys[0], draws, blocks, upper=True)
+        lower = _block_batches(data, slot_keys[1], draws, blocks, upper=False)
+        return local, blocks, (upper, lower)
+
+    def _block_terms(self, problem, state, rows, fresh, batches, blocks) -> "_BlockOut":
+        """The per-block oracles and estimator updates, vmapped over sampled blocks."""
+        num_blocks, per_step, _ = self._sizes(problem)
+        coeffs = _Coefficients(self.alpha, self._gamma(num_blocks, per_step))
+        point = (state.x, state.x_prev)
+        if self.version == 1:
+            fn = ft.partial(_v1_block, problem, coeffs, self.hessian_floor)
+            estimators = (rows(state.hessian), rows(state.hessian_prev))
+        else:
+            fn = ft.partial(_v2_block, problem, coeffs)
+            estimators = (rows(state.v), rows(state.v_prev), rows(state.s))
+        args = (rows(state.y), rows(state.y_prev), rows(state.u), *estimators, fresh)
+        in_axes = (None,) + (0,) * (len(args) + 2)
+        return _vmap2(fn, in_axes)(point, *args, batches, blocks)
 
     # -- lower-level steps -------------------------------------------------------------
 
@@ -521,7 +534,8 @@ class BSVRB(AbstractBilevelSolver):
         return jnp.where(fresh, 1, step - last).astype(jnp.result_type(float))
 
     def _lower_step(
-        self, full, direction_full, direction_rows, current_rows, scale, lr, scatter, project
+        self, full, direction_full, direction_rows, current_rows, scale, lr, scatter,
+        project=False,
     ):
         r"""$w_i \leftarrow w_i - \text{lr}\, d_i\, e_i$ on every block (`"all"`) or on
         the sampled ones, then the ball projection when `project` (the $v$ step)."""
@@ -551,7 +565,9 @@ class _Coefficients(eqx.Module):
         block seen for the first time."""
         a = jnp.where(fresh, 1.0, self.alpha)
         c = jnp.where(fresh, 0.0, self.gamma)
-        return jtu.tree_map(lambda e, h, g: (1 - a) * e + (a + c) * h - c * g, estimate, new, old)
+        return jtu.tree_map(
+            lambda e, h, g: (1 - a) * e + (a + c) * h - c * g, estimate, new, old
+        )
 
 
 class _BlockOut(eqx.Module):
@@ -671,7 +687,8 @@ def _auto_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
 def _sample_blocks(key, shards: int, shard_size: int, per_shard: int, everything: bool):
     """Local indices `(shards, per_shard)`: `per_shard` distinct blocks of each shard."""
     if everything:
-        return jnp.broadcast_to(jnp.arange(shard_size, dtype=jnp.int32), (shards, shard_size))
+        every = jnp.arange(shard_size, dtype=jnp.int32)
+        return jnp.broadcast_to(every, (shards, shard_size))
     return _random_subset(key, (shards, shard_size), per_shard)
 
 
