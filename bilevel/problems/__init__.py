@@ -11,6 +11,10 @@ from ._imaml import (
     imaml_meta_train as imaml_meta_train,
 )
 from ._logreg import logreg_hpo as logreg_hpo
+from ._multiblock import (
+    multiblock_hpo as multiblock_hpo,
+    multiblock_quadratic as multiblock_quadratic,
+)
 from ._quadratic import quadratic as quadratic
 from ._registry import make as make, parameters as parameters, registry as registry
 from ._ridge import ridge_hpo as ridge_hpo
