@@ -14,6 +14,7 @@ from .._data import FullBatch, Minibatch
 from .._problem import MultiBlockProblem
 from ..solvers._bsvrb import BlockMinibatch
 from ._benchmark import Benchmark
+from ._common import accuracy, as_float, check_int, load_dataset, split_indices, standardize
 
 
 def multiblock_quadratic(
@@ -154,19 +155,15 @@ def multiblock_hpo(
     where enabled), the test accuracy of the argmax over the 10 classifiers at both, and
     $\max_i\|y_i - y_i^*(x)\|$.
     """
-    from sklearn.datasets import load_digits
-
-    images, digits = load_digits(return_X_y=True)
-    order = np.random.default_rng(seed).permutation(len(digits))
+    check_int("multiblock_hpo", "newton_steps", newton_steps)
+    images, digits = load_dataset("digits")
     n_train, n_val = len(digits) // 2, len(digits) // 4
-    train, val, test = np.split(order, [n_train, n_train + n_val])
-    mean, std = images[train].mean(0), images[train].std(0)
-    features = (images - mean) / np.where(std > 0, std, 1.0)
+    train, val, test = split_indices(len(digits), (n_train, n_val, None), seed, "multiblock_hpo")
+    features = standardize(images[train], images)[1]
     features = np.concatenate([features, np.ones((len(digits), 1))], axis=1)
-    dtype = jnp.zeros(()).dtype  # float64 when x64 is enabled
 
     def split(index):
-        return jnp.asarray(features[index], dtype), jnp.asarray(digits[index], jnp.int32)
+        return as_float(features[index]), jnp.asarray(digits[index], jnp.int32)
 
     train_data, val_data, test_data = split(train), split(val), split(test)
     num_blocks, dim = 10, features.shape[1]
@@ -201,17 +198,17 @@ def multiblock_hpo(
     def objective(w):
         return jnp.mean(jax.vmap(upper, (None, 0, None, 0))(None, w, val_data, blocks))
 
-    def accuracy(w):
+    def test_accuracy(w):
         pixels, digit = test_data
-        return jnp.mean((jnp.argmax(pixels @ w.T, axis=1) == digit).astype(w.dtype))
+        return accuracy(pixels @ w.T, digit)
 
     def evaluate(x, y):
         y_star = lower_solution(x)
         return {
             "val_loss": objective(y),
             "val_loss_at_solution": objective(y_star),
-            "test_accuracy": accuracy(y),
-            "test_accuracy_at_solution": accuracy(y_star),
+            "test_accuracy": test_accuracy(y),
+            "test_accuracy_at_solution": test_accuracy(y_star),
             "y_error": jnp.max(jnp.linalg.norm(y - y_star, axis=1)),
         }
 
@@ -228,8 +225,8 @@ def multiblock_hpo(
     return Benchmark(
         name="multiblock_hpo",
         problem=problem,
-        x0=jnp.full((num_blocks,), init_log_reg, dtype),
-        y0=jnp.zeros((num_blocks, dim), dtype),
+        x0=as_float(np.full(num_blocks, init_log_reg)),
+        y0=as_float(np.zeros((num_blocks, dim))),
         data=data,
         evaluate=evaluate,
         lower_solution=lower_solution,
