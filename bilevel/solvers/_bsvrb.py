@@ -241,7 +241,16 @@ class BSVRB(AbstractBilevelSolver):
     processes blocks from its own shards (`num_shards` defaults to the device count), so
     only the $d_x$-sized sum over sampled blocks crosses devices. The same code runs on
     one device; `BSVRB(num_shards=n)` without a mesh makes the same draws, so both runs
-    agree to rounding. $m$ and $I$ must be multiples of `num_shards`.
+    agree to rounding. $m$ and $I$ must be multiples of `num_shards`. Batches are drawn
+    from replicated data.
+
+    ```python
+    # on CPU, simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=4
+    mesh = jax.make_mesh((jax.device_count(),), ("blocks",))
+    solver = bl.solvers.BSVRB(blocks_per_step=8, mesh=mesh)
+    state, history = bl.run(problem, solver, x0, y0, data, 1000, key)
+    state.y.sharding  # NamedSharding(mesh, PartitionSpec("blocks"))
+    ```
 
     **Initialisation** (spec pitfall 2: no random estimators, no garbage first
     correction): $x_{-1} = x_0$, $y_{-1} = y_0$, $u = s = v = z = 0$. The first time a
