@@ -6,10 +6,13 @@ from collections.abc import Callable, Iterator, Mapping
 from ._benchmark import Benchmark
 from ._distillation import distillation
 from ._hypercleaning import hypercleaning
+from ._hyperrep import hyper_representation
 from ._imaml import imaml
 from ._logreg import logreg_hpo
+from ._multiblock import multiblock_hpo, multiblock_quadratic
 from ._quadratic import quadratic
 from ._ridge import ridge_hpo
+from ._svm import svm_hpo
 
 
 class _Registry(Mapping):
@@ -47,8 +50,15 @@ registry: Mapping[str, Callable[..., Benchmark]] = _Registry(
         "hypercleaning": hypercleaning,
         "distillation": distillation,
         "imaml": imaml,
+        "svm_hpo": svm_hpo,
+        "hyper_representation": hyper_representation,
+        "multiblock_quadratic": multiblock_quadratic,
+        "multiblock_hpo": multiblock_hpo,
     }
 )
+"""Every problem constructor by name (a read-only mapping): `registry["ridge_hpo"]` is
+[`bilevel.problems.ridge_hpo`][]. Unknown names raise a `KeyError` listing the valid
+ones; [`bilevel.problems.make`][] also checks the parameters."""
 
 def parameters(name: str) -> dict[str, object]:
     """The parameters of the constructor registered as `name`, with their defaults
