@@ -21,7 +21,7 @@ import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Scalar
 
-from .._data import AbstractData, as_data
+from .._data import AbstractData, FullBatch, as_data
 from .._misc import tree_axpy, tree_norm, tree_scale, tree_sub, tree_where
 from .._problem import MultiBlockProblem
 from .._solver import AbstractBilevelSolver
@@ -128,7 +128,8 @@ class BlockMinibatch(AbstractData):
 
 
 def _block_batches(data: AbstractData, keys, draws, blocks, upper: bool):
-    """One batch per sampled block, shaped `(num_shards, per_shard, ...)`.
+    """One batch per sampled block, shaped `(num_shards, per_shard, ...)`, and its vmap
+    axis (`None` for a `FullBatch`, whose single batch all blocks share).
 
     With per-block data (`block_upper_batch` / `block_lower_batch`, e.g.
     [`bilevel.solvers.BlockMinibatch`][]) block $i$ draws from its own rows. Otherwise
@@ -139,9 +140,11 @@ def _block_batches(data: AbstractData, keys, draws, blocks, upper: bool):
     name = "block_upper_batch" if upper else "block_lower_batch"
     per_block = getattr(data, name, None)
     if per_block is not None:
-        return _vmap2(per_block, (0, 0, 0))(keys, draws, blocks)
+        return _vmap2(per_block, (0, 0, 0))(keys, draws, blocks), 0
     shared = data.upper_batch if upper else data.lower_batch
-    return _vmap2(shared, (0, 0))(keys, draws)
+    if isinstance(data, FullBatch):  # the same batch for every block: not copied per block
+        return shared(keys[0, 0], draws[0, 0]), None
+    return _vmap2(shared, (0, 0))(keys, draws), 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -515,9 +518,9 @@ class BSVRB(AbstractBilevelSolver):
         blocks = local + offsets
         slots = jnp.arange(per_step).reshape(shards, per_shard)
         draws = state.step * per_step + slots
-        upper = _block_batches(data, slot_keys[0], draws, blocks, upper=True)
-        lower = _block_batches(data, slot_keys[1], draws, blocks, upper=False)
-        return local, blocks, (upper, lower)
+        upper, upper_axis = _block_batches(data, slot_keys[0], draws, blocks, upper=True)
+        lower, lower_axis = _block_batches(data, slot_keys[1], draws, blocks, upper=False)
+        return local, blocks, ((upper, lower), (upper_axis, lower_axis))
 
     def _block_terms(self, problem, state, rows, fresh, batches, blocks) -> "_BlockOut":
         """The per-block oracles and estimator updates, vmapped over sampled blocks."""
@@ -531,7 +534,8 @@ class BSVRB(AbstractBilevelSolver):
             fn = ft.partial(_v2_block, problem, coeffs)
             estimators = (rows(state.v), rows(state.v_prev), rows(state.s))
         args = (rows(state.y), rows(state.y_prev), rows(state.u), *estimators, fresh)
-        in_axes = (None,) + (0,) * (len(args) + 2)
+        batches, batch_axes = batches
+        in_axes = (None,) + (0,) * len(args) + (batch_axes, 0)
         return _vmap2(fn, in_axes)(point, *args, batches, blocks)
 
     # -- lower-level steps -------------------------------------------------------------
