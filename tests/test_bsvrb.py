@@ -538,7 +538,11 @@ SHARDING_SCRIPT = textwrap.dedent(
 
 
 def test_sharded_run_equals_single_device_run():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
     root = pathlib.Path(__file__).resolve().parents[1]
     proc = subprocess.run(
         [sys.executable, "-c", SHARDING_SCRIPT], env=env, cwd=root,
