@@ -93,34 +93,35 @@ def test_vmapped_implicit_gradients_match_the_stacked_problem_and_the_closed_for
 
 # Meta-test accuracy is measured after adaptation on 50 tasks of classes 6-9, never seen
 # in meta-training: 50 x 30 = 1500 paired query predictions, standard error ~1.3
-# points. Both tests require 4 points over adapting from the random initialisation
-# (~64%); measured gains are larger (see each test).
+# points. Both tests require 10 points over adapting from the random initialisation
+# (~50%), about half the measured gains (see each test).
 
 
 def test_imaml_improves_under_implicit_diff(bench):
-    # generic solver on the fixed pool of 32 tasks; measured: ~+9 points after 40 steps
-    solver = bl.solvers.ImplicitDiff(inner_steps=20, inner_lr=0.1, outer_lr=0.5)
+    # generic solver on the fixed pool of 32 tasks; measured: +20 points after 40 steps
+    solver = bl.solvers.ImplicitDiff(inner_steps=20, inner_lr=0.05, outer_lr=0.5)
     state, _ = bl.run(bench.problem, solver, bench.x0, bench.y0, bench.data, 40)
     end = bench.evaluate(*solver.params(state))
-    assert end["meta_test_accuracy"] > end["baseline_meta_test_accuracy"] + 0.04
+    assert end["meta_test_accuracy"] > end["baseline_meta_test_accuracy"] + 0.10
 
 
 def test_episodic_imaml_improves(bench):
-    # fresh meta-batches of 8 tasks, vmapped implicit gradients; measured: ~+16 points
+    # fresh meta-batches of 8 tasks, vmapped implicit gradients; measured: +26 points
     theta, history = bl.problems.imaml_meta_train(
         bench, jr.PRNGKey(0), num_steps=30, meta_batch_size=8, outer_lr=0.5
     )
     end = bench.evaluate(theta, bench.y0)
-    assert end["meta_test_accuracy"] > end["baseline_meta_test_accuracy"] + 0.04
+    assert end["meta_test_accuracy"] > end["baseline_meta_test_accuracy"] + 0.10
     assert history["query_loss"].shape == (30,)
 
 
 @jax.jit
 def _sinusoid_fit(support, query):
     # A sin(u - p) = a sin u + b cos u: least-squares (a, b) on each task's support
-    # points, then the prediction of its query points.
-    def basis(u):
-        return jnp.stack([jnp.sin(u[:, 0]), jnp.cos(u[:, 0])], axis=1)
+    # points, then the prediction of its query points (the network inputs are u / 5).
+    def basis(inputs):
+        u = 5.0 * inputs[:, 0]
+        return jnp.stack([jnp.sin(u), jnp.cos(u)], axis=1)
 
     def one(s_in, s_out, q_in):
         coef = jnp.linalg.lstsq(basis(s_in), s_out)[0]
@@ -135,7 +136,7 @@ def test_sinusoid_tasks_lie_on_one_sinusoid_each():
     )
     (s_in, s_out), (q_in, q_out) = sinusoid.data.support, sinusoid.data.query
     assert s_in.shape == (6, 5, 1) and q_out.shape == (6, 7)
-    assert float(jnp.max(jnp.abs(s_in))) <= 5.0
+    assert float(jnp.max(jnp.abs(s_in))) <= 1.0
     predicted, amplitude = _sinusoid_fit(sinusoid.data.support, sinusoid.data.query)
     # the query points lie on the support points' sinusoid (rounding only) ...
     np.testing.assert_allclose(predicted, q_out, atol=1e-10)

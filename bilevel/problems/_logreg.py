@@ -1,5 +1,7 @@
 r"""Logistic regression with one learned $\ell_2$ weight per feature (breast cancer)."""
 
+import functools as ft
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -84,7 +86,8 @@ def logreg_hpo(
     - `init_log_reg`: the value of every entry of `x0`.
 
     `evaluate(x, y)` returns `validation_loss` ($F(x)$ with $y^*(x)$ refitted by 100
-    L-BFGS steps), `test_accuracy` and `test_loss` of the model $y$, and the baseline
+    L-BFGS steps) and `refit_test_accuracy` of that refitted model (comparable across
+    solvers), `test_accuracy` and `test_loss` of the model $y$, and the baseline
     `baseline_validation_loss`, `baseline_test_accuracy`: one global weight
     $e^{x_j} = \lambda$, the best of 13 values $\lambda \in [10^{-5}, 10]$ on the
     validation loss.
@@ -118,20 +121,24 @@ def logreg_hpo(
     def refit(x):
         return minimize(_refit_objective, y0, (x, *train_data), _REFIT_STEPS)
 
-    grid_models = [refit(jnp.full(dim, v, dtype)) for v in as_float(_GRID)]
-    grid_losses = [float(logistic_loss(m, val_data)) for m in grid_models]
-    best = grid_models[int(np.argmin(grid_losses))]
-    baseline = {
-        "baseline_validation_loss": as_float(min(grid_losses)),
-        "baseline_test_accuracy": _accuracy(best, test_data),
-    }
+    @ft.cache
+    def baseline():  # grid search on the first call of `evaluate` only
+        models = [refit(jnp.full(dim, v, dtype)) for v in as_float(_GRID)]
+        losses = [float(logistic_loss(m, val_data)) for m in models]
+        best = models[int(np.argmin(losses))]
+        return {
+            "baseline_validation_loss": as_float(min(losses)),
+            "baseline_test_accuracy": _accuracy(best, test_data),
+        }
 
     def evaluate(x, y):
+        model = refit(x)
         return {
-            "validation_loss": logistic_loss(refit(x), val_data),
+            "validation_loss": logistic_loss(model, val_data),
             "test_accuracy": _accuracy(y, test_data),
+            "refit_test_accuracy": _accuracy(model, test_data),
             "test_loss": logistic_loss(y, test_data),
-            **baseline,
+            **baseline(),
         }
 
     if batch_size is None:

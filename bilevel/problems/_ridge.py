@@ -1,5 +1,7 @@
 r"""Ridge regression with one learned regularisation weight per feature (diabetes)."""
 
+import functools as ft
+
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
@@ -91,7 +93,8 @@ def ridge_hpo(
     - `init_log_reg`: the value of every entry of `x0`.
 
     `evaluate(x, y)` returns `validation_loss` ($F(x) = f(x, y^*(x))$, exact),
-    `test_mse` of the model $y$ on the test split (standardised target units), and
+    `test_mse` of the model $y$ on the test split (standardised target units),
+    `refit_test_mse` of the exact $y^*(x)$ (comparable across solvers), and
     `baseline_validation_loss`, `baseline_test_mse`: the best single global weight
     $e^{x_j} = \lambda$ over a grid of 25 values $\lambda \in [10^{-4}, 10^2]$ chosen on
     the validation loss.
@@ -140,19 +143,22 @@ def ridge_hpo(
     def validation_loss(x):
         return _squared_error(lower_solution(x), val_data)
 
-    grid = as_float(_GRID)
-    grid_losses = [float(validation_loss(jnp.full(dim, v))) for v in grid]
-    best = jnp.full(dim, grid[int(np.argmin(grid_losses))])
-    baseline = {
-        "baseline_validation_loss": as_float(min(grid_losses)),
-        "baseline_test_mse": 2 * _squared_error(lower_solution(best), test_data),
-    }
+    @ft.cache
+    def baseline():  # grid search on the first call of `evaluate` only
+        grid = as_float(_GRID)
+        losses = [float(validation_loss(jnp.full(dim, v))) for v in grid]
+        best = jnp.full(dim, grid[int(np.argmin(losses))])
+        return {
+            "baseline_validation_loss": as_float(min(losses)),
+            "baseline_test_mse": 2 * _squared_error(lower_solution(best), test_data),
+        }
 
     def evaluate(x, y):
         return {
             "validation_loss": validation_loss(x),
             "test_mse": 2 * _squared_error(y, test_data),
-            **baseline,
+            "refit_test_mse": 2 * _squared_error(lower_solution(x), test_data),
+            **baseline(),
         }
 
     if batch_size is None:
