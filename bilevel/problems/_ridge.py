@@ -76,7 +76,7 @@ def ridge_hpo(
     $x \in \mathbb{R}^d$ holds log-regularisation weights, $y \in \mathbb{R}^d$ the
     regression weights. Closed forms: $y^*(x) = H^{-1}A^\top b/n$ with
     $H = A^\top A/n + \mathrm{diag}\,e^{x}$, and the hypergradient of
-    [`ridge_hypergradient`][]; they are `bench.lower_solution` and `bench.hypergradient`.
+    `ridge_hypergradient`; they are `bench.lower_solution` and `bench.hypergradient`.
     The optimal $x^*$ has no closed form (`bench.solution` is `None`).
 
     Features and target are standardised with training statistics (no intercept is
