@@ -9,28 +9,10 @@ to training on all labels (no cleaning) and on the clean labels only (oracle).
     python examples/hypercleaning.py
 """
 
-import time
-
-import jax
 import jax.numpy as jnp
 
 import bilevel as bl
-
-
-def timed_run(bench, solver, num_steps):
-    start = time.perf_counter()
-    state, _ = bl.run(bench.problem, solver, bench.x0, bench.y0, bench.data, num_steps)
-    state = jax.block_until_ready(state)
-    return solver.params(state), time.perf_counter() - start
-
-
-def print_table(rows):
-    columns = list(rows[0])
-    cells = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+from _common import print_table, timed_run
 
 
 def row(model, method, accuracy, f1="-", seconds=None, steps="-"):

@@ -20,15 +20,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 import bilevel as bl
-
-
-def print_table(rows):
-    columns = list(rows[0])
-    cells = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+from _common import print_table
 
 
 def timed(fn):

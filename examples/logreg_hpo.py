@@ -8,31 +8,13 @@ best single global L2 weight chosen by grid search.
     python examples/logreg_hpo.py
 """
 
-import time
-
-import jax
 import jax.numpy as jnp
 
 import bilevel as bl
+from _common import print_table, timed_run
 
 
 NUM_STEPS = 300
-
-
-def timed_run(bench, solver):
-    start = time.perf_counter()
-    state, _ = bl.run(bench.problem, solver, bench.x0, bench.y0, bench.data, NUM_STEPS)
-    state = jax.block_until_ready(state)
-    return solver.params(state), time.perf_counter() - start
-
-
-def print_table(rows):
-    columns = list(rows[0])
-    cells = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
 
 
 def row(method, validation_loss, test_accuracy, seconds=None):
@@ -65,7 +47,7 @@ def main():
         ),
     ]
     for name, solver in solvers.items():
-        (x, y), seconds = timed_run(bench, solver)
+        (x, y), seconds = timed_run(bench, solver, NUM_STEPS)
         metrics = bench.evaluate(x, y)
         rows.append(
             row(name, metrics["validation_loss"], metrics["refit_test_accuracy"], seconds)

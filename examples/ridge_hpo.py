@@ -14,16 +14,10 @@ import jax
 import jax.numpy as jnp
 
 import bilevel as bl
+from _common import print_table, timed_run
 
 
 NUM_STEPS = 300
-
-
-def timed_run(bench, solver):
-    start = time.perf_counter()
-    state, _ = bl.run(bench.problem, solver, bench.x0, bench.y0, bench.data, NUM_STEPS)
-    state = jax.block_until_ready(state)
-    return solver.params(state), time.perf_counter() - start
 
 
 def closed_form_descent(bench, lr):
@@ -37,15 +31,6 @@ def closed_form_descent(bench, lr):
     start = time.perf_counter()
     x = jax.block_until_ready(descend(bench.x0))
     return (x, bench.lower_solution(x)), time.perf_counter() - start
-
-
-def print_table(rows):
-    columns = list(rows[0])
-    cells = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
 
 
 def row(method, metrics, seconds=None):
@@ -79,7 +64,7 @@ def main():
     (x, y), seconds = closed_form_descent(bench, lr=5.0)
     rows.append(row("closed-form hypergradient", bench.evaluate(x, y), seconds))
     for name, solver in solvers.items():
-        (x, y), seconds = timed_run(bench, solver)
+        (x, y), seconds = timed_run(bench, solver, NUM_STEPS)
         rows.append(row(name, bench.evaluate(x, y), seconds))
     print(
         f"ridge_hpo (diabetes + 10 noise features), {NUM_STEPS} outer steps, "
