@@ -24,8 +24,9 @@ def tree_norm(a: PyTree[Array]) -> Scalar:
 
 
 def tree_axpy(alpha, a: PyTree[Array], b: PyTree[Array]) -> PyTree[Array]:
-    """alpha * a + b, leafwise."""
-    return jtu.tree_map(lambda u, v: alpha * u + v, a, b)
+    """alpha * a + b, leafwise, with `alpha` cast to each leaf's dtype (a float64 step
+    size never promotes a float32 leaf, which strict dtype promotion rejects)."""
+    return jtu.tree_map(lambda u, v: jnp.asarray(alpha, jnp.result_type(u)) * u + v, a, b)
 
 
 def tree_scale(alpha, a: PyTree[Array]) -> PyTree[Array]:

@@ -39,7 +39,7 @@ from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
 from .._data import AbstractData, as_data
 from .._inner import inner_steps
 from .._linear import result_dtype
-from .._misc import tree_norm, tree_sub
+from .._misc import tree_axpy, tree_norm, tree_sub
 from .._problem import BilevelProblem
 from .._solver import AbstractBilevelSolver
 
@@ -92,14 +92,6 @@ class _Oracles(eqx.Module):
 # --------------------------------------------------------------------------------------
 # Small helpers
 
-
-def _axpy(alpha: Array, a: PyTree[Array], b: PyTree[Array]) -> PyTree[Array]:
-    """`alpha * a + b` leafwise, with `alpha` cast to each leaf's dtype (so a float64
-    schedule never promotes float32 variables under strict dtype promotion)."""
-    def leaf(u, v):
-        return jnp.asarray(alpha, jnp.result_type(u)) * u + v
-
-    return jtu.tree_map(leaf, a, b)
 
 
 def _scalar(value: Any, dtype) -> Array:
@@ -181,7 +173,7 @@ def _penalised_steps(problem, x, y, data, key, rule: _Rule, num_steps: int, step
         upper_batch = data.upper_batch(sub, draw, stream=0)
         lower_batch = data.lower_batch(sub, draw, stream=1)
         grad = jax.grad(penalised)(y_, upper_batch, lower_batch)
-        return problem.proj_y(_axpy(-rule.y_lr, grad, y_))
+        return problem.proj_y(tree_axpy(-rule.y_lr, grad, y_))
 
     return lax.fori_loop(0, num_steps, body, y)
 
@@ -217,8 +209,8 @@ def _oracles(problem, x, y, z, batches) -> _Oracles:
 
 def _directions(o: _Oracles, penalty: Scalar):
     """$(d_x, d_y, d_z)$ of the module docstring."""
-    d_x = _axpy(penalty, tree_sub(o.g_y_x, o.g_z_x), o.f_x)
-    d_y = _axpy(penalty, o.g_y_y, o.f_y)
+    d_x = tree_axpy(penalty, tree_sub(o.g_y_x, o.g_z_x), o.f_x)
+    d_y = tree_axpy(penalty, o.g_y_y, o.f_y)
     return d_x, d_y, o.g_z_y
 
 
@@ -230,7 +222,7 @@ def _storm(problem, state: _PenaltyState, batches, current, rule: _Rule, point):
     previous = _directions(old_oracles, rule.penalty)
     weight = jnp.where(state.step > 0, 1 - rule.momentum, jnp.zeros_like(rule.momentum))
     correction = [tree_sub(d, p) for d, p in zip(state.momentum.direction, previous)]
-    directions = tuple(_axpy(weight, c, d) for c, d in zip(correction, current))
+    directions = tuple(tree_axpy(weight, c, d) for c, d in zip(correction, current))
     return directions, _Momentum(direction=directions, point=point)
 
 
@@ -270,9 +262,9 @@ def _penalty_step(
             problem, state, batches, directions, rule, (x, y, z)
         )
     d_x, d_y, d_z = directions
-    new_x = problem.proj_x(_axpy(-rule.x_lr, d_x, x))
-    new_y = y if y_steps else problem.proj_y(_axpy(-rule.y_lr, d_y, y))
-    new_z = z if z_steps else problem.proj_y(_axpy(-rule.z_lr, d_z, z))
+    new_x = problem.proj_x(tree_axpy(-rule.x_lr, d_x, x))
+    new_y = y if y_steps else problem.proj_y(tree_axpy(-rule.y_lr, d_y, y))
+    new_z = z if z_steps else problem.proj_y(tree_axpy(-rule.z_lr, d_z, z))
     if problem.project_x is None:  # the gradient mapping is d_x itself
         grad_norm = tree_norm(d_x)
     else:

@@ -12,7 +12,7 @@ from jaxtyping import Array, Int, PyTree, Scalar
 
 from .._data import as_data
 from .._linear import result_dtype
-from .._misc import tree_norm, tree_sub
+from .._misc import tree_axpy, tree_norm, tree_sub
 from .._problem import BilevelProblem
 from .._solver import AbstractBilevelSolver
 
@@ -30,13 +30,6 @@ class _SLBAMMState(eqx.Module):
     v: PyTree[Array]
     step: Int[Array, ""]
 
-
-def _scaled_step(
-    alpha: Array, direction: PyTree[Array], start: PyTree[Array]
-) -> PyTree[Array]:
-    """start - alpha * direction, leafwise, with `alpha` cast to each leaf's dtype (so a
-    float64 schedule never promotes a float32 leaf)."""
-    return jtu.tree_map(lambda u, d: u - alpha.astype(d.dtype) * d, start, direction)
 
 
 def _dot(a: PyTree[Array], b: PyTree[Array], dtype) -> Scalar:
@@ -286,7 +279,7 @@ class SLBAMM(AbstractBilevelSolver):
             positive = curvature > 0
             ratio = _dot(residual, residual, dtype) / jnp.where(positive, curvature, 1)
             eta = jnp.where(positive, jnp.minimum(ratio, self.eta_max), 0).astype(dtype)
-        return _scaled_step(eta, residual, v), eta
+        return tree_axpy(-eta, residual, v), eta
 
     def step(self, problem, state, data, key):
         data = as_data(data)
@@ -298,19 +291,19 @@ class SLBAMM(AbstractBilevelSolver):
 
         if self.sequential:
             gradient = averaged_gradient(problem, mu, upper_batch, lower_batch)
-            new_y = _scaled_step(jnp.asarray(self.s), gradient(x, y)[0], y)
+            new_y = tree_axpy(-jnp.asarray(self.s), gradient(x, y)[0], y)
             lin = linearise(problem, mu, x, new_y, upper_batch, lower_batch)
             _, h_v = lin.pullback(v)
             new_v, eta = self._multiplier_step(lin, v, h_v, fixed_eta)
             mixed, h_multiplier = lin.pullback(new_v)
         else:
             lin = linearise(problem, mu, x, y, upper_batch, lower_batch)
-            new_y = _scaled_step(jnp.asarray(self.s), lin.grad_y_phi, y)
+            new_y = tree_axpy(-jnp.asarray(self.s), lin.grad_y_phi, y)
             mixed, h_multiplier = lin.pullback(v)
             new_v, eta = self._multiplier_step(lin, v, h_multiplier, fixed_eta)
 
         direction = tree_sub(lin.grad_x_upper, mixed)
-        new_x = problem.proj_x(_scaled_step(alpha, direction, x))
+        new_x = problem.proj_x(tree_axpy(-alpha, direction, x))
         if problem.project_x is None:
             projected = direction
         else:
