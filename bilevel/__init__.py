@@ -19,10 +19,17 @@ from ._implicit import (
     implicit_diff as implicit_diff,
 )
 from ._linear import Neumann as Neumann, Richardson as Richardson
-from ._problem import BilevelProblem as BilevelProblem, MultiBlockProblem as MultiBlockProblem
+from ._problem import (
+    BilevelProblem as BilevelProblem,
+    MultiBlockProblem as MultiBlockProblem,
+)
 from ._result import Result as Result, Status as Status
 from ._solve import run as run, solve as solve
-from ._solver import AbstractBilevelSolver as AbstractBilevelSolver
+from ._solver import (
+    FEATURES as FEATURES,
+    METRICS as METRICS,
+    AbstractBilevelSolver as AbstractBilevelSolver,
+)
 
 
 __version__ = "0.1.0"

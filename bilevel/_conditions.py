@@ -68,6 +68,12 @@ def stationarity_condition(lower: Callable[..., Array]) -> OptimalityCondition:
     )
 
 
+def is_stationarity_of(optimality: Callable, lower: Callable) -> bool:
+    """Whether `optimality` is $\\nabla_y g$ for this `lower` (whatever its tags)."""
+    fn = optimality.fn if isinstance(optimality, OptimalityCondition) else optimality
+    return isinstance(fn, _Stationarity) and fn.lower is lower
+
+
 def projected_gradient_condition(
     lower: Callable[..., Array], project_y: Callable, step: float = 1.0
 ) -> OptimalityCondition:

@@ -20,6 +20,12 @@ from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 class AbstractData(eqx.Module):
     """Where batches come from. Subclasses implement `upper_batch` and `lower_batch`."""
 
+    @property
+    def deterministic(self) -> bool:
+        """True when every draw returns the same batches (full-batch data). Solvers that
+        need exact oracles (line searches, inner tolerances) require it."""
+        return False
+
     @abc.abstractmethod
     def upper_batch(self, key: PRNGKeyArray, draw: Int[Array, ""], stream: int = 0) -> Any:
         """A batch for the upper objective."""
@@ -44,6 +50,10 @@ class FullBatch(AbstractData):
             raise ValueError("FullBatch: give either `data` or `upper=`/`lower=`, not both")
         self.upper = data if data is not None else upper
         self.lower = data if data is not None else lower
+
+    @property
+    def deterministic(self) -> bool:
+        return True
 
     def upper_batch(self, key, draw, stream=0):
         return self.upper
@@ -96,6 +106,13 @@ class Minibatch(AbstractData):
             if size is not None and (not isinstance(size, int) or size < 1):
                 raise ValueError(f"Minibatch: `{name}` must be a positive int or None")
 
+    @property
+    def deterministic(self) -> bool:
+        if self.sampling == "with_replacement":
+            return False
+        upper_size = self.upper_batch_size or self.batch_size
+        return _is_whole(self.upper, upper_size) and _is_whole(self.lower, self.batch_size)
+
     def upper_batch(self, key, draw, stream=0):
         size = self.upper_batch_size or self.batch_size
         return self._draw(self.upper, size, key, draw, 2 * stream + 1)
@@ -121,6 +138,20 @@ class Minibatch(AbstractData):
         if self.sharding is not None:
             batch = jax.lax.with_sharding_constraint(batch, self.sharding)
         return batch
+
+
+def random_subset(key: PRNGKeyArray, shape: tuple[int, ...], size: int) -> Int[Array, "..."]:
+    """`size` distinct indices of `range(shape[-1])` for every leading index, every
+    subset equally likely: the positions of the `size` smallest of i.i.d. uniforms (one
+    batched sort, which the SPMD partitioner keeps local along the leading axes, unlike
+    `top_k`)."""
+    order = jnp.argsort(jr.uniform(key, shape), axis=-1)
+    return order[..., :size].astype(jnp.int32)
+
+
+def _is_whole(tree: PyTree, size: int | None) -> bool:
+    leaves = jtu.tree_leaves(tree)
+    return size is None or not leaves or size >= jnp.shape(leaves[0])[0]
 
 
 def _epoch_indices(seed_key, num: int, size: int, draw) -> Array:

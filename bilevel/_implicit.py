@@ -19,8 +19,13 @@ import lineax as lx
 from jaxtyping import Array, PyTree, Scalar
 
 from ._conditions import OptimalityCondition, as_condition
-from ._linear import condition_tags, default_linear_solver, jacobian_operator, result_dtype
-from ._linear import solve_adjoint
+from ._linear import (
+    condition_tags,
+    default_linear_solver,
+    jacobian_operator,
+    result_dtype,
+    solve_adjoint,
+)
 from ._misc import tree_norm, tree_sub
 from ._problem import BilevelProblem
 

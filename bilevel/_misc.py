@@ -4,6 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, Bool, PyTree, Scalar
 
 
@@ -55,6 +56,62 @@ def tree_all_finite(tree: PyTree) -> Bool[Array, ""]:
 def tree_where(pred, on_true: PyTree, on_false: PyTree) -> PyTree:
     """Leafwise `jnp.where(pred, a, b)` for two pytrees of the same structure."""
     return jtu.tree_map(lambda u, v: jnp.where(pred, u, v), on_true, on_false)
+
+
+def tree_project_ball(tree: PyTree[Array], radius) -> PyTree[Array]:
+    r"""Euclidean projection of the whole pytree onto $\{\|z\| \le R\}$, $R$ =
+    `radius` (identity for `radius=None`)."""
+    if radius is None:
+        return tree
+    norm = tree_norm(tree)
+    safe_norm = jnp.maximum(norm, jnp.finfo(norm.dtype).tiny)
+    return tree_scale(jnp.minimum(1.0, radius / safe_norm).astype(norm.dtype), tree)
+
+
+def default_tolerance(dtype, float64: float = 1e-10, float32: float = 1e-5) -> float:
+    """A solver tolerance that the floating type can reach: `float64` for 64-bit types,
+    `float32` for narrower ones."""
+    return float64 if jnp.finfo(dtype).bits >= 64 else float32
+
+
+class Frozen(eqx.Module):
+    """The parts of a variable that solvers never update: non-floating arrays (carried as
+    they are) and everything that is not an array (activation functions, flags, ...)."""
+
+    arrays: PyTree
+    static: PyTree = eqx.field(static=True)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the variable is made of floating-point leaves only."""
+        return not jtu.tree_leaves((self.arrays, self.static))
+
+
+def _is_variable_leaf(leaf) -> bool:
+    if isinstance(leaf, jax.Array | np.ndarray | np.generic):
+        return jnp.issubdtype(leaf.dtype, jnp.floating)
+    return isinstance(leaf, float)
+
+
+def split_variable(tree: PyTree) -> tuple[PyTree[Array], Frozen]:
+    """Split a variable (array, dict, equinox Module such as `eqx.nn.MLP`, ...) into its
+    floating-point leaves, which solvers differentiate and update, and the rest.
+
+    Python floats become arrays of the default floating dtype; `merge_variable` undoes
+    the split.
+    """
+    params, rest = eqx.partition(tree, _is_variable_leaf)
+    params = jtu.tree_map(
+        lambda u: jnp.asarray(u, jnp.result_type(float)) if isinstance(u, float) else u,
+        params,
+    )
+    arrays, static = eqx.partition(rest, eqx.is_array)
+    return params, Frozen(arrays, static)
+
+
+def merge_variable(params: PyTree[Array], frozen: Frozen) -> PyTree:
+    """Inverse of `split_variable`."""
+    return eqx.combine(params, frozen.arrays, frozen.static)
 
 
 def structure_of(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:

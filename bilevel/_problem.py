@@ -12,9 +12,11 @@ from jaxtyping import Array, PyTree
 from ._conditions import (
     OptimalityCondition,
     as_condition,
+    is_stationarity_of,
     projected_gradient_condition,
     stationarity_condition,
 )
+from ._misc import Frozen, merge_variable, split_variable
 
 
 def _identity(tree):
@@ -22,8 +24,12 @@ def _identity(tree):
 
 
 def _describe(tree: PyTree) -> str:
-    shapes = jtu.tree_map(lambda u: f"{jnp.result_type(u).name}{list(jnp.shape(u))}", tree)
-    return str(shapes)
+    def describe_leaf(u):
+        if eqx.is_array_like(u):
+            return f"{jnp.result_type(u).name}{list(jnp.shape(u))}"
+        return type(u).__name__
+
+    return str(jtu.tree_map(describe_leaf, tree))
 
 
 def _check_callable(name: str, fn, optional: bool = True) -> None:
@@ -34,18 +40,27 @@ def _check_callable(name: str, fn, optional: bool = True) -> None:
 
 
 def check_floating(name: str, tree: PyTree) -> None:
-    """Raise a clear error unless every leaf of `tree` is a floating-point array."""
+    """Raise a clear error unless `tree` has floating-point leaves (the variables) and no
+    complex ones. Other leaves (functions, flags, integer arrays, as in an `eqx.nn.MLP`)
+    are allowed: solvers carry them unchanged."""
     leaves = jtu.tree_leaves(tree)
     if not leaves:
         raise ValueError(f"`{name}` has no array leaves")
-    for leaf in leaves:
-        if not eqx.is_array_like(leaf) or not jnp.issubdtype(
-            jnp.result_type(leaf), jnp.floating
-        ):
-            raise TypeError(
-                f"`{name}` must contain only real floating-point arrays; got a leaf "
-                f"{leaf!r:.60} in {_describe(tree)}"
-            )
+    complex_leaves = [
+        leaf for leaf in leaves
+        if eqx.is_array_like(leaf) and jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating)
+    ]
+    if complex_leaves:
+        raise TypeError(
+            f"`{name}` must contain only real floating-point arrays as its variables; "
+            f"got a complex leaf in {_describe(tree)}"
+        )
+    params, _ = split_variable(tree)
+    if not jtu.tree_leaves(params):
+        raise TypeError(
+            f"`{name}` must contain only real floating-point arrays as its variables; "
+            f"got {_describe(tree)}, which has none (use e.g. jnp.asarray(v, float))"
+        )
 
 
 def check_finite(name: str, tree: PyTree) -> None:
@@ -53,13 +68,17 @@ def check_finite(name: str, tree: PyTree) -> None:
     for leaf in jtu.tree_leaves(tree):
         if isinstance(leaf, jax.core.Tracer):
             return
+        if not eqx.is_array_like(leaf) or not jnp.issubdtype(
+            jnp.result_type(leaf), jnp.inexact
+        ):
+            continue
         if not bool(jnp.all(jnp.isfinite(leaf))):
             raise ValueError(f"`{name}` contains non-finite values (NaN or inf)")
 
 
 def _eval_scalar(name: str, fn: Callable, *args) -> None:
     try:
-        out = jax.eval_shape(fn, *args)
+        out = eqx.filter_eval_shape(fn, *args)
     except Exception as err:  # re-raised with the argument structures named
         shapes = ", ".join(_describe(a) for a in args)
         raise ValueError(
@@ -126,6 +145,15 @@ class BilevelProblem(eqx.Module):
             return projected_gradient_condition(self.lower, self.project_y)
         return stationarity_condition(self.lower)
 
+    @property
+    def has_custom_condition(self) -> bool:
+        """True when `optimality` is given and is not the stationarity condition of
+        `lower` (re-tagged conditions such as `OptimalityCondition(
+        stationarity_condition(lower).fn, symmetric=True)` do not count)."""
+        if self.optimality is None:
+            return False
+        return not is_stationarity_of(self.optimality, self.lower)
+
     def proj_x(self, x: PyTree) -> PyTree:
         """Projection onto X (identity when the problem has none)."""
         return (self.project_x or _identity)(x)
@@ -146,7 +174,7 @@ class BilevelProblem(eqx.Module):
         _eval_scalar("upper(x, y, batch)", self.upper, x, y, upper_batch)
         _eval_scalar("lower(x, y, batch)", self.lower, x, y, lower_batch)
         if self.optimality is not None:
-            out = jax.eval_shape(self.condition, x, y, lower_batch)
+            out = eqx.filter_eval_shape(self.condition, x, y, lower_batch)
             if eqx.tree_equal(
                 jtu.tree_structure(out), jtu.tree_structure(y)
             ) is not True or any(
@@ -158,7 +186,7 @@ class BilevelProblem(eqx.Module):
                     f"and shapes of y: got {_describe(out)} for y {_describe(y)}"
                 )
         if self.lower_constraints is not None:
-            out = jax.eval_shape(self.lower_constraints, x, y)
+            out = eqx.filter_eval_shape(self.lower_constraints, x, y)
             if not isinstance(out, jax.ShapeDtypeStruct) or len(out.shape) != 1:
                 raise ValueError(
                     "`lower_constraints(x, y)` must return a 1-D array of constraint "
@@ -220,3 +248,60 @@ class MultiBlockProblem(eqx.Module):
         index = jnp.zeros((), jnp.int32)
         _eval_scalar("upper(x, y_i, batch, i)", self.upper, x, y0, upper_batch, index)
         _eval_scalar("lower(x, y_i, batch, i)", self.lower, x, y0, lower_batch, index)
+
+
+class _OnParams(eqx.Module):
+    """`fn` of the full variables, called with their floating-point parts only (see
+    `split_variable`); its output is reduced the same way when it is a variable."""
+
+    fn: Callable
+    x_frozen: Frozen
+    y_frozen: Frozen
+    inputs: str = eqx.field(static=True)
+    output: str = eqx.field(static=True, default="value")
+
+    def __call__(self, *args):
+        count = len(self.inputs)
+        full = [
+            merge_variable(arg, self.x_frozen if name == "x" else self.y_frozen)
+            for name, arg in zip(self.inputs, args[:count])
+        ]
+        out = self.fn(*full, *args[count:])
+        if self.output == "value":
+            return out
+        if self.output == "xy":
+            return split_variable(out[0])[0], split_variable(out[1])[0]
+        return split_variable(out)[0]
+
+
+def lift_problem(problem: Any, x_frozen: Frozen, y_frozen: Frozen) -> Any:
+    """The same problem seen as a function of the floating-point parts of `x` and `y`
+    only, so that solvers never touch activation functions, flags or integer arrays."""
+
+    def lift(fn, inputs, output="value"):
+        return None if fn is None else _OnParams(fn, x_frozen, y_frozen, inputs, output)
+
+    upper, lower = lift(problem.upper, "xy"), lift(problem.lower, "xy")
+    project_x = lift(problem.project_x, "x", "x")
+    if isinstance(problem, MultiBlockProblem):
+        return MultiBlockProblem(upper, lower, problem.num_blocks, project_x=project_x)
+    optimality = problem.optimality
+    if optimality is not None:
+        condition = as_condition(optimality)
+        fn = (
+            stationarity_condition(lower).fn
+            if is_stationarity_of(condition, problem.lower)
+            else lift(condition.fn, "xy", "y")
+        )
+        optimality = OptimalityCondition(
+            fn, condition.symmetric, condition.positive_semidefinite
+        )
+    return BilevelProblem(
+        upper,
+        lower,
+        optimality=optimality,
+        lower_constraints=lift(problem.lower_constraints, "xy"),
+        project_x=project_x,
+        project_y=lift(problem.project_y, "y", "y"),
+        project_feasible=lift(problem.project_feasible, "xy", "xy"),
+    )

@@ -12,13 +12,17 @@ class Status(str, enum.Enum):
 
     - `converged`: the tracked stationarity measure fell below `tol`.
     - `max_steps`: the step budget ran out (not an error: inspect the history).
-    - `nonfinite`: a NaN or inf appeared in the solver state; the result holds the last
-      finite state and the step at which the problem appeared.
+    - `nonfinite`: a NaN or inf appeared in the solver state or its metrics; the result
+      holds the last good state and the step at which the problem appeared.
+    - `diverged`: the run blew up while staying finite (the upper loss or the lower
+      residual grew past the documented factor of its start); the result holds the last
+      good state.
     """
 
     converged = "converged"
     max_steps = "max_steps"
     nonfinite = "nonfinite"
+    diverged = "diverged"
 
     def __str__(self) -> str:
         return self.value

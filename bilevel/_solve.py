@@ -1,6 +1,5 @@
 """The bilevel loop: `run` (pure, one `lax.scan`) and `solve` (host driver)."""
 
-import math
 from typing import Any
 
 import equinox as eqx

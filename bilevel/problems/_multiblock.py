@@ -14,7 +14,14 @@ from .._data import FullBatch, Minibatch
 from .._problem import MultiBlockProblem
 from ..solvers._bsvrb import BlockMinibatch
 from ._benchmark import Benchmark
-from ._common import accuracy, as_float, check_int, load_dataset, split_indices, standardize
+from ._common import (
+    accuracy,
+    as_float,
+    check_int,
+    load_dataset,
+    split_indices,
+    standardize,
+)
 
 
 def multiblock_quadratic(

@@ -4,6 +4,6 @@ from ._borep import BOREP as BOREP
 from ._bsvrb import BSVRB as BSVRB, BlockMinibatch as BlockMinibatch
 from ._implicit_diff import ImplicitDiff as ImplicitDiff
 from ._lvhba import LVHBA as LVHBA
-from ._penalty import F2SA as F2SA, Penalty as Penalty, VPBGD as VPBGD
+from ._penalty import F2SA as F2SA, VPBGD as VPBGD, Penalty as Penalty
 from ._slbamm import SLBAMM as SLBAMM
 from ._unrolled import Unrolled as Unrolled

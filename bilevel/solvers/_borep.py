@@ -5,7 +5,7 @@ the linear-system variable $z$, and a lower variable refreshed only periodically
 warm-started SGD steps, after an Epoch-SGD refinement of the initial point.
 """
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import equinox as eqx
 import jax
@@ -133,6 +133,10 @@ class BOREP(AbstractBilevelSolver):
         ```
     """
 
+    supports: ClassVar[frozenset[str]] = frozenset(
+        {"single_block", "project_x", "project_y", "optimality", "stochastic"}
+    )
+
     eta: float = 1e-2
     beta: float = 0.9
     nu: float = 1e-2
@@ -166,17 +170,7 @@ class BOREP(AbstractBilevelSolver):
                 f"BOREP: `order` must be 'lower_first' or 'hvp_first', got {self.order!r}"
             )
 
-    def init(self, problem, x0, y0, key):
-        if not isinstance(problem, BilevelProblem):
-            raise TypeError(
-                f"BOREP needs a bl.BilevelProblem, got {type(problem).__name__}"
-            )
-        if problem.lower_constraints is not None:
-            raise ValueError(
-                "BOREP does not handle `lower_constraints`; use a constrained solver "
-                "(e.g. bl.solvers.LVHBA) or a `project_y` for simple sets"
-            )
-        problem.check_variables(x0, y0)
+    def _init(self, problem, x0, y0, key):
         return _BOREPState(
             x=x0,
             y=y0,
@@ -185,7 +179,7 @@ class BOREP(AbstractBilevelSolver):
             step=jnp.array(0),
         )
 
-    def step(self, problem, state, data, key):
+    def _step(self, problem, state, data, key):
         data = as_data(data)
         k = state.step
         lower_key, upper_key, hvp_key, cross_key = jr.split(key, 4)
@@ -229,7 +223,7 @@ class BOREP(AbstractBilevelSolver):
         }
         return _BOREPState(new_x, y, z, momentum, k + 1), metrics
 
-    def params(self, state):
+    def _params(self, state):
         return state.x, state.y
 
     def _update_lower(self, problem, x, y, data, key, k, branch):

@@ -9,7 +9,7 @@ upper direction uses STORM; all sampled-block work is `vmap`ped, and with a
 """
 
 import functools as ft
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import equinox as eqx
 import jax
@@ -19,11 +19,10 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import lineax as lx
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Scalar
+from jaxtyping import Array, Float, Int, PyTree
 
-from .._data import AbstractData, FullBatch, as_data
+from .._data import AbstractData, FullBatch, as_data, random_subset
 from .._misc import tree_axpy, tree_norm, tree_scale, tree_sub, tree_where
-from .._problem import MultiBlockProblem
 from .._solver import AbstractBilevelSolver
 
 
@@ -123,7 +122,7 @@ class BlockMinibatch(AbstractData):
         if self.sampling == "with_replacement":
             index = jr.randint(key, (size,), 0, num)
         else:
-            index = _random_subset(key, (num,), size)
+            index = random_subset(key, (num,), size)
         return jtu.tree_map(lambda u: jnp.take(u, index, axis=0), rows)
 
 
@@ -284,6 +283,10 @@ class BSVRB(AbstractBilevelSolver):
         ```
     """
 
+    supports: ClassVar[frozenset[str]] = frozenset(
+        {"multi_block", "project_x", "stochastic"}
+    )
+
     version: int = eqx.field(static=True, default=2)
     blocks_per_step: int | None = eqx.field(static=True, default=None)
     eta: float = 0.01
@@ -368,10 +371,6 @@ class BSVRB(AbstractBilevelSolver):
         return (num_blocks - per_step) / (per_step * (1 - self.alpha)) + (1 - self.alpha)
 
     def _validate(self, problem) -> None:
-        if not isinstance(problem, MultiBlockProblem):
-            raise TypeError(
-                f"BSVRB needs a bl.MultiBlockProblem, got {type(problem).__name__}"
-            )
         num_blocks, per_step, shards = self._sizes(problem)
         if per_step > num_blocks:
             raise ValueError(
@@ -405,9 +404,8 @@ class BSVRB(AbstractBilevelSolver):
 
     # -- interface ---------------------------------------------------------------------
 
-    def init(self, problem, x0, y0, key) -> _BSVRBState:
+    def _init(self, problem, x0, y0, key) -> _BSVRBState:
         self._validate(problem)
-        problem.check_variables(x0, y0)
         num_blocks = problem.num_blocks
         y0 = self._place(y0, True)
         x0 = self._place(x0, False)
@@ -436,10 +434,10 @@ class BSVRB(AbstractBilevelSolver):
             step=jnp.array(0),
         )
 
-    def params(self, state):
+    def _params(self, state):
         return state.x, state.y
 
-    def step(self, problem, state, data, key):
+    def _step(self, problem, state, data, key):
         data = as_data(data)
         num_blocks, _, shards = self._sizes(problem)
         if getattr(data, "num_blocks", None) not in (None, num_blocks):
@@ -702,16 +700,7 @@ def _sample_blocks(key, shards: int, shard_size: int, per_shard: int, everything
     if everything:
         every = jnp.arange(shard_size, dtype=jnp.int32)
         return jnp.broadcast_to(every, (shards, shard_size))
-    return _random_subset(key, (shards, shard_size), per_shard)
-
-
-def _random_subset(key, shape: tuple[int, ...], size: int) -> Int[Array, "... size"]:
-    """`size` distinct indices of `range(shape[-1])` for every leading index, every
-    subset equally likely: the positions of the `size` smallest of i.i.d. uniforms (one
-    batched sort, which the SPMD partitioner keeps local along the leading axes, unlike
-    `top_k`)."""
-    order = jnp.argsort(jr.uniform(key, shape), axis=-1)
-    return order[..., :size].astype(jnp.int32)
+    return random_subset(key, (shards, shard_size), per_shard)
 
 
 def _grouped(leaf, shards):

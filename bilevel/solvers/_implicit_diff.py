@@ -1,12 +1,12 @@
 """Approximate implicit differentiation (AID): warm-started inner steps, an IFT
 hypergradient through a warm-started matrix-free linear solve, an optax outer step."""
 
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
-import jax.tree_util as jtu
 import jax.random as jr
+import jax.tree_util as jtu
 import lineax as lx
 import optax
 from jaxtyping import Array, Int, PyTree
@@ -61,6 +61,10 @@ class ImplicitDiff(AbstractBilevelSolver):
     $\|\Phi(x_k, y)\|$, `linear_residual`, `linear_steps`.
     """
 
+    supports: ClassVar[frozenset[str]] = frozenset(
+        {"single_block", "project_x", "project_y", "optimality", "stochastic"}
+    )
+
     inner_steps: int = eqx.field(static=True, default=20)
     inner_lr: float = 0.1
     inner_optimizer: optax.GradientTransformation | None = None
@@ -75,14 +79,23 @@ class ImplicitDiff(AbstractBilevelSolver):
         if self.inner_tol is not None and not self.inner_tol > 0:
             raise ValueError("ImplicitDiff: `inner_tol` must be positive or None")
 
+    def supported_features(self) -> frozenset[str]:
+        if self.inner_tol is None:
+            return self.supports
+        return self.supports - {"stochastic"}
+
+    def unsupported_reason(self, feature: str) -> str:
+        if feature == "stochastic" and self.inner_tol is not None:
+            return "`inner_tol` stops on the exact lower residual; drop it for minibatches"
+        return ""
+
     def _inner(self):
         return default_optimizer(self.inner_optimizer, self.inner_lr)
 
     def _outer(self):
         return default_optimizer(self.outer_optimizer, self.outer_lr)
 
-    def init(self, problem, x0, y0, key):
-        problem.check_variables(x0, y0)
+    def _init(self, problem, x0, y0, key):
         return _ImplicitDiffState(
             x=x0,
             y=y0,
@@ -92,7 +105,7 @@ class ImplicitDiff(AbstractBilevelSolver):
             step=jnp.array(0),
         )
 
-    def step(self, problem, state, data, key):
+    def _step(self, problem, state, data, key):
         data = as_data(data)
         inner_key, upper_key, lower_key = jr.split(key, 3)
         x = state.x
@@ -126,5 +139,5 @@ class ImplicitDiff(AbstractBilevelSolver):
         )
         return new_state, metrics
 
-    def params(self, state):
+    def _params(self, state):
         return state.x, state.y

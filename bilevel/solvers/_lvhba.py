@@ -2,7 +2,7 @@ r"""LV-HBA: a Hessian-free single-loop method for bilevel problems whose lower l
 constraints $h(x, y) \le 0$ coupling both levels (Yao, Yu, Zeng, Zhang, ICLR 2024)."""
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -186,6 +186,10 @@ class LVHBA(AbstractBilevelSolver):
         ```
     """
 
+    supports: ClassVar[frozenset[str]] = frozenset(
+        {"single_block", "project_x", "project_y", "lower_constraints", "stochastic"}
+    )
+
     alpha: float = 0.005
     beta: float = 0.002
     eta: float = 0.03
@@ -282,12 +286,7 @@ class LVHBA(AbstractBilevelSolver):
 
     # -- the solver interface ----------------------------------------------------------
 
-    def init(self, problem, x0, y0, key):
-        if not isinstance(problem, BilevelProblem):
-            raise TypeError(
-                f"LVHBA needs a bilevel.BilevelProblem, got {type(problem).__name__}"
-            )
-        problem.check_variables(x0, y0)
+    def _init(self, problem, x0, y0, key):
         dtype = _dtype_of(y0)
         if problem.lower_constraints is not None:
             if problem.project_feasible is None:
@@ -318,7 +317,7 @@ class LVHBA(AbstractBilevelSolver):
             x=x, y=y, z=start, theta=problem.proj_y(y), lam=start, step=jnp.array(0)
         )
 
-    def step(self, problem, state, data, key):
+    def _step(self, problem, state, data, key):
         data = as_data(data)
         upper_key, lower_key = jr.split(key)
         upper_batch = data.upper_batch(upper_key, state.step)
@@ -369,5 +368,5 @@ class LVHBA(AbstractBilevelSolver):
         new_state = _LVHBAState(new_x, new_y, new_z, theta, lam, state.step + 1)
         return new_state, metrics
 
-    def params(self, state):
+    def _params(self, state):
         return state.x, state.y

@@ -25,7 +25,7 @@ solution estimate; $z$ is only a value-function witness, and when $S(x)$ is not 
 singleton it may sit at any of its points.
 """
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import equinox as eqx
 import jax
@@ -135,17 +135,6 @@ def _init_state(
     owner: str, problem: Any, x0: PyTree[Array], y0: PyTree[Array], storm: bool
 ) -> _PenaltyState:
     """Validate the problem and variables; $z_0 = y_0$."""
-    if not isinstance(problem, BilevelProblem):
-        raise TypeError(
-            f"{owner} needs a bilevel.BilevelProblem, got {type(problem).__name__}"
-        )
-    if problem.lower_constraints is not None:
-        raise ValueError(
-            f"{owner} handles lower-level constraints only as a simple set Y through "
-            "`project_y`; `lower_constraints` (x-dependent) are not supported: "
-            "express Y with `project_y`, or use a constrained solver such as LVHBA"
-        )
-    problem.check_variables(x0, y0)
     momentum = None
     if storm:
         zeros = (
@@ -355,6 +344,10 @@ class Penalty(AbstractBilevelSolver):
     data).
     """
 
+    supports: ClassVar[frozenset[str]] = frozenset(
+        {"single_block", "project_x", "project_y", "stochastic"}
+    )
+
     variant: Literal["double_loop", "single_loop"] = eqx.field(
         static=True, default="double_loop"
     )
@@ -405,13 +398,13 @@ class Penalty(AbstractBilevelSolver):
             momentum=_scalar(eta, dtype),
         )
 
-    def init(
+    def _init(
         self, problem: BilevelProblem, x0: PyTree[Array], y0: PyTree[Array],
         key: PRNGKeyArray | None,
     ) -> _PenaltyState:
         return _init_state("Penalty", problem, x0, y0, self.variant == "single_loop")
 
-    def step(
+    def _step(
         self,
         problem: BilevelProblem,
         state: _PenaltyState,
@@ -427,7 +420,7 @@ class Penalty(AbstractBilevelSolver):
             coupled=self.coupled_samples,
         )
 
-    def params(self, state: _PenaltyState) -> tuple[PyTree[Array], PyTree[Array]]:
+    def _params(self, state: _PenaltyState) -> tuple[PyTree[Array], PyTree[Array]]:
         return state.x, state.y
 
 
@@ -478,6 +471,10 @@ class VPBGD(AbstractBilevelSolver):
     data).
     """
 
+    supports: ClassVar[frozenset[str]] = frozenset(
+        {"single_block", "project_x", "project_y", "stochastic"}
+    )
+
     penalty: float = 10.0
     penalty_init: float = 0.0
     ramp_steps: int = eqx.field(static=True, default=0)
@@ -515,13 +512,13 @@ class VPBGD(AbstractBilevelSolver):
             momentum=_scalar(1.0, dtype),
         )
 
-    def init(
+    def _init(
         self, problem: BilevelProblem, x0: PyTree[Array], y0: PyTree[Array],
         key: PRNGKeyArray | None,
     ) -> _PenaltyState:
         return _init_state("VPBGD", problem, x0, y0, storm=False)
 
-    def step(
+    def _step(
         self,
         problem: BilevelProblem,
         state: _PenaltyState,
@@ -534,7 +531,7 @@ class VPBGD(AbstractBilevelSolver):
             y_steps=0, z_steps=self.z_steps, coupled=self.coupled_samples,
         )
 
-    def params(self, state: _PenaltyState) -> tuple[PyTree[Array], PyTree[Array]]:
+    def _params(self, state: _PenaltyState) -> tuple[PyTree[Array], PyTree[Array]]:
         return state.x, state.y
 
 
@@ -586,6 +583,10 @@ class F2SA(AbstractBilevelSolver):
     data).
     """
 
+    supports: ClassVar[frozenset[str]] = frozenset(
+        {"single_block", "project_x", "project_y", "stochastic"}
+    )
+
     penalty: float = 1.0
     penalty_growth: float = 2 / 7
     y_lr: float = 0.1
@@ -623,13 +624,13 @@ class F2SA(AbstractBilevelSolver):
             momentum=_scalar(1.0, dtype),
         )
 
-    def init(
+    def _init(
         self, problem: BilevelProblem, x0: PyTree[Array], y0: PyTree[Array],
         key: PRNGKeyArray | None,
     ) -> _PenaltyState:
         return _init_state("F2SA", problem, x0, y0, storm=False)
 
-    def step(
+    def _step(
         self,
         problem: BilevelProblem,
         state: _PenaltyState,
@@ -642,5 +643,5 @@ class F2SA(AbstractBilevelSolver):
             y_steps=self.y_steps, z_steps=self.z_steps, coupled=self.coupled_samples,
         )
 
-    def params(self, state: _PenaltyState) -> tuple[PyTree[Array], PyTree[Array]]:
+    def _params(self, state: _PenaltyState) -> tuple[PyTree[Array], PyTree[Array]]:
         return state.x, state.y

@@ -1,7 +1,7 @@
 r"""sl-BAMM: the single-loop averaged method of multipliers (Liu, Liu, Yao, Zeng, Zhang,
 ICML 2023) for bilevel problems whose lower level is merely convex."""
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import equinox as eqx
 import jax
@@ -188,6 +188,10 @@ class SLBAMM(AbstractBilevelSolver):
         ```
     """
 
+    supports: ClassVar[frozenset[str]] = frozenset(
+        {"single_block", "project_x", "stochastic"}
+    )
+
     s: float = 0.1
     mu0: float = 0.9
     p: float = 10.0
@@ -249,19 +253,7 @@ class SLBAMM(AbstractBilevelSolver):
         alpha = kappa ** (-1.5 * tau) * base
         return mu, jnp.asarray(eta, dtype), jnp.asarray(alpha, dtype)
 
-    def init(self, problem, x0, y0, key):
-        if not isinstance(problem, BilevelProblem):
-            raise TypeError(
-                f"SLBAMM needs a bl.BilevelProblem, got {type(problem).__name__}"
-            )
-        for name in ("project_y", "lower_constraints", "project_feasible"):
-            if getattr(problem, name) is not None:
-                raise ValueError(
-                    "SLBAMM handles an unconstrained lower level only; the problem has "
-                    f"`{name}`. Use a penalty-type solver (e.g. LVHBA) for constrained "
-                    "lower levels"
-                )
-        problem.check_variables(x0, y0)
+    def _init(self, problem, x0, y0, key):
         return _SLBAMMState(
             x=x0, y=y0, v=jtu.tree_map(jnp.zeros_like, y0), step=jnp.array(0)
         )
@@ -281,7 +273,7 @@ class SLBAMM(AbstractBilevelSolver):
             eta = jnp.where(positive, jnp.minimum(ratio, self.eta_max), 0).astype(dtype)
         return tree_axpy(-eta, residual, v), eta
 
-    def step(self, problem, state, data, key):
+    def _step(self, problem, state, data, key):
         data = as_data(data)
         upper_key, lower_key = jr.split(key)
         upper_batch = data.upper_batch(upper_key, state.step)
@@ -325,5 +317,5 @@ class SLBAMM(AbstractBilevelSolver):
         }
         return _SLBAMMState(new_x, new_y, new_v, state.step + 1), metrics
 
-    def params(self, state):
+    def _params(self, state):
         return state.x, state.y

@@ -1,6 +1,6 @@
 """Iterative differentiation (ITD): reverse mode through K unrolled inner steps."""
 
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -46,6 +46,10 @@ class Unrolled(AbstractBilevelSolver):
     Metrics: `upper_loss`, `grad_norm`, `lower_residual` $\|\Phi(x, y_K)\|$.
     """
 
+    supports: ClassVar[frozenset[str]] = frozenset(
+        {"single_block", "project_x", "project_y", "stochastic"}
+    )
+
     inner_steps: int = eqx.field(static=True, default=20)
     inner_lr: float = 0.1
     inner_optimizer: optax.GradientTransformation | None = None
@@ -63,8 +67,7 @@ class Unrolled(AbstractBilevelSolver):
                 f"got {self.truncate!r}"
             )
 
-    def init(self, problem, x0, y0, key):
-        problem.check_variables(x0, y0)
+    def _init(self, problem, x0, y0, key):
         outer = default_optimizer(self.outer_optimizer, self.outer_lr)
         return _UnrolledState(x0, y0, outer.init(x0), jnp.array(0))
 
@@ -91,7 +94,7 @@ class Unrolled(AbstractBilevelSolver):
         carry, _ = lax.scan(one_step, carry, (keys[skip:], draws[skip:]))
         return carry[0]
 
-    def step(self, problem, state, data, key):
+    def _step(self, problem, state, data, key):
         data = as_data(data)
         inner_key, upper_key = jr.split(key)
         upper_batch = data.upper_batch(upper_key, state.step)
@@ -113,5 +116,5 @@ class Unrolled(AbstractBilevelSolver):
         }
         return _UnrolledState(new_x, y, outer_state, state.step + 1), metrics
 
-    def params(self, state):
+    def _params(self, state):
         return state.x, state.y
