@@ -21,6 +21,12 @@ class Benchmark(eqx.Module):
     - `lower_solution`: `x -> y*(x)` in closed form or by an accurate numerical solve
       (documented per problem), else `None`.
     - `hypergradient`: `x -> grad F(x)` in closed form or to solver accuracy, else `None`.
+    - `metric`: the key of `evaluate`'s output by which runs on this task are compared
+      (a hyper-objective at $y^*(x)$ or a held-out metric, never a solver's own loss).
+    - `maximize`: whether larger values of `metric` are better.
+    - `baseline`: the key of `evaluate`'s output holding a baseline's value of `metric`
+      (e.g. a grid search over one global hyperparameter), or `None` when the baseline
+      is `metric` at the initial point `(x0, y0)`.
     """
 
     name: str = eqx.field(static=True)
@@ -32,3 +38,6 @@ class Benchmark(eqx.Module):
     solution: PyTree[Array] | None = None
     lower_solution: Callable | None = None
     hypergradient: Callable | None = None
+    metric: str = eqx.field(static=True, default="hyper_objective")
+    maximize: bool = eqx.field(static=True, default=False)
+    baseline: str | None = eqx.field(static=True, default=None)

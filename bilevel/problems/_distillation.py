@@ -265,4 +265,7 @@ def distillation(
         evaluate=evaluate,
         lower_solution=lower_solution,
         hypergradient=hypergradient,
+        metric="distilled_test_accuracy",
+        maximize=True,
+        baseline="baseline_test_accuracy",
     )

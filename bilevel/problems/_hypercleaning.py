@@ -219,4 +219,7 @@ def hypercleaning(
         y0=y0,
         data=data,
         evaluate=evaluate,
+        metric="refit_test_accuracy",
+        maximize=True,
+        baseline="baseline_test_accuracy",
     )

@@ -155,6 +155,8 @@ def hyper_representation(
         data=data,
         evaluate=evaluate,
         lower_solution=lower_solution,
+        metric="test_accuracy",
+        maximize=True,
     )
 
 

@@ -406,6 +406,9 @@ def imaml(
         y0=y0,
         data=TaskPool(support, query, tasks),
         evaluate=evaluate,
+        metric=metric_name,
+        maximize=metric_name == "meta_test_accuracy",
+        baseline=f"baseline_{metric_name}",
     )
 
 

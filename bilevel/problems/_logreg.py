@@ -152,4 +152,7 @@ def logreg_hpo(
         y0=y0,
         data=data,
         evaluate=evaluate,
+        metric="validation_loss",
+        maximize=False,
+        baseline="baseline_validation_loss",
     )

@@ -104,6 +104,8 @@ def multiblock_quadratic(
         solution=solution,
         lower_solution=lower_solution,
         hypergradient=hypergradient,
+        metric="hyper_objective",
+        maximize=False,
     )
 
 
@@ -237,4 +239,6 @@ def multiblock_hpo(
         data=data,
         evaluate=evaluate,
         lower_solution=lower_solution,
+        metric="val_loss",
+        maximize=False,
     )

@@ -104,6 +104,8 @@ def quadratic(
         solution=solution,
         lower_solution=lower_solution,
         hypergradient=hypergradient,
+        metric="hyper_objective",
+        maximize=False,
     )
 
 

@@ -174,4 +174,7 @@ def ridge_hpo(
         evaluate=evaluate,
         lower_solution=lower_solution,
         hypergradient=hypergradient,
+        metric="validation_loss",
+        maximize=False,
+        baseline="baseline_validation_loss",
     )

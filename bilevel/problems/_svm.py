@@ -296,4 +296,6 @@ def svm_hpo(
         data=FullBatch(upper=val, lower=train),
         evaluate=jtu.Partial(_evaluate, splits, rows),
         lower_solution=jtu.Partial(_lower_solution, rows),
+        metric="test_accuracy",
+        maximize=True,
     )
