@@ -11,6 +11,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ._data import AbstractData
 from ._misc import tree_norm
+from ._problem import apply_project_y
 
 
 def default_optimizer(optimizer: optax.GradientTransformation | None, lr: float):
@@ -37,7 +38,7 @@ def inner_steps(
         batch = data.lower_batch(jr.fold_in(key, k), first_draw + k)
         grad = jax.grad(problem.lower, argnums=1)(x, y, batch)
         updates, opt_state = optimizer.update(grad, opt_state, y)
-        return problem.proj_y(optax.apply_updates(y, updates)), opt_state
+        return apply_project_y(problem, x, optax.apply_updates(y, updates)), opt_state
 
     return lax.fori_loop(0, num_steps, body, (y, opt_state))
 
@@ -63,7 +64,7 @@ def inner_steps_until(
         y, opt_state, k = carry
         grad = jax.grad(problem.lower, argnums=1)(x, y, batch)
         updates, opt_state = optimizer.update(grad, opt_state, y)
-        return problem.proj_y(optax.apply_updates(y, updates)), opt_state, k + 1
+        return apply_project_y(problem, x, optax.apply_updates(y, updates)), opt_state, k + 1
 
     y, opt_state, _ = lax.while_loop(cond, body, (y, opt_state, jnp.array(0)))
     return y, opt_state

@@ -19,10 +19,6 @@ from ._conditions import (
 from ._misc import Frozen, merge_variable, split_variable
 
 
-def _identity(tree):
-    return tree
-
-
 def _describe(tree: PyTree) -> str:
     def describe_leaf(u):
         if eqx.is_array_like(u):
@@ -154,14 +150,6 @@ class BilevelProblem(eqx.Module):
             return False
         return not is_stationarity_of(self.optimality, self.lower)
 
-    def proj_x(self, x: PyTree) -> PyTree:
-        """Projection onto X (identity when the problem has none)."""
-        return (self.project_x or _identity)(x)
-
-    def proj_y(self, y: PyTree) -> PyTree:
-        """Projection onto Y (identity when the problem has none)."""
-        return (self.project_y or _identity)(y)
-
     def check_variables(self, x: PyTree, y: PyTree) -> None:
         """Validate `x` and `y` alone: floating-point pytrees."""
         check_floating("x", x)
@@ -226,10 +214,6 @@ class MultiBlockProblem(eqx.Module):
         if not isinstance(self.num_blocks, int) or self.num_blocks < 1:
             raise ValueError(f"`num_blocks` must be a positive int, got {self.num_blocks}")
 
-    def proj_x(self, x: PyTree) -> PyTree:
-        """Projection onto X (identity when the problem has none)."""
-        return (self.project_x or _identity)(x)
-
     def check_variables(self, x: PyTree, y: PyTree) -> None:
         """Validate `x` and `y` alone: floating pytrees, `y` with a leading block axis."""
         check_floating("x", x)
@@ -248,6 +232,17 @@ class MultiBlockProblem(eqx.Module):
         index = jnp.zeros((), jnp.int32)
         _eval_scalar("upper(x, y_i, batch, i)", self.upper, x, y0, upper_batch, index)
         _eval_scalar("lower(x, y_i, batch, i)", self.lower, x, y0, lower_batch, index)
+
+
+def apply_project_x(problem: Any, x: PyTree) -> PyTree:
+    """`problem.project_x(x)`, or `x` when the problem has no set X."""
+    return x if problem.project_x is None else problem.project_x(x)
+
+
+def apply_project_y(problem: Any, x: PyTree, y: PyTree) -> PyTree:
+    """`problem.project_y(y)` at upper variable `x`, or `y` when the problem has no set
+    Y."""
+    return y if problem.project_y is None else problem.project_y(y)
 
 
 class _OnParams(eqx.Module):

@@ -2,9 +2,9 @@
 
 import equinox as eqx
 import jax
-import jax.test_util
 import jax.numpy as jnp
 import jax.random as jr
+import jax.test_util
 import lineax as lx
 import numpy as np
 import pytest

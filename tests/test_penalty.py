@@ -98,7 +98,7 @@ def _box_hypergradient(problem, x):
     y*(x) computed by 5000 projected gradient steps (contraction <= 0.7 per step)."""
 
     def body(_, y):
-        return problem.proj_y(y - 0.3 * jax.grad(problem.lower, argnums=1)(x, y, None))
+        return problem.project_y(y - 0.3 * jax.grad(problem.lower, argnums=1)(x, y, None))
 
     y = jax.lax.fori_loop(0, 5000, body, jnp.zeros(5))
     grad, info = bl.hypergradient(problem, x, y)

@@ -20,7 +20,7 @@ from .._data import AbstractData, as_data
 from .._inner import inner_steps
 from .._linear import condition_tags, jacobian_operator, jacobian_transpose_operator
 from .._misc import tree_axpy, tree_norm, tree_scale, tree_sub
-from .._problem import BilevelProblem
+from .._problem import BilevelProblem, apply_project_x, apply_project_y
 from .._solver import AbstractBilevelSolver
 
 
@@ -212,7 +212,7 @@ class BOREP(AbstractBilevelSolver):
         )
         momentum_norm = tree_norm(momentum)
         scale = self.eta / (momentum_norm + self.eps) if self.normalize else self.eta
-        new_x = problem.proj_x(tree_axpy(-scale, momentum, x))
+        new_x = apply_project_x(problem, tree_axpy(-scale, momentum, x))
         metrics = {
             "upper_loss": loss,
             "grad_norm": tree_norm(h),
@@ -277,7 +277,7 @@ def _averaged_sgd(
         y, total = carry
         batch = data.lower_batch(jr.fold_in(key, t), first_draw + t, stream=_REFINE_STREAM)
         grad = jax.grad(problem.lower, argnums=1)(x, y, batch)
-        y = problem.proj_y(tree_axpy(-lr, grad, y))
+        y = apply_project_y(problem, x, tree_axpy(-lr, grad, y))
         return y, jtu.tree_map(jnp.add, total, y)
 
     _, total = lax.fori_loop(0, num, body, (y, jtu.tree_map(jnp.zeros_like, y)))

@@ -23,6 +23,7 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from .._data import AbstractData, FullBatch, as_data, random_subset
 from .._misc import tree_axpy, tree_norm, tree_scale, tree_sub, tree_where
+from .._problem import apply_project_x
 from .._solver import AbstractBilevelSolver
 
 
@@ -461,7 +462,7 @@ class BSVRB(AbstractBilevelSolver):
         grad_prev = _mean_over_slots(out.grad_prev)
         storm = tree_axpy(1 - self.beta, tree_sub(state.z, grad_prev), grad)
         z = tree_where(state.step == 0, grad, storm)
-        x = problem.proj_x(tree_axpy(-self.eta, z, state.x))
+        x = apply_project_x(problem, tree_axpy(-self.eta, z, state.x))
 
         u = scatter(state.u, out.u)
         scale = self._lower_steps(state.step, last, fresh)

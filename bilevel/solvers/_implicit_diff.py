@@ -15,6 +15,7 @@ from .._data import as_data
 from .._implicit import hypergradient
 from .._inner import default_optimizer, inner_steps, inner_steps_until
 from .._misc import tree_norm
+from .._problem import apply_project_x
 from .._solver import AbstractBilevelSolver
 
 
@@ -126,7 +127,7 @@ class ImplicitDiff(AbstractBilevelSolver):
             lower_batch=lower_batch, warm_start=state.adjoint,
         )
         updates, outer_state = self._outer().update(grad, state.outer_state, x)
-        new_x = problem.proj_x(optax.apply_updates(x, updates))
+        new_x = apply_project_x(problem, optax.apply_updates(x, updates))
         metrics = {
             "upper_loss": problem.upper(x, y, upper_batch),
             "grad_norm": tree_norm(grad),

@@ -13,7 +13,7 @@ from jaxtyping import Array, Float, Int, PyTree, Scalar
 
 from .._data import as_data
 from .._misc import tree_axpy, tree_dot, tree_norm, tree_scale, tree_sub
-from .._problem import BilevelProblem
+from .._problem import BilevelProblem, apply_project_x, apply_project_y
 from .._solver import AbstractBilevelSolver
 
 
@@ -61,7 +61,7 @@ def _project_joint(
     $(P_X x, P_Y y)$ when the lower level has no coupled constraints."""
     if problem.project_feasible is not None:
         return problem.project_feasible(x, y)
-    return problem.proj_x(x), problem.proj_y(y)
+    return apply_project_x(problem, x), apply_project_y(problem, x, y)
 
 
 def _check_projection(problem: BilevelProblem, x0: PyTree, y0: PyTree) -> None:
@@ -281,7 +281,7 @@ class LVHBA(AbstractBilevelSolver):
         grad_theta, h_theta = jax.grad(lagrangian, has_aux=True)(theta)
         d_theta = tree_axpy(1 / self.gamma1, tree_sub(theta, y), grad_theta)
         d_lam = (lam - z) / self.gamma2 - h_theta
-        new_theta = problem.proj_y(tree_axpy(-self.eta, d_theta, theta))
+        new_theta = apply_project_y(problem, x, tree_axpy(-self.eta, d_theta, theta))
         return new_theta, self.project_multiplier(lam - self.eta * d_lam)
 
     # -- the solver interface ----------------------------------------------------------
@@ -314,7 +314,7 @@ class LVHBA(AbstractBilevelSolver):
         x, y = _project_joint(problem, x0, y0)
         start = self.project_multiplier(jnp.full((num,), self.multiplier_init, dtype))
         return _LVHBAState(
-            x=x, y=y, z=start, theta=problem.proj_y(y), lam=start, step=jnp.array(0)
+            x=x, y=y, z=start, theta=apply_project_y(problem, x, y), lam=start, step=jnp.array(0)
         )
 
     def _step(self, problem, state, data, key):

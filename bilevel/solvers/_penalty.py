@@ -40,7 +40,7 @@ from .._data import AbstractData, as_data
 from .._inner import inner_steps
 from .._linear import result_dtype
 from .._misc import tree_axpy, tree_norm, tree_sub
-from .._problem import BilevelProblem
+from .._problem import BilevelProblem, apply_project_x, apply_project_y
 from .._solver import AbstractBilevelSolver
 
 
@@ -162,7 +162,7 @@ def _penalised_steps(problem, x, y, data, key, rule: _Rule, num_steps: int, step
         upper_batch = data.upper_batch(sub, draw, stream=0)
         lower_batch = data.lower_batch(sub, draw, stream=1)
         grad = jax.grad(penalised)(y_, upper_batch, lower_batch)
-        return problem.proj_y(tree_axpy(-rule.y_lr, grad, y_))
+        return apply_project_y(problem, x, tree_axpy(-rule.y_lr, grad, y_))
 
     return lax.fori_loop(0, num_steps, body, y)
 
@@ -251,9 +251,9 @@ def _penalty_step(
             problem, state, batches, directions, rule, (x, y, z)
         )
     d_x, d_y, d_z = directions
-    new_x = problem.proj_x(tree_axpy(-rule.x_lr, d_x, x))
-    new_y = y if y_steps else problem.proj_y(tree_axpy(-rule.y_lr, d_y, y))
-    new_z = z if z_steps else problem.proj_y(tree_axpy(-rule.z_lr, d_z, z))
+    new_x = apply_project_x(problem, tree_axpy(-rule.x_lr, d_x, x))
+    new_y = y if y_steps else apply_project_y(problem, x, tree_axpy(-rule.y_lr, d_y, y))
+    new_z = z if z_steps else apply_project_y(problem, x, tree_axpy(-rule.z_lr, d_z, z))
     if problem.project_x is None:  # the gradient mapping is d_x itself
         grad_norm = tree_norm(d_x)
     else:

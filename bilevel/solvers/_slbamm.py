@@ -13,7 +13,7 @@ from jaxtyping import Array, Int, PyTree, Scalar
 from .._data import as_data
 from .._linear import result_dtype
 from .._misc import tree_axpy, tree_norm, tree_sub
-from .._problem import BilevelProblem
+from .._problem import BilevelProblem, apply_project_x
 from .._solver import AbstractBilevelSolver
 
 
@@ -295,11 +295,11 @@ class SLBAMM(AbstractBilevelSolver):
             new_v, eta = self._multiplier_step(lin, v, h_multiplier, fixed_eta)
 
         direction = tree_sub(lin.grad_x_upper, mixed)
-        new_x = problem.proj_x(tree_axpy(-alpha, direction, x))
+        new_x = apply_project_x(problem, tree_axpy(-alpha, direction, x))
         if problem.project_x is None:
             projected = direction
         else:
-            projected = tree_sub(x, problem.proj_x(tree_sub(x, direction)))
+            projected = tree_sub(x, apply_project_x(problem, tree_sub(x, direction)))
         averaged_residual = tree_norm(lin.grad_y_phi)
         multiplier_residual = tree_norm(tree_sub(h_multiplier, lin.grad_y_upper))
         x_residual = tree_norm(projected)

@@ -13,6 +13,7 @@ from jaxtyping import Array, Int, PyTree
 from .._data import as_data
 from .._inner import default_optimizer
 from .._misc import tree_norm
+from .._problem import apply_project_x, apply_project_y
 from .._solver import AbstractBilevelSolver
 
 
@@ -82,7 +83,7 @@ class Unrolled(AbstractBilevelSolver):
             batch = data.lower_batch(*key_and_draw)
             grad = jax.grad(problem.lower, argnums=1)(x, y, batch)
             updates, opt_state = optimizer.update(grad, opt_state, y)
-            return (problem.proj_y(optax.apply_updates(y, updates)), opt_state), None
+            return (apply_project_y(problem, x, optax.apply_updates(y, updates)), opt_state), None
 
         if self.checkpoint:
             one_step = jax.checkpoint(one_step)
@@ -107,7 +108,7 @@ class Unrolled(AbstractBilevelSolver):
         (loss, y), grad = jax.value_and_grad(hyperobjective, has_aux=True)(state.x)
         outer = default_optimizer(self.outer_optimizer, self.outer_lr)
         updates, outer_state = outer.update(grad, state.outer_state, state.x)
-        new_x = problem.proj_x(optax.apply_updates(state.x, updates))
+        new_x = apply_project_x(problem, optax.apply_updates(state.x, updates))
         lower_batch = data.lower_batch(inner_key, state.step, stream=1)
         metrics = {
             "upper_loss": loss,
