@@ -1,5 +1,6 @@
 """The bilevel loop: `run` (pure, one `lax.scan`) and `solve` (host driver)."""
 
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -103,6 +104,7 @@ def solve(
     resume: bool = False,
     tol: float | None = None,
     tol_metric: str = "grad_norm",
+    callback: Callable[[int, dict[str, np.ndarray], PyTree, PyTree], None] | None = None,
 ) -> Result:
     """Run a solver with host-side logging: compiled chunks of `log_every` steps, a
     progress bar, a history, and early stopping.
@@ -120,6 +122,9 @@ def solve(
       run produces the same history as an uninterrupted one (same `log_every`); the
       checkpoint's PRNG key and state replace `key`, `x0` and `y0`.
     - `tol`: stop with status `converged` once `metrics[tol_metric] <= tol` at a log point.
+    - `callback`: `callback(step, metrics, x, y)`, called on the host after every log
+      point (once its checkpoint is written) with the steps done, that point's metrics
+      (NumPy scalars) and the current iterates; for custom logging or evaluation.
 
     **Returns:** a [`bilevel.Result`][]. A non-finite state stops the run with status
     `nonfinite` and the last finite state.
@@ -170,6 +175,8 @@ def solve(
         if checkpoint is not None:
             meta = {"done": done, "status": status.value, "log_every": log_every}
             _checkpoint.save(checkpoint, (state, finite, loop_key), rows, meta)
+        if callback is not None:
+            callback(done, row, *solver.params(state))
     if bar is not None:
         bar.close()
     history = {name: np.stack([row[name] for row in rows]) for name in rows[0]}
