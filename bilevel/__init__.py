@@ -1,6 +1,6 @@
 """bilevel: bilevel optimization and implicit differentiation in JAX."""
 
-from . import problems as problems, solvers as solvers
+from . import distributed as distributed, problems as problems, solvers as solvers
 from ._conditions import (
     OptimalityCondition as OptimalityCondition,
     kkt_condition as kkt_condition,

@@ -16,6 +16,8 @@ import jax.random as jr
 import jax.tree_util as jtu
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
+from ._sharding import constrain
+
 
 class AbstractData(eqx.Module):
     """Where batches come from. Subclasses implement `upper_batch` and `lower_batch`."""
@@ -135,9 +137,7 @@ class Minibatch(AbstractData):
         else:
             index = _epoch_indices(jr.fold_in(jr.PRNGKey(self.seed), stream_id), num, size, draw)
         batch = jtu.tree_map(lambda u: jnp.take(u, index, axis=0), tree)
-        if self.sharding is not None:
-            batch = jax.lax.with_sharding_constraint(batch, self.sharding)
-        return batch
+        return constrain(batch, self.sharding)
 
 
 def random_subset(key: PRNGKeyArray, shape: tuple[int, ...], size: int) -> Int[Array, "..."]:
