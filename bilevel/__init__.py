@@ -24,7 +24,13 @@ from ._problem import (
     MultiBlockProblem as MultiBlockProblem,
 )
 from ._result import Result as Result, Status as Status
-from ._solve import run as run, solve as solve
+from ._solve import (
+    LoopState as LoopState,
+    init as init,
+    run as run,
+    run_from as run_from,
+    solve as solve,
+)
 from ._solver import (
     FEATURES as FEATURES,
     METRICS as METRICS,
