@@ -93,6 +93,15 @@ class Writer:
                 for name in (CURRENT, PREVIOUS):
                     (self.directory / name).unlink(missing_ok=True)
             self.resumable = present and resume
+            if self.resumable:  # before anything is compiled: refuse another run early
+                for name in (CURRENT, PREVIOUS):
+                    try:
+                        meta = _read(self.directory / name)["meta"]
+                    except _DAMAGED:
+                        continue
+                    check_fingerprint(meta["fingerprint"], fingerprint,
+                                      self.directory / name)
+                    break
         except BaseException:
             self.close()
             raise

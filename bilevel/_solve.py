@@ -82,107 +82,140 @@ class _Outcome(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------
-# One step, judged by its metrics.
+# Judging steps by their metrics: after the loop, vectorised over the steps, so that the
+# compiled loop body is `solver.step` and nothing else.
 
 
 def _traced(*trees) -> bool:
     return any(isinstance(u, jax.core.Tracer) for u in jtu.tree_leaves(trees))
 
 
-def _assess(metrics, reference, step, divergence):
-    """(new reference, failure code) of a step from its metrics alone.
+def _judge(rows: dict, steps, valid, reference, divergence):
+    """`(failure code, failing step or -1, reference)` of a block of steps from their
+    metrics (`rows`: arrays with a leading step axis; `valid` masks steps not taken).
 
-    `upper_loss` is checked from step 1 on against the largest `|upper_loss|` of the
-    steps before (of the first `WARMUP` steps, later on), so that a blow-up in the
-    first steps is caught; `lower_residual` only from step `WARMUP` on, as it may start
-    at (numerically) zero when `y0` solves the lower problem.
+    A step fails when a metric is non-finite, or when `|upper_loss|` (from step 1) or
+    `lower_residual` (from step `WARMUP`) exceeds `divergence` times the largest value
+    of the first `WARMUP` steps before it (the steps before it, during those). The
+    residual waits for the warm-up as it may start at (numerically) zero when `y0`
+    solves the lower problem; the loss is checked early to catch a blow-up at once.
     """
-    finite = jnp.array(True)
-    for value in metrics.values():
-        if jnp.issubdtype(jnp.result_type(value), jnp.inexact):
-            finite = finite & jnp.all(jnp.isfinite(value))
+    num = steps.shape[0]
+    finite = jnp.ones(num, bool)
+    for value in rows.values():
+        if jnp.issubdtype(value.dtype, jnp.inexact):
+            finite = finite & jnp.all(jnp.isfinite(value.reshape(num, -1)), axis=1)
     sizes = jnp.stack([
-        jnp.abs(metrics[name]).astype(reference.dtype) if name in metrics
-        else jnp.zeros((), reference.dtype)
+        jnp.abs(rows[name]).reshape(num).astype(reference.dtype) if name in rows
+        else jnp.zeros(num, reference.dtype)
         for name in ("upper_loss", "lower_residual")
-    ])
-    checked = step >= jnp.array([1, WARMUP], step.dtype)
-    diverged = jnp.any(checked & (reference > 0) & (sizes > divergence * reference))
-    reference = jnp.where(step < WARMUP, jnp.maximum(reference, sizes), reference)
-    failure = jnp.where(finite, jnp.where(diverged, _DIVERGED, _OK), _NONFINITE)
-    return reference, failure.astype(jnp.int32)
+    ], axis=1)
+    warm = valid & (steps < WARMUP)
+    counted = lax.cummax(jnp.where(warm[:, None], sizes, 0), axis=0)
+    seen = jnp.maximum(reference[None, :], counted)
+    before = jnp.concatenate([reference[None, :], seen[:-1]], axis=0)
+    checked = steps[:, None] >= jnp.array([[1, WARMUP]], steps.dtype)
+    grown = checked & (before > 0) & (sizes > divergence * before)
+    failing = valid & (~finite | jnp.any(grown, axis=1))
+    first = jnp.argmax(failing)
+    failure = jnp.where(failing[first], jnp.where(finite[first], _DIVERGED, _NONFINITE),
+                        _OK)
+    failed_at = jnp.where(failing[first], steps[first], -1)
+    return failure.astype(jnp.int32), failed_at.astype(jnp.int32), seen[-1]
 
 
-class _Carry(NamedTuple):
-    state: Any
-    step: Int[Array, ""]
-    reference: Float[Array, "2"]
-    failure: Int[Array, ""]
-    failed_at: Int[Array, ""]
+def _finish(loop: LoopState, state, step, reference, failure, failed_at):
+    """The loop after a pass, with the end state's finiteness checked once, and the
+    pass's outcome. A loop that had failed before fails at once."""
+    before = loop.status != _OK
+    failure = jnp.where(before, loop.status, failure)
+    failed_at = jnp.where(before, loop.step, failed_at)
+    hidden = (failure == _OK) & ~tree_all_finite(state)
+    failure = jnp.where(hidden, _NONFINITE, failure).astype(jnp.int32)
+    end = LoopState(state, step, loop.key, failure, reference, loop.divergence)
+    return end, _Outcome(failure, failed_at.astype(jnp.int32))
 
 
-def _one_step(problem, solver, data, loop: LoopState, carry: _Carry):
-    state, metrics = solver.step(problem, carry.state, data, loop.step_key(carry.step))
-    reference, failure = _assess(metrics, carry.reference, carry.step, loop.divergence)
-    new = (carry.failure == _OK) & (failure != _OK)
-    carry = _Carry(
-        state,
-        carry.step + 1,
-        reference,
-        jnp.where(new, failure, carry.failure),
-        jnp.where(new, carry.step, carry.failed_at),
+def _metric_rows(problem, solver, loop: LoopState, data, size: int) -> dict:
+    shapes = jax.eval_shape(
+        lambda: solver.step(problem, loop.state, data, loop.step_key(loop.step))[1]
     )
-    return carry, metrics
-
-
-def _start(loop: LoopState, failure) -> _Carry:
-    failed_at = jnp.where(failure == _OK, -1, loop.step).astype(jnp.int32)
-    return _Carry(loop.state, loop.step, loop.reference, failure, failed_at)
-
-
-def _finish(loop: LoopState, carry: _Carry) -> tuple[LoopState, _Outcome]:
-    """The loop after `carry`, with the end state's finiteness checked once."""
-    hidden = (carry.failure == _OK) & ~tree_all_finite(carry.state)
-    failure = jnp.where(hidden, _NONFINITE, carry.failure).astype(jnp.int32)
-    end = LoopState(carry.state, carry.step, loop.key, failure, carry.reference,
-                    loop.divergence)
-    return end, _Outcome(failure, carry.failed_at)
+    return {name: jnp.zeros((size, *s.shape), s.dtype) for name, s in shapes.items()}
 
 
 # ---------------------------------------------------------------------------------------
-# Passes: a scan recording every step (run), a while loop to a dynamic stop (solve and
-# the recovery), and the recovery itself.
+# Passes: a scan recording every step (run), a while loop of at most `size` steps to a
+# dynamic stop (solve's chunks), a while loop judging each step (the recovery).
 
 
 def _scan_pass(problem, solver, loop: LoopState, data, num_steps: int):
-    def body(carry, _):
-        return _one_step(problem, solver, data, loop, carry)
+    steps = loop.step + jnp.arange(num_steps, dtype=loop.step.dtype)
 
-    carry, history = lax.scan(body, _start(loop, loop.status), None, length=num_steps)
-    end, outcome = _finish(loop, carry)
+    def body(state, step):
+        return solver.step(problem, state, data, loop.step_key(step))
+
+    state, history = lax.scan(body, loop.state, steps)
+    failure, failed_at, reference = _judge(
+        history, steps, jnp.ones(num_steps, bool), loop.reference, loop.divergence
+    )
+    end, outcome = _finish(loop, state, loop.step + num_steps, reference, failure,
+                           failed_at)
     return end, history, outcome
 
 
-def _advance(problem, solver, loop: LoopState, data, stop):
-    """Steps from `loop.step` to `stop`, stopping early at the first failing step.
-    Returns the loop after the last step taken, that step's metrics and the outcome."""
-    stop = jnp.asarray(stop, loop.step.dtype)
-    metrics_shape = jax.eval_shape(
-        lambda: solver.step(problem, loop.state, data, loop.step_key(loop.step))[1]
-    )
-    last = jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
-
-    def cond(carry):
-        carry, _ = carry
-        return (carry.step < stop) & (carry.failure == _OK)
+def _chunk(problem, solver, loop: LoopState, data, stop, size: int):
+    """Steps from `loop.step` to `stop` (at most `size` of them): the loop after them,
+    the metrics of the last step (of the failing step if one failed), the outcome."""
+    rows = _metric_rows(problem, solver, loop, data, size)
 
     def body(carry):
-        return _one_step(problem, solver, data, loop, carry[0])
+        state, step, rows = carry
+        state, metrics = solver.step(problem, state, data, loop.step_key(step))
+        index = step - loop.step
+        rows = {name: rows[name].at[index].set(metrics[name]) for name in rows}
+        return state, step + 1, rows
 
-    start = _start(loop, jnp.zeros((), jnp.int32))
-    carry, last = lax.while_loop(cond, body, (start, last))
-    end, outcome = _finish(loop, carry)
+    stop = jnp.asarray(stop, loop.step.dtype)
+    state, step, rows = lax.while_loop(lambda carry: carry[1] < stop, body,
+                                       (loop.state, loop.step, rows))
+    index = jnp.arange(size, dtype=loop.step.dtype)
+    failure, failed_at, reference = _judge(
+        rows, loop.step + index, index < step - loop.step, loop.reference,
+        loop.divergence,
+    )
+    shown = jnp.where(failed_at >= 0, failed_at - loop.step, step - loop.step - 1)
+    last = {name: rows[name][shown] for name in rows}
+    end, outcome = _finish(loop, state, step, reference, failure, failed_at)
     return end, last, outcome
+
+
+def _advance(problem, solver, loop: LoopState, data, stop):
+    """Steps from `loop.step` to `stop`, each judged as it is taken, stopping at the
+    first failing one (for the recovery, where speed matters less than stopping)."""
+
+    class Carry(NamedTuple):
+        state: Any
+        step: Int[Array, ""]
+        reference: Float[Array, "2"]
+        failure: Int[Array, ""]
+        failed_at: Int[Array, ""]
+
+    def body(carry: Carry) -> Carry:
+        state, metrics = solver.step(problem, carry.state, data,
+                                     loop.step_key(carry.step))
+        failure, failed_at, reference = _judge(
+            {name: value[None] for name, value in metrics.items()}, carry.step[None],
+            jnp.ones(1, bool), carry.reference, loop.divergence,
+        )
+        return Carry(state, carry.step + 1, reference, failure, failed_at)
+
+    start = Carry(loop.state, loop.step, loop.reference, jnp.zeros((), jnp.int32),
+                  -jnp.ones((), jnp.int32))
+    stop = jnp.asarray(stop, loop.step.dtype)
+    carry = lax.while_loop(lambda c: (c.step < stop) & (c.failure == _OK), body, start)
+    fresh = eqx.tree_at(lambda loop: loop.status, loop, jnp.zeros((), jnp.int32))
+    return _finish(fresh, carry.state, carry.step, carry.reference, carry.failure,
+                   carry.failed_at)
 
 
 def _recover(problem, solver, source: LoopState, data, end: LoopState, outcome):
@@ -206,7 +239,7 @@ def _recover(problem, solver, source: LoopState, data, end: LoopState, outcome):
         done: Any
 
     def body(s: Search) -> Search:
-        loop, _, result = _advance(problem, solver, source, data, s.target)
+        loop, result = _advance(problem, solver, source, data, s.target)
         ok = result.failure == _OK
         lo = jnp.where(ok, s.target, s.lo)
         hi = jnp.where(ok, s.hi, jnp.where(result.failed_at >= 0, result.failed_at,
@@ -238,16 +271,23 @@ def _mark(history: dict, start, end: LoopState) -> dict:
     }
 
 
-_scan_pass_jit = eqx.filter_jit(_scan_pass)
+def _marked_pass(problem, solver, loop, data, num_steps):
+    end, history, outcome = _scan_pass(problem, solver, loop, data, num_steps)
+    return end, _mark(history, loop.step, end), outcome
+
+
+_marked_pass_jit = eqx.filter_jit(_marked_pass)
 _recover_jit = eqx.filter_jit(_recover)
+_mark_jit = eqx.filter_jit(_mark)
 
 
-def _advance_donating(args, loop):
-    return _advance(*args[:2], loop, *args[2:])
+def _chunk_donating(args, loop):
+    problem, solver, data, stop, size = args
+    return _chunk(problem, solver, loop, data, stop, size)
 
 
 # `loop` (the second argument) is donated: solve never reuses a chunk's input.
-_advance_jit = eqx.filter_jit(_advance_donating, donate="all-except-first")
+_chunk_jit = eqx.filter_jit(_chunk_donating, donate="all-except-first")
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,7 +357,7 @@ def init(
     key = jr.PRNGKey(0) if key is None else key
     data = as_data(data)
     divergence = _divergence(divergence)
-    divergence = jnp.asarray(divergence, jnp.result_type(float))
+    divergence = np.asarray(divergence, jnp.result_type(float))
     if _traced(problem, solver, x0, y0, data, key):
         return _init(problem, solver, x0, y0, data, key, divergence)
     return _init_jit(problem, solver, x0, y0, data, key, divergence)
@@ -347,11 +387,12 @@ def run_from(
     if _traced(problem, solver, loop, data):
         end, history, outcome = _scan_pass(problem, solver, loop, data, num_steps)
         end = _recover(problem, solver, loop, data, end, outcome)
-    else:
-        end, history, outcome = _scan_pass_jit(problem, solver, loop, data, num_steps)
-        if int(outcome.failure) != _OK:
-            end = _recover_jit(problem, solver, loop, data, end, outcome)
-    return end, _mark(history, loop.step, end)
+        return end, _mark(history, loop.step, end)
+    end, history, outcome = _marked_pass_jit(problem, solver, loop, data, num_steps)
+    if int(outcome.failure) != _OK:
+        end = _recover_jit(problem, solver, loop, data, end, outcome)
+        history = _mark_jit(history, loop.step, end)
+    return end, history
 
 
 def run(
@@ -487,13 +528,15 @@ def _drive(problem, solver, x0, y0, data, key, divergence, num_steps, log_every,
     try:
         while int(loop.step) < num_steps and status == Status.max_steps:
             stop = np.int32(min(int(loop.step) + log_every, num_steps))
-            loop, last, outcome = _advance_jit((problem, solver, data, stop), loop)
-            if int(outcome.failure) != _OK:
+            loop, last, outcome = _chunk_jit((problem, solver, data, stop, log_every),
+                                             loop)
+            row, outcome_now = jax.device_get((last, outcome))
+            if outcome_now.failure != _OK:
                 source = _rollback_source(writer, problem, solver, x0, y0, data, key,
-                                          divergence, outcome, loop)
+                                          divergence, outcome_now, loop)
                 loop = _recover_jit(problem, solver, source, data, loop, outcome)
-            row = {name: np.asarray(value) for name, value in last.items()}
-            row["step"] = np.asarray(loop.step)
+            row = {name: np.asarray(value) for name, value in row.items()}
+            row["step"] = np.asarray(jax.device_get(loop.step))
             rows.append(row)
             status = _status(loop, row, tol, tol_metric, solver)
             warned = warned or _warn_hypergradient(row)

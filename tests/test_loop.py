@@ -246,7 +246,7 @@ def test_solve_compiles_its_chunk_once(caplog):
                 if r.getMessage().startswith("Compiling")]
 
     first = compiled()
-    assert sum("_advance" in name for name in first) == 1, first
+    assert sum("_chunk" in name for name in first) == 1, first
     assert compiled() == []
     assert compiled(key=jr.PRNGKey(3)) == []  # another key: same compiled function
 
