@@ -11,6 +11,7 @@ state is then recovered by re-running from the call's start state with the same
 per-step keys, which costs time only when a run fails.
 """
 
+import functools as ft
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -281,13 +282,40 @@ _recover_jit = eqx.filter_jit(_recover)
 _mark_jit = eqx.filter_jit(_mark)
 
 
-def _chunk_donating(args, loop):
-    problem, solver, data, stop, size = args
-    return _chunk(problem, solver, loop, data, stop, size)
+def _hashable_partition(tree):
+    dynamic, static = eqx.partition(tree, eqx.is_array)
+    leaves, treedef = jtu.tree_flatten(static)
+    return dynamic, (tuple(leaves), treedef)
 
 
-# `loop` (the second argument) is donated: solve never reuses a chunk's input.
-_chunk_jit = eqx.filter_jit(_chunk_donating, donate="all-except-first")
+def _hashable_combine(dynamic, static):
+    leaves, treedef = static
+    return eqx.combine(dynamic, jtu.tree_unflatten(treedef, leaves))
+
+
+@ft.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def _chunk_compiled(static, loop_static, size, arguments, loop, stop):
+    problem, solver, data = _hashable_combine(arguments, static)
+    loop = _hashable_combine(loop, loop_static)
+    end, last, outcome = _chunk(problem, solver, loop, data, stop, size)
+    return eqx.partition(end, eqx.is_array)[0], last, outcome
+
+
+class _Chunks:
+    """`solve`'s compiled chunk. What `eqx.filter_jit` does at every call (split the
+    arrays from the rest) is done once per run, so that a chunk costs one dispatch;
+    the loop's arrays are donated (a chunk's input is never used again)."""
+
+    def __init__(self, problem, solver, data, size: int, loop: LoopState):
+        self.arguments, self.static = _hashable_partition((problem, solver, data))
+        _, self.loop_static = _hashable_partition(loop)
+        self.size = size
+
+    def __call__(self, loop: LoopState, stop) -> tuple[LoopState, dict, _Outcome]:
+        dynamic = eqx.partition(loop, eqx.is_array)[0]
+        end, last, outcome = _chunk_compiled(self.static, self.loop_static, self.size,
+                                             self.arguments, dynamic, stop)
+        return _hashable_combine(end, self.loop_static), last, outcome
 
 
 # ---------------------------------------------------------------------------------------
@@ -523,30 +551,31 @@ def _drive(problem, solver, x0, y0, data, key, divergence, num_steps, log_every,
     status = Status.max_steps
     if writer is not None and writer.resumable:
         loop, rows, status = _resume(writer, loop, num_steps, tol, tol_metric, solver)
-    display = _progress.display(progress, num_steps, int(loop.step), tol, tol_metric)
+    done = int(loop.step)
+    display = _progress.display(progress, num_steps, done, tol, tol_metric)
+    chunks = _Chunks(problem, solver, data, log_every, loop)
     warned = False
     try:
-        while int(loop.step) < num_steps and status == Status.max_steps:
-            stop = np.int32(min(int(loop.step) + log_every, num_steps))
-            loop, last, outcome = _chunk_jit((problem, solver, data, stop, log_every),
-                                             loop)
-            row, outcome_now = jax.device_get((last, outcome))
-            if outcome_now.failure != _OK:
+        while done < num_steps and status == Status.max_steps:
+            stop = np.int32(min(done + log_every, num_steps))
+            loop, last, outcome = chunks(loop, stop)
+            row, failure, done = jax.device_get((last, outcome.failure, loop.step))
+            if failure != _OK:
                 source = _rollback_source(writer, problem, solver, x0, y0, data, key,
-                                          divergence, outcome_now, loop)
+                                          divergence, outcome, loop)
                 loop = _recover_jit(problem, solver, source, data, loop, outcome)
-            row = {name: np.asarray(value) for name, value in row.items()}
-            row["step"] = np.asarray(jax.device_get(loop.step))
+                done, failure = jax.device_get((loop.step, loop.status))
+            row = {**row, "step": np.asarray(done, np.int32)}
             rows.append(row)
-            status = _status(loop, row, tol, tol_metric, solver)
+            status = _status(failure, row, tol, tol_metric, solver)
             warned = warned or _warn_hypergradient(row)
             if writer is not None:
                 writer.save(loop, rows, status)
             if display is not None:
-                display.update(int(loop.step), row)
+                display.update(int(done), row)
             if callback is not None:
                 x, y = jtu.tree_map(_copy, solver.params(loop.state))
-                callback(int(loop.step), row, x, y)
+                callback(int(done), row, x, y)
     finally:
         if display is not None:
             display.close()
@@ -554,7 +583,7 @@ def _drive(problem, solver, x0, y0, data, key, divergence, num_steps, log_every,
         else {}
     x, y = solver.params(loop.state)
     return Result(x=x, y=y, state=loop.state, history=history, status=status,
-                  num_steps=int(loop.step))
+                  num_steps=int(done))
 
 
 def _copy(leaf):
@@ -573,7 +602,7 @@ def _resume(writer, like, num_steps, tol, tol_metric, solver):
             "resume=False, overwrite=True to start over"
         )
     if status == Status.converged:
-        status = _status(loop, rows[-1], tol, tol_metric, solver)
+        status = _status(_OK, rows[-1], tol, tol_metric, solver)
     elif status != Status.max_steps:
         warnings.warn(
             f"the run checkpointed in {writer.directory} stopped with status {status}: "
@@ -597,10 +626,10 @@ def _rollback_source(writer, problem, solver, x0, y0, data, key, divergence, out
     return start
 
 
-def _status(loop, row, tol, tol_metric, solver) -> Status:
-    failure = Status.from_code(loop.status)
-    if failure != Status.max_steps:
-        return failure
+def _status(failure, row, tol, tol_metric, solver) -> Status:
+    """The status after a log point: the failure code's, else converged or not."""
+    if failure != _OK:
+        return Status.from_code(failure)
     if tol is not None and tol_metric not in row:
         raise ValueError(
             f"`tol_metric={tol_metric!r}` is not a metric of {type(solver).__name__}; "
