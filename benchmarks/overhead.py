@@ -10,8 +10,8 @@ sensitive to other load); the last column checks that `bl.run` follows the same
 trajectory as the baseline.
 Table 2: the same ratios on the problems library (each problem with the first solver of
 ImplicitDiff, BSVRB, LVHBA that supports it).
-Table 3: compile time per solver: the first `bl.solve` / `bl.run` call (compiling) against
-the next (steady state), and how many times the chunk function of `bl.solve` compiled.
+Table 3: compile time per solver: the first `bl.solve` / `bl.run` call (compiling)
+against the next (steady state), and how many times `bl.solve`'s chunk compiled.
 """
 
 import inspect
@@ -23,9 +23,9 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
+from _timing import interleaved_cpu_times, interleaved_median_times, print_table
 
 import bilevel as bl
-from _timing import interleaved_cpu_times, interleaved_median_times, print_table
 
 
 KEY = jr.PRNGKey(0)
@@ -38,8 +38,10 @@ BLOCKS = 10
 def all_solvers() -> dict[str, type]:
     """Every concrete solver class exported by `bl.solvers`."""
     return {
-        name: cls for name, cls in vars(bl.solvers).items()
-        if isinstance(cls, type) and issubclass(cls, bl.AbstractBilevelSolver)
+        name: cls
+        for name, cls in vars(bl.solvers).items()
+        if isinstance(cls, type)
+        and issubclass(cls, bl.AbstractBilevelSolver)
         and not inspect.isabstract(cls)
     }
 
@@ -50,14 +52,24 @@ def diagonal(d: int, multi_block: bool):
     `BLOCKS` blocks of size d / BLOCKS sharing x."""
     if multi_block:
         k = d // BLOCKS
-        a = jnp.linspace(1.0, 2.0, d).reshape(BLOCKS, k)
-        upper = lambda x, y, batch, i: 0.5 * jnp.sum((y - 1.0) ** 2) + 0.05 * jnp.sum(x**2)  # noqa: E731
-        lower = lambda x, y, batch, i: 0.5 * jnp.sum(a[i] * (y - x) ** 2)  # noqa: E731
+        weights = jnp.linspace(1.0, 2.0, d).reshape(BLOCKS, k)
+
+        def upper(x, y, batch, i):
+            return 0.5 * jnp.sum((y - 1.0) ** 2) + 0.05 * jnp.sum(x**2)
+
+        def lower(x, y, batch, i):
+            return 0.5 * jnp.sum(weights[i] * (y - x) ** 2)
+
         problem = bl.MultiBlockProblem(upper, lower, num_blocks=BLOCKS)
         return problem, jnp.zeros(k), jnp.zeros((BLOCKS, k))
-    a = jnp.linspace(1.0, 2.0, d)
-    upper = lambda x, y, batch: 0.5 * jnp.sum((y - 1.0) ** 2) + 0.05 * jnp.sum(x**2)  # noqa: E731
-    lower = lambda x, y, batch: 0.5 * jnp.sum(a * (y - x) ** 2)  # noqa: E731
+    weights = jnp.linspace(1.0, 2.0, d)
+
+    def upper(x, y, batch):
+        return 0.5 * jnp.sum((y - 1.0) ** 2) + 0.05 * jnp.sum(x**2)
+
+    def lower(x, y, batch):
+        return 0.5 * jnp.sum(weights * (y - x) ** 2)
+
     return bl.BilevelProblem(upper, lower), jnp.zeros(d), jnp.zeros(d)
 
 
@@ -83,13 +95,15 @@ def calibrate(problem, solver, x0, y0, data, probe: int = 20) -> int:
     few dispatches, then weigh less than 1%)."""
     scan = bare_scan(probe)
     jax.block_until_ready(scan(problem, solver, x0, y0, data, KEY))
-    seconds = min(_seconds(lambda: scan(problem, solver, x0, y0, data, KEY))
-                  for _ in range(3))
+    seconds = min(
+        _seconds(lambda: scan(problem, solver, x0, y0, data, KEY)) for _ in range(3)
+    )
     return int(min(max(probe * SECONDS / seconds, 10), 50000))
 
 
-def ratios(problem, solver, x0, y0, data, num_steps: int | None = None,
-           repeats: int = 7) -> dict:
+def ratios(
+    problem, solver, x0, y0, data, num_steps: int | None = None, repeats: int = 7
+) -> dict:
     """Time `bl.run`, `bl.solve` and the bare scan side by side."""
     if num_steps is None:
         num_steps = calibrate(problem, solver, x0, y0, data)
@@ -98,15 +112,30 @@ def ratios(problem, solver, x0, y0, data, num_steps: int | None = None,
     fns = {
         "scan": lambda: scan(problem, solver, x0, y0, data, KEY),
         "run": lambda: bl.run(problem, solver, x0, y0, data, num_steps, KEY),
-        "solve": lambda: bl.solve(problem, solver, x0, y0, data, num_steps, KEY,
-                                  log_every=log_every, progress=False).state,
+        "solve": lambda: (
+            bl.solve(
+                problem,
+                solver,
+                x0,
+                y0,
+                data,
+                num_steps,
+                KEY,
+                log_every=log_every,
+                progress=False,
+            ).state
+        ),
     }
     times = interleaved_median_times(fns, repeats=repeats)
     cpu = interleaved_cpu_times(fns, repeats=repeats)
     run_x = solver.params(fns["run"]()[0])[0]
     scan_x = solver.params(fns["scan"]()[0])[0]
-    gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-              zip(jax.tree_util.tree_leaves(run_x), jax.tree_util.tree_leaves(scan_x)))
+    gap = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(
+            jax.tree_util.tree_leaves(run_x), jax.tree_util.tree_leaves(scan_x)
+        )
+    )
     return {
         "steps": num_steps,
         "scan ms/step": 1e3 * times["scan"] / num_steps,
@@ -125,8 +154,13 @@ def table_diagonal():
             solver = cls(**CHEAP.get(name, {}))
             multi = "single_block" not in solver.supported_features()
             problem, x0, y0 = diagonal(d, multi)
-            rows.append({"solver": name, "d": f"{d:.0e}",
-                         **ratios(problem, solver, x0, y0, None)})
+            rows.append(
+                {
+                    "solver": name,
+                    "d": f"{d:.0e}",
+                    **ratios(problem, solver, x0, y0, None),
+                }
+            )
             print(f"  {name} d={d:.0e} done", flush=True)
     print_table(
         "loop overhead: diagonal quadratic, cheap steps (ratios to a bare lax.scan of "
@@ -140,8 +174,9 @@ def first_solver(bench):
     (tracing one step checks it, nothing is compiled)."""
     for solver in (bl.solvers.ImplicitDiff(), bl.solvers.BSVRB(), bl.solvers.LVHBA()):
         try:
-            jax.eval_shape(lambda: bl.run(bench.problem, solver, bench.x0, bench.y0,
-                                          bench.data, 1))
+            jax.eval_shape(
+                lambda: bl.run(bench.problem, solver, bench.x0, bench.y0, bench.data, 1)
+            )
         except (TypeError, ValueError):
             continue
         return solver
@@ -155,11 +190,19 @@ def table_problems():
         solver = first_solver(bench)
         if solver is None:
             continue
-        rows.append({"problem": name, "solver": type(solver).__name__,
-                     **ratios(bench.problem, solver, bench.x0, bench.y0, bench.data,
-                              repeats=5)})
+        rows.append(
+            {
+                "problem": name,
+                "solver": type(solver).__name__,
+                **ratios(
+                    bench.problem, solver, bench.x0, bench.y0, bench.data, repeats=5
+                ),
+            }
+        )
         print(f"  {name} done", flush=True)
-    print_table("loop overhead on the problems library (ratios to a bare lax.scan)", rows)
+    print_table(
+        "loop overhead on the problems library (ratios to a bare lax.scan)", rows
+    )
 
 
 class _CompileLog(logging.Handler):
@@ -181,12 +224,18 @@ def table_compile(num_steps: int = 200, log_every: int = 50):
     for name, cls in all_solvers().items():
         solver = cls()
         multi = "single_block" not in solver.supported_features()
-        bench = (bl.problems.multiblock_quadratic(seed=7) if multi
-                 else bl.problems.quadratic(dim_x=5, dim_y=10, seed=7))
+        bench = (
+            bl.problems.multiblock_quadratic(seed=7)
+            if multi
+            else bl.problems.quadratic(dim_x=5, dim_y=10, seed=7)
+        )
         args = (bench.problem, solver, bench.x0, bench.y0, bench.data, num_steps, KEY)
         row = {"solver": name}
         for label, call in (
-            ("solve", lambda: bl.solve(*args, log_every=log_every, progress=False).state),
+            (
+                "solve",
+                lambda: bl.solve(*args, log_every=log_every, progress=False).state,
+            ),
             ("run", lambda: bl.run(*args)[0]),
         ):
             handler.names.clear()
@@ -194,8 +243,13 @@ def table_compile(num_steps: int = 200, log_every: int = 50):
                 first = _seconds(call)
             chunks = sum("_chunk" in n for n in handler.names)
             steady = min(_seconds(call) for _ in range(3))
-            row.update({f"{label} first s": first, f"{label} steady s": steady,
-                        f"{label} compile s": first - steady})
+            row.update(
+                {
+                    f"{label} first s": first,
+                    f"{label} steady s": steady,
+                    f"{label} compile s": first - steady,
+                }
+            )
             if label == "solve":
                 row["chunk compiles"] = chunks
         rows.append(row)

@@ -62,7 +62,7 @@ def exists(directory: str | os.PathLike) -> bool:
     return (directory / CURRENT).exists() or (directory / PREVIOUS).exists()
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Writing.
 
 
@@ -74,8 +74,14 @@ class Writer:
     an existing checkpoint unless `resume` (continue it) or `overwrite` (delete it).
     """
 
-    def __init__(self, directory: str | os.PathLike, fingerprint: dict[str, str], *,
-                 resume: bool, overwrite: bool):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        fingerprint: dict[str, str],
+        *,
+        resume: bool,
+        overwrite: bool,
+    ):
         self.directory = pathlib.Path(directory)
         self.fingerprint = fingerprint
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -99,8 +105,9 @@ class Writer:
                         meta = _read(self.directory / name)["meta"]
                     except _DAMAGED:
                         continue
-                    check_fingerprint(meta["fingerprint"], fingerprint,
-                                      self.directory / name)
+                    check_fingerprint(
+                        meta["fingerprint"], fingerprint, self.directory / name
+                    )
                     break
         except BaseException:
             self.close()
@@ -125,9 +132,13 @@ class Writer:
                 continue
 
     def save(self, state: Any, rows: list[dict], status: Status) -> None:
-        """Write a checkpoint of `state` (a pytree holding `step`), `rows` and `status`."""
-        meta = {"format": FORMAT, "done": int(state.step), "status": status.value,
-                "fingerprint": self.fingerprint}
+        """Write a checkpoint of `state` (a pytree with a `step`), `rows`, `status`."""
+        meta = {
+            "format": FORMAT,
+            "done": int(state.step),
+            "status": status.value,
+            "fingerprint": self.fingerprint,
+        }
         arrays = {"state": _serialise(state), "meta": np.array(json.dumps(meta))}
         for name in rows[0] if rows else ():
             arrays[f"history/{name}"] = np.stack([row[name] for row in rows])
@@ -164,8 +175,9 @@ def _acquire(directory: pathlib.Path):
 
 
 def _write(directory: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".checkpoint.",
-                                             suffix=".tmp")
+    descriptor, temporary = tempfile.mkstemp(
+        dir=directory, prefix=".checkpoint.", suffix=".tmp"
+    )
     try:
         with os.fdopen(descriptor, "wb") as handle:
             np.savez(handle, **arrays)
@@ -183,8 +195,9 @@ def _write(directory: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
 def _keep_previous(current: pathlib.Path, directory: pathlib.Path) -> None:
     """Make `checkpoint.prev.npz` a copy of the current file, atomically, leaving the
     current one in place (so a kill at any point leaves a complete checkpoint)."""
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".checkpoint.",
-                                             suffix=".tmp")
+    descriptor, temporary = tempfile.mkstemp(
+        dir=directory, prefix=".checkpoint.", suffix=".tmp"
+    )
     os.close(descriptor)
     os.unlink(temporary)
     try:
@@ -194,12 +207,13 @@ def _keep_previous(current: pathlib.Path, directory: pathlib.Path) -> None:
     os.replace(temporary, directory / PREVIOUS)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Reading.
 
 
-def load(directory: str | os.PathLike, like: Any,
-         fingerprint: dict[str, str] | None = None) -> tuple[Any, list[dict], dict]:
+def load(
+    directory: str | os.PathLike, like: Any, fingerprint: dict[str, str] | None = None
+) -> tuple[Any, list[dict], dict]:
     """Read the checkpoint in `directory` into a pytree shaped like `like`.
 
     Falls back to the previous checkpoint (with a warning) when the latest is missing
@@ -234,8 +248,15 @@ def load(directory: str | os.PathLike, like: Any,
     )
 
 
-_DAMAGED = (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile,
-            RuntimeError)
+_DAMAGED = (
+    OSError,
+    ValueError,
+    KeyError,
+    EOFError,
+    TypeError,
+    zipfile.BadZipFile,
+    RuntimeError,
+)
 
 
 def _read(path: pathlib.Path) -> dict[str, Any]:
@@ -244,15 +265,17 @@ def _read(path: pathlib.Path) -> dict[str, Any]:
         missing = [key for key in _META_KEYS if key not in meta]
         if missing or meta["format"] != FORMAT:
             raise ValueError(
-                f"metadata without {missing}" if missing
+                f"metadata without {missing}"
+                if missing
                 else f"format {meta['format']}, expected {FORMAT}"
             )
         names = [k.split("/", 1)[1] for k in archive.files if k.startswith("history/")]
         columns = {name: archive[f"history/{name}"] for name in names}
         state = archive["state"].tobytes()
     num_rows = len(next(iter(columns.values()))) if columns else 0
-    rows = [{name: column[i] for name, column in columns.items()}
-            for i in range(num_rows)]
+    rows = [
+        {name: column[i] for name, column in columns.items()} for i in range(num_rows)
+    ]
     return {"meta": meta, "rows": rows, "state": state}
 
 
@@ -260,7 +283,9 @@ def _read(path: pathlib.Path) -> dict[str, Any]:
 
 
 def _is_key(leaf) -> bool:
-    return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+    return isinstance(leaf, jax.Array) and jnp.issubdtype(
+        leaf.dtype, jax.dtypes.prng_key
+    )
 
 
 def _raw(tree):
@@ -284,37 +309,46 @@ def _deserialise(data: bytes, like: Any) -> Any:
     return jtu.tree_map(restore, raw, like)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Fingerprints: what a run is, as {"path": "description"}.
 
 
-def fingerprint(problem: Any, solver: Any, x0: Any, y0: Any, data: Any,
-                log_every: int) -> dict[str, str]:
+def fingerprint(
+    problem: Any, solver: Any, x0: Any, y0: Any, data: Any, log_every: int
+) -> dict[str, str]:
     """Describe a run: the solver's type and hyperparameters, the problem's objectives
     (functions by name and bytecode, with the constants they close over), the
     structure, shapes and dtypes of `x0` and `y0`, the data's shapes and a content
     hash, and `log_every`. Module-level globals that functions read are not included.
     """
     out: dict[str, str] = {"log_every": str(log_every)}
-    for name, value, content in (("solver", solver, True), ("problem", problem, True),
-                                 ("x0", x0, False), ("y0", y0, False),
-                                 ("data", data, True)):
+    for name, value, content in (
+        ("solver", solver, True),
+        ("problem", problem, True),
+        ("x0", x0, False),
+        ("y0", y0, False),
+        ("data", data, True),
+    ):
         _describe(value, name, out, content, ())
     return out
 
 
 def check_fingerprint(stored: dict[str, str], current: dict[str, str], path) -> None:
     """Raise `CheckpointError` naming the differences between two fingerprints."""
-    differ = sorted(k for k in stored.keys() | current.keys()
-                    if stored.get(k) != current.get(k))
+    differ = sorted(
+        k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k)
+    )
     if not differ:
         return
-    lines = [f"  {k}: {_short(stored.get(k))} (checkpoint) vs {_short(current.get(k))} "
-             "(now)" for k in differ[:8]]
+    lines = [
+        f"  {k}: {_short(stored.get(k))} (checkpoint) vs {_short(current.get(k))} (now)"
+        for k in differ[:8]
+    ]
     more = f"\n  ... and {len(differ) - 8} more" if len(differ) > 8 else ""
     raise CheckpointError(
         f"{path} belongs to another run; resuming would mix two runs. What differs:\n"
-        + "\n".join(lines) + more
+        + "\n".join(lines)
+        + more
         + "\nResume with the original settings, or pass overwrite=True (resume=False) "
         "or another directory to start over."
     )
@@ -370,8 +404,9 @@ def _children(obj: Any) -> list[tuple[str, Any]]:
         return [("__func__", obj.__func__), ("__self__", obj.__self__)]
     if isinstance(obj, types.FunctionType):
         cells = obj.__closure__ or ()
-        closure = [(name, _cell(cell)) for name, cell in
-                   zip(obj.__code__.co_freevars, cells)]
+        closure = [
+            (name, _cell(cell)) for name, cell in zip(obj.__code__.co_freevars, cells)
+        ]
         defaults = [("defaults", obj.__defaults__)] if obj.__defaults__ else []
         return closure + defaults
     wrapped = getattr(obj, "__wrapped__", None)
@@ -398,7 +433,9 @@ def _summary(obj: Any) -> str:
 
 def _type_name(obj: Any) -> str:
     if callable(obj) and hasattr(obj, "__qualname__") and not isinstance(obj, type):
-        return f"{type(obj).__name__} {getattr(obj, '__module__', '')}.{obj.__qualname__}"
+        return (
+            f"{type(obj).__name__} {getattr(obj, '__module__', '')}.{obj.__qualname__}"
+        )
     kind = obj if isinstance(obj, type) else type(obj)
     return f"{kind.__module__}.{kind.__qualname__}"
 

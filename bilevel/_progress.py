@@ -5,11 +5,19 @@ import time
 from typing import Any, TextIO
 
 
-_BAR_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}"
+_BAR_FORMAT = (
+    "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}"
+)
 
 
-def display(enabled: bool, total: int, done: int, tol: float | None, tol_metric: str,
-            stream: TextIO | None = None):
+def display(
+    enabled: bool,
+    total: int,
+    done: int,
+    tol: float | None,
+    tol_metric: str,
+    stream: TextIO | None = None,
+):
     """A progress display for a run of `total` steps starting at `done`, or None.
 
     On a terminal (or in a Jupyter kernel): a tqdm bar whose fixed text fits in 80
@@ -47,12 +55,16 @@ class Lines:
         self.width = len(str(total))
 
     def update(self, done: int, row: dict) -> None:
-        values = "  ".join(f"{name} {_number(row[name])}" for name in self.shown
-                           if name in row)
+        values = "  ".join(
+            f"{name} {_number(row[name])}" for name in self.shown if name in row
+        )
         seconds = int(time.monotonic() - self.started)
         elapsed = f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-        print(f"step {done:>{self.width}}/{self.total}  {values}  [{elapsed}]",
-              file=self.stream, flush=True)
+        print(
+            f"step {done:>{self.width}}/{self.total}  {values}  [{elapsed}]",
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self) -> None:
         pass
@@ -68,13 +80,22 @@ class Bar:
         from tqdm.auto import tqdm
 
         self.shown = shown
-        self.bar = tqdm(total=total, initial=done, unit="step", file=stream,
-                        bar_format=_BAR_FORMAT, ncols=_columns(stream))
+        self.bar = tqdm(
+            total=total,
+            initial=done,
+            unit="step",
+            file=stream,
+            bar_format=_BAR_FORMAT,
+            ncols=_columns(stream),
+        )
 
     def update(self, done: int, row: dict) -> None:
         self.bar.set_postfix_str(
-            " ".join(f"{self.labels.get(name, name)}={_number(row[name])}"
-                     for name in self.shown if name in row),
+            " ".join(
+                f"{self.labels.get(name, name)}={_number(row[name])}"
+                for name in self.shown
+                if name in row
+            ),
             refresh=False,
         )
         self.bar.update(done - self.bar.n)

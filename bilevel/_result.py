@@ -7,7 +7,7 @@ import equinox as eqx
 from jaxtyping import Array, PyTree
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """Why a run stopped.
 
     - `converged`: the tracked stationarity measure fell below `tol`
@@ -29,9 +29,6 @@ class Status(str, enum.Enum):
     nonfinite = "nonfinite"
     diverged = "diverged"
 
-    def __str__(self) -> str:
-        return self.value
-
     @property
     def code(self) -> int:
         """The integer stored in a [`bilevel.LoopState`][]: 0 `max_steps` (running,
@@ -44,7 +41,12 @@ class Status(str, enum.Enum):
         return _STATUSES[int(code)]
 
 
-_CODES = {Status.max_steps: 0, Status.nonfinite: 1, Status.diverged: 2, Status.converged: 3}
+_CODES = {
+    Status.max_steps: 0,
+    Status.nonfinite: 1,
+    Status.diverged: 2,
+    Status.converged: 3,
+}
 _STATUSES = {code: status for status, code in _CODES.items()}
 
 

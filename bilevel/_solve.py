@@ -4,11 +4,12 @@
 - `solve`: the host driver (compiled chunks of `log_every` steps, progress, history,
   early stopping, checkpoints).
 
-Failure detection costs scalars only: every step's metrics are checked (non-finite, or
-`upper_loss` / `lower_residual` past `divergence` times their warm-up size) and the
-state is checked for finiteness once, at the end of a compiled call. The last good
-state is then recovered by re-running from the call's start state with the same
-per-step keys, which costs time only when a run fails.
+The compiled loop body is `solver.step` alone. Failures are found from the metrics the
+steps return, judged after the loop (non-finite, or `upper_loss` / `lower_residual` past
+`divergence` times their size at the start), and from one finiteness check of the state
+at the end of a compiled call. The last good state is then recovered by re-running from
+a good state with the same per-step keys: a failure costs one more pass, a run that does
+not fail nothing.
 """
 
 import functools as ft
@@ -39,11 +40,15 @@ DIVERGENCE = 1e6
 WARMUP = 10
 """Steps over which the divergence references are measured (their largest values)."""
 
-_OK, _NONFINITE, _DIVERGED = (Status.max_steps.code, Status.nonfinite.code,
-                              Status.diverged.code)
+_OK, _NONFINITE, _DIVERGED = (
+    Status.max_steps.code,
+    Status.nonfinite.code,
+    Status.diverged.code,
+)
 
 _HYPERGRADIENT_STATUS = {
-    1: "the adjoint linear solve stopped before its tolerance (truncated hypergradient)",
+    1: "the adjoint linear solve stopped before its tolerance (a truncated "
+    "hypergradient)",
     2: "non-finite values in the hypergradient computation",
 }
 
@@ -82,7 +87,7 @@ class _Outcome(NamedTuple):
     failed_at: Int[Array, ""]  # the failing step, -1 if none or only the end state
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Judging steps by their metrics: after the loop, vectorised over the steps, so that the
 # compiled loop body is `solver.step` and nothing else.
 
@@ -106,11 +111,15 @@ def _judge(rows: dict, steps, valid, reference, divergence):
     for value in rows.values():
         if jnp.issubdtype(value.dtype, jnp.inexact):
             finite = finite & jnp.all(jnp.isfinite(value.reshape(num, -1)), axis=1)
-    sizes = jnp.stack([
-        jnp.abs(rows[name]).reshape(num).astype(reference.dtype) if name in rows
-        else jnp.zeros(num, reference.dtype)
-        for name in ("upper_loss", "lower_residual")
-    ], axis=1)
+    sizes = jnp.stack(
+        [
+            jnp.abs(rows[name]).reshape(num).astype(reference.dtype)
+            if name in rows
+            else jnp.zeros(num, reference.dtype)
+            for name in ("upper_loss", "lower_residual")
+        ],
+        axis=1,
+    )
     warm = valid & (steps < WARMUP)
     counted = lax.cummax(jnp.where(warm[:, None], sizes, 0), axis=0)
     seen = jnp.maximum(reference[None, :], counted)
@@ -119,8 +128,9 @@ def _judge(rows: dict, steps, valid, reference, divergence):
     grown = checked & (before > 0) & (sizes > divergence * before)
     failing = valid & (~finite | jnp.any(grown, axis=1))
     first = jnp.argmax(failing)
-    failure = jnp.where(failing[first], jnp.where(finite[first], _DIVERGED, _NONFINITE),
-                        _OK)
+    failure = jnp.where(
+        failing[first], jnp.where(finite[first], _DIVERGED, _NONFINITE), _OK
+    )
     failed_at = jnp.where(failing[first], steps[first], -1)
     return failure.astype(jnp.int32), failed_at.astype(jnp.int32), seen[-1]
 
@@ -144,7 +154,7 @@ def _metric_rows(problem, solver, loop: LoopState, data, size: int) -> dict:
     return {name: jnp.zeros((size, *s.shape), s.dtype) for name, s in shapes.items()}
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Passes: a scan recording every step (run), a while loop of at most `size` steps to a
 # dynamic stop (solve's chunks), a while loop judging each step (the recovery).
 
@@ -159,8 +169,9 @@ def _scan_pass(problem, solver, loop: LoopState, data, num_steps: int):
     failure, failed_at, reference = _judge(
         history, steps, jnp.ones(num_steps, bool), loop.reference, loop.divergence
     )
-    end, outcome = _finish(loop, state, loop.step + num_steps, reference, failure,
-                           failed_at)
+    end, outcome = _finish(
+        loop, state, loop.step + num_steps, reference, failure, failed_at
+    )
     return end, history, outcome
 
 
@@ -177,11 +188,15 @@ def _chunk(problem, solver, loop: LoopState, data, stop, size: int):
         return state, step + 1, rows
 
     stop = jnp.asarray(stop, loop.step.dtype)
-    state, step, rows = lax.while_loop(lambda carry: carry[1] < stop, body,
-                                       (loop.state, loop.step, rows))
+    state, step, rows = lax.while_loop(
+        lambda carry: carry[1] < stop, body, (loop.state, loop.step, rows)
+    )
     index = jnp.arange(size, dtype=loop.step.dtype)
     failure, failed_at, reference = _judge(
-        rows, loop.step + index, index < step - loop.step, loop.reference,
+        rows,
+        loop.step + index,
+        index < step - loop.step,
+        loop.reference,
         loop.divergence,
     )
     shown = jnp.where(failed_at >= 0, failed_at - loop.step, step - loop.step - 1)
@@ -202,21 +217,31 @@ def _advance(problem, solver, loop: LoopState, data, stop):
         failed_at: Int[Array, ""]
 
     def body(carry: Carry) -> Carry:
-        state, metrics = solver.step(problem, carry.state, data,
-                                     loop.step_key(carry.step))
+        state, metrics = solver.step(
+            problem, carry.state, data, loop.step_key(carry.step)
+        )
         failure, failed_at, reference = _judge(
-            {name: value[None] for name, value in metrics.items()}, carry.step[None],
-            jnp.ones(1, bool), carry.reference, loop.divergence,
+            {name: value[None] for name, value in metrics.items()},
+            carry.step[None],
+            jnp.ones(1, bool),
+            carry.reference,
+            loop.divergence,
         )
         return Carry(state, carry.step + 1, reference, failure, failed_at)
 
-    start = Carry(loop.state, loop.step, loop.reference, jnp.zeros((), jnp.int32),
-                  -jnp.ones((), jnp.int32))
+    start = Carry(
+        loop.state,
+        loop.step,
+        loop.reference,
+        jnp.zeros((), jnp.int32),
+        -jnp.ones((), jnp.int32),
+    )
     stop = jnp.asarray(stop, loop.step.dtype)
     carry = lax.while_loop(lambda c: (c.step < stop) & (c.failure == _OK), body, start)
     fresh = eqx.tree_at(lambda loop: loop.status, loop, jnp.zeros((), jnp.int32))
-    return _finish(fresh, carry.state, carry.step, carry.reference, carry.failure,
-                   carry.failed_at)
+    return _finish(
+        fresh, carry.state, carry.step, carry.reference, carry.failure, carry.failed_at
+    )
 
 
 def _recover(problem, solver, source: LoopState, data, end: LoopState, outcome):
@@ -243,19 +268,28 @@ def _recover(problem, solver, source: LoopState, data, end: LoopState, outcome):
         loop, result = _advance(problem, solver, source, data, s.target)
         ok = result.failure == _OK
         lo = jnp.where(ok, s.target, s.lo)
-        hi = jnp.where(ok, s.hi, jnp.where(result.failed_at >= 0, result.failed_at,
-                                           s.target))
+        hi = jnp.where(
+            ok, s.hi, jnp.where(result.failed_at >= 0, result.failed_at, s.target)
+        )
         linear = (result.failed_at >= 0) | (s.passes < 2)
-        target = jnp.where(lo >= hi - 1, lo,
-                           jnp.where(ok | ~linear, (lo + hi) // 2, hi - 1))
+        target = jnp.where(
+            lo >= hi - 1, lo, jnp.where(ok | ~linear, (lo + hi) // 2, hi - 1)
+        )
         failure = jnp.where(ok, s.failure, result.failure)
         done = (ok & (lo >= hi - 1)) | (s.target <= s.lo)
         return Search(loop, lo, hi, target, failure, s.passes + 1, done)
 
     lo = source.step
     hi = jnp.where(outcome.failed_at >= 0, outcome.failed_at, end.step)
-    start = Search(end, lo, hi, jnp.maximum(hi - 1, lo), outcome.failure,
-                   jnp.zeros((), jnp.int32), outcome.failure == _OK)
+    start = Search(
+        end,
+        lo,
+        hi,
+        jnp.maximum(hi - 1, lo),
+        outcome.failure,
+        jnp.zeros((), jnp.int32),
+        outcome.failure == _OK,
+    )
     found = lax.while_loop(lambda s: ~s.done, body, start)
     status = jnp.where(outcome.failure == _OK, end.status, found.failure)
     return eqx.tree_at(lambda loop: loop.status, found.loop, status.astype(jnp.int32))
@@ -313,12 +347,13 @@ class _Chunks:
 
     def __call__(self, loop: LoopState, stop) -> tuple[LoopState, dict, _Outcome]:
         dynamic = eqx.partition(loop, eqx.is_array)[0]
-        end, last, outcome = _chunk_compiled(self.static, self.loop_static, self.size,
-                                             self.arguments, dynamic, stop)
+        end, last, outcome = _chunk_compiled(
+            self.static, self.loop_static, self.size, self.arguments, dynamic, stop
+        )
         return _hashable_combine(end, self.loop_static), last, outcome
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Public loop.
 
 
@@ -349,7 +384,9 @@ def _init(problem, solver, x0, y0, data, key, divergence):
 
 
 def _strong_copy(leaf):
-    if isinstance(leaf, jax.Array) and not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    if isinstance(leaf, jax.Array) and not jnp.issubdtype(
+        leaf.dtype, jax.dtypes.prng_key
+    ):
         return jnp.array(leaf, dtype=leaf.dtype, copy=True)
     return leaf
 
@@ -361,7 +398,9 @@ def _divergence(divergence: float | None) -> float:
     if divergence is None:
         return float("inf")
     if not isinstance(divergence, int | float) or not divergence > 1:
-        raise ValueError(f"`divergence` must be a number > 1 or None, got {divergence!r}")
+        raise ValueError(
+            f"`divergence` must be a number > 1 or None, got {divergence!r}"
+        )
     return float(divergence)
 
 
@@ -458,7 +497,7 @@ def run(
     return loop.state, history
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # The host driver.
 
 
@@ -479,7 +518,8 @@ def solve(
     tol: float | None = None,
     tol_metric: str = "grad_norm",
     divergence: float | None = DIVERGENCE,
-    callback: Callable[[int, dict[str, np.ndarray], PyTree, PyTree], None] | None = None,
+    callback: Callable[[int, dict[str, np.ndarray], PyTree, PyTree], None]
+    | None = None,
 ) -> Result:
     """Run a solver with host-side logging: compiled chunks of `log_every` steps, a
     progress display, a history, early stopping and checkpoints.
@@ -505,7 +545,8 @@ def solve(
       continues when `num_steps` is larger, or when a new `tol` is no longer met.
     - `overwrite`: with `resume=False`, replace an existing checkpoint (refused
       otherwise).
-    - `tol`: stop with status `converged` once `metrics[tol_metric] <= tol` at a log point.
+    - `tol`: stop with status `converged` once `metrics[tol_metric] <= tol` at a log
+      point.
     - `callback`: `callback(step, metrics, x, y)`, called on the host after every log
       point (once its checkpoint is written) with the steps done, that point's metrics
       (NumPy scalars) and the current iterates; for custom logging or evaluation.
@@ -523,11 +564,26 @@ def solve(
     writer = None
     if checkpoint is not None:
         fingerprint = _checkpoint.fingerprint(problem, solver, x0, y0, data, log_every)
-        writer = _checkpoint.Writer(checkpoint, fingerprint, resume=resume,
-                                    overwrite=overwrite)
+        writer = _checkpoint.Writer(
+            checkpoint, fingerprint, resume=resume, overwrite=overwrite
+        )
     try:
-        return _drive(problem, solver, x0, y0, data, key, divergence, num_steps,
-                      log_every, progress, writer, tol, tol_metric, callback)
+        return _drive(
+            problem,
+            solver,
+            x0,
+            y0,
+            data,
+            key,
+            divergence,
+            num_steps,
+            log_every,
+            progress,
+            writer,
+            tol,
+            tol_metric,
+            callback,
+        )
     finally:
         if writer is not None:
             writer.close()
@@ -544,8 +600,22 @@ def _check_solve_arguments(num_steps, log_every, checkpoint, resume, overwrite):
         raise ValueError(f"`log_every` must be a positive int, got {log_every!r}")
 
 
-def _drive(problem, solver, x0, y0, data, key, divergence, num_steps, log_every,
-           progress, writer, tol, tol_metric, callback) -> Result:
+def _drive(
+    problem,
+    solver,
+    x0,
+    y0,
+    data,
+    key,
+    divergence,
+    num_steps,
+    log_every,
+    progress,
+    writer,
+    tol,
+    tol_metric,
+    callback,
+) -> Result:
     loop = init(problem, solver, x0, y0, data, key, divergence=divergence)
     rows: list[dict[str, Any]] = []
     status = Status.max_steps
@@ -561,8 +631,18 @@ def _drive(problem, solver, x0, y0, data, key, divergence, num_steps, log_every,
             loop, last, outcome = chunks(loop, stop)
             row, failure, done = jax.device_get((last, outcome.failure, loop.step))
             if failure != _OK:
-                source = _rollback_source(writer, problem, solver, x0, y0, data, key,
-                                          divergence, outcome, loop)
+                source = _rollback_source(
+                    writer,
+                    problem,
+                    solver,
+                    x0,
+                    y0,
+                    data,
+                    key,
+                    divergence,
+                    outcome,
+                    loop,
+                )
                 loop = _recover_jit(problem, solver, source, data, loop, outcome)
                 done, failure = jax.device_get((loop.step, loop.status))
             row = {**row, "step": np.asarray(done, np.int32)}
@@ -579,11 +659,15 @@ def _drive(problem, solver, x0, y0, data, key, divergence, num_steps, log_every,
     finally:
         if display is not None:
             display.close()
-    history = {name: np.stack([row[name] for row in rows]) for name in rows[0]} if rows \
+    history = (
+        {name: np.stack([row[name] for row in rows]) for name in rows[0]}
+        if rows
         else {}
+    )
     x, y = solver.params(loop.state)
-    return Result(x=x, y=y, state=loop.state, history=history, status=status,
-                  num_steps=int(done))
+    return Result(
+        x=x, y=y, state=loop.state, history=history, status=status, num_steps=int(done)
+    )
 
 
 def _copy(leaf):
@@ -612,8 +696,9 @@ def _resume(writer, like, num_steps, tol, tol_metric, solver):
     return loop, rows, status
 
 
-def _rollback_source(writer, problem, solver, x0, y0, data, key, divergence, outcome,
-                     failed):
+def _rollback_source(
+    writer, problem, solver, x0, y0, data, key, divergence, outcome, failed
+):
     """A loop state before the failed one: the latest checkpoint old enough, else the
     run's start. (A failing step's metrics condemn the state it started from, which
     may be the chunk's start, the latest checkpoint.)"""

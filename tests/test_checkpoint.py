@@ -19,14 +19,16 @@ from bilevel import _checkpoint
 
 
 def _setup(lr=0.05, seed=1):
-    bench = bl.problems.quadratic(dim_x=3, dim_y=6, seed=seed, num_samples=24,
-                                  batch_size=6)
+    bench = bl.problems.quadratic(
+        dim_x=3, dim_y=6, seed=seed, num_samples=24, batch_size=6
+    )
     # Momentum carries a trace in the state: it must survive a resume too. (optax.adam
     # fails under the strict dtype promotion of our tests: optax mixes float and int32.)
     import optax
 
-    solver = bl.solvers.ImplicitDiff(inner_steps=3,
-                                     outer_optimizer=optax.sgd(lr, momentum=0.9))
+    solver = bl.solvers.ImplicitDiff(
+        inner_steps=3, outer_optimizer=optax.sgd(lr, momentum=0.9)
+    )
     return bench, solver
 
 
@@ -38,8 +40,15 @@ def setup():
 def _solve(setup, num_steps, log_every=5, **kwargs):
     bench, solver = setup
     return bl.solve(
-        bench.problem, solver, bench.x0, bench.y0, bench.data, num_steps=num_steps,
-        log_every=log_every, progress=False, **kwargs,
+        bench.problem,
+        solver,
+        bench.x0,
+        bench.y0,
+        bench.data,
+        num_steps=num_steps,
+        log_every=log_every,
+        progress=False,
+        **kwargs,
     )
 
 
@@ -78,8 +87,9 @@ def _crash_on(monkeypatch, target: str, call: int):
 
 
 @pytest.mark.parametrize("target", [_checkpoint.CURRENT, _checkpoint.PREVIOUS])
-def test_kill_while_writing_keeps_a_complete_checkpoint(setup, uninterrupted, tmp_path,
-                                                        monkeypatch, target):
+def test_kill_while_writing_keeps_a_complete_checkpoint(
+    setup, uninterrupted, tmp_path, monkeypatch, target
+):
     # The third checkpoint (after step 15) dies after its temporary file was written:
     # before it replaces the current file, or before the previous one is updated.
     _crash_on(monkeypatch, target, 3 if target == _checkpoint.CURRENT else 2)
@@ -90,8 +100,9 @@ def test_kill_while_writing_keeps_a_complete_checkpoint(setup, uninterrupted, tm
     _assert_same(_solve(setup, 20, checkpoint=tmp_path, resume=True), uninterrupted)
 
 
-def test_missing_or_damaged_checkpoint_falls_back_to_the_previous(setup, uninterrupted,
-                                                                  tmp_path):
+def test_missing_or_damaged_checkpoint_falls_back_to_the_previous(
+    setup, uninterrupted, tmp_path
+):
     _solve(setup, 10, checkpoint=tmp_path)  # checkpoints at 5 (previous) and 10
     current = tmp_path / _checkpoint.CURRENT
     current.unlink()  # what a kill between two renames used to leave
@@ -119,14 +130,22 @@ def test_missing_metadata_is_reported_as_corruption(setup, tmp_path):
     arrays["meta"] = np.array(__import__("json").dumps(meta))
     with open(path, "wb") as handle:
         np.savez(handle, **arrays)
-    with pytest.raises(ValueError, match=r"corrupted \(metadata without \['fingerprint'\]"):
+    with pytest.raises(
+        ValueError, match=r"corrupted \(metadata without \['fingerprint'\]"
+    ):
         _solve(setup, 10, checkpoint=tmp_path, resume=True)
 
 
 def _changed(setup, change):
     bench, solver = setup
-    kwargs = {"problem": bench.problem, "solver": solver, "x0": bench.x0,
-              "y0": bench.y0, "data": bench.data, "log_every": 5}
+    kwargs = {
+        "problem": bench.problem,
+        "solver": solver,
+        "x0": bench.x0,
+        "y0": bench.y0,
+        "data": bench.data,
+        "log_every": 5,
+    }
     if change == "solver":
         kwargs["solver"] = _setup(lr=0.06)[1]
     elif change == "data":
@@ -142,20 +161,25 @@ def _changed(setup, change):
     return kwargs
 
 
-@pytest.mark.parametrize("change, named", [
-    ("solver", r"solver\.outer_optimizer"),
-    ("data", r"data\.lower"),
-    ("problem", r"problem\.(upper|lower)"),
-    ("x0", r"x0: float64\[3\] \(checkpoint\) vs float32\[3\]"),
-    ("log_every", r"log_every: 5 \(checkpoint\) vs 2"),
-])
-def test_resume_of_another_run_is_refused_naming_what_differs(setup, tmp_path, change,
-                                                              named):
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ("solver", r"solver\.outer_optimizer"),
+        ("data", r"data\.lower"),
+        ("problem", r"problem\.(upper|lower)"),
+        ("x0", r"x0: float64\[3\] \(checkpoint\) vs float32\[3\]"),
+        ("log_every", r"log_every: 5 \(checkpoint\) vs 2"),
+    ],
+)
+def test_resume_of_another_run_is_refused_naming_what_differs(
+    setup, tmp_path, change, named
+):
     _solve(setup, 5, checkpoint=tmp_path)
     kwargs = _changed(setup, change)
     with pytest.raises(ValueError, match=f"belongs to another run(.|\n)*{named}"):
-        bl.solve(num_steps=10, progress=False, checkpoint=tmp_path, resume=True,
-                 **kwargs)
+        bl.solve(
+            num_steps=10, progress=False, checkpoint=tmp_path, resume=True, **kwargs
+        )
 
 
 _KILLED_RUN = """
@@ -178,17 +202,32 @@ bl.solve(bench.problem, solver, bench.x0, bench.y0, bench.data, num_steps=20,
 
 
 def test_killed_process_resumes_exactly_and_refuses_another_config(
-        setup, uninterrupted, tmp_path):
+    setup, uninterrupted, tmp_path
+):
     tests = str(pathlib.Path(__file__).parent)
     script = _KILLED_RUN.format(tests=tests, directory=str(tmp_path))
     env = {**os.environ, "PYTHONPATH": str(pathlib.Path(tests).parent)}
-    process = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env,
-                             capture_output=True, text=True, timeout=600)
+    process = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert process.returncode == -signal.SIGKILL, process.stderr
     with pytest.raises(ValueError, match="solver.outer_optimizer"):
-        bl.solve(setup[0].problem, _setup(lr=0.06)[1], setup[0].x0, setup[0].y0,
-                 setup[0].data, num_steps=20, log_every=5, progress=False,
-                 checkpoint=tmp_path, resume=True)
+        bl.solve(
+            setup[0].problem,
+            _setup(lr=0.06)[1],
+            setup[0].x0,
+            setup[0].y0,
+            setup[0].data,
+            num_steps=20,
+            log_every=5,
+            progress=False,
+            checkpoint=tmp_path,
+            resume=True,
+        )
     resumed = _solve(setup, 20, checkpoint=tmp_path, resume=True)
     _assert_same(resumed, uninterrupted)
 
@@ -198,7 +237,9 @@ def test_a_second_writer_fails_fast(setup, uninterrupted, tmp_path):
 
     def second_run(step, metrics, x, y):
         if step == 10:
-            with pytest.raises(ValueError, match=f"in use by another run .*{os.getpid()}"):
+            with pytest.raises(
+                ValueError, match=f"in use by another run .*{os.getpid()}"
+            ):
                 _solve(setup, 20, checkpoint=tmp_path, resume=True)
             errors.append(step)
 
@@ -233,15 +274,17 @@ def test_resume_does_what_is_asked(setup, uninterrupted, tmp_path):
     converged = _solve(setup, 20, checkpoint=other, tol=loose)
     assert converged.status == bl.Status.converged
     assert converged.num_steps == 5 * (np.argmax(grad_norms <= loose) + 1) < 20
-    _assert_same(_solve(setup, 20, checkpoint=other, resume=True, tol=loose),
-                 converged)  # still met: nothing to do
+    _assert_same(
+        _solve(setup, 20, checkpoint=other, resume=True, tol=loose), converged
+    )  # still met: nothing to do
     tighter = _solve(setup, 20, checkpoint=other, resume=True, tol=tight)
     _assert_same(tighter, _solve(setup, 20, tol=tight))
     assert tighter.status == bl.Status.max_steps and tighter.num_steps == 20
     # without tol, a run that converged continues to num_steps
     _solve(setup, 20, checkpoint=tmp_path / "c2", tol=loose)
-    _assert_same(_solve(setup, 20, checkpoint=tmp_path / "c2", resume=True),
-                 uninterrupted)
+    _assert_same(
+        _solve(setup, 20, checkpoint=tmp_path / "c2", resume=True), uninterrupted
+    )
 
 
 def test_new_style_keys(setup, tmp_path):

@@ -28,8 +28,9 @@ def bench():
 def _solver(outer_lr):
     # Unrolled with 3 inner steps: quick to compile. The step size as an array: one
     # compilation serves every value, and it can be vmapped.
-    return bl.solvers.Unrolled(inner_steps=3, inner_lr=0.2,
-                               outer_lr=jnp.asarray(outer_lr))
+    return bl.solvers.Unrolled(
+        inner_steps=3, inner_lr=0.2, outer_lr=jnp.asarray(outer_lr)
+    )
 
 
 def _assert_trees_equal(a, b):
@@ -46,8 +47,9 @@ def _assert_trees_equal(a, b):
 def test_chunked_runs_are_bit_identical_to_one_shot():
     # Minibatches: every step draws from its own key, so a wrong key in any chunk
     # shows.
-    stochastic = bl.problems.quadratic(dim_x=3, dim_y=6, seed=1, num_samples=24,
-                                       batch_size=6)
+    stochastic = bl.problems.quadratic(
+        dim_x=3, dim_y=6, seed=1, num_samples=24, batch_size=6
+    )
     problem, data = stochastic.problem, stochastic.data
     solver = _solver(0.3)
     key = jr.key(5)  # a new-style key
@@ -60,8 +62,9 @@ def test_chunked_runs_are_bit_identical_to_one_shot():
         states.append(chunked.state)
     _assert_trees_equal(chunked, one_shot)
     for name in history:
-        np.testing.assert_array_equal(np.concatenate([p[name] for p in parts]),
-                                      history[name])
+        np.testing.assert_array_equal(
+            np.concatenate([p[name] for p in parts]), history[name]
+        )
     assert int(one_shot.step) == 30 and int(one_shot.status) == 0
     # bl.run is init + run_from, and step k receives loop.step_key(k).
     state, _ = bl.run(problem, solver, stochastic.x0, stochastic.y0, data, 30, key)
@@ -113,24 +116,36 @@ def test_diverging_run_stops_with_the_last_good_state(bench, divergence, tmp_pat
     # unrolled estimate is close): the iterates grow geometrically, staying finite for
     # hundreds of steps.
     solver = _solver(4.0)
-    _, unchecked = bl.run(bench.problem, solver, bench.x0, bench.y0, bench.data, 60,
-                          divergence=None)
+    _, unchecked = bl.run(
+        bench.problem, solver, bench.x0, bench.y0, bench.data, 60, divergence=None
+    )
     assert np.all(np.isfinite(unchecked["upper_loss"]))
     kept = _expected_kept(unchecked, divergence)
     assert kept is not None and kept > WARMUP  # the rule fires, after the warm-up
 
-    state, history = bl.run(bench.problem, solver, bench.x0, bench.y0, bench.data, 60,
-                            divergence=divergence)
+    state, history = bl.run(
+        bench.problem, solver, bench.x0, bench.y0, bench.data, 60, divergence=divergence
+    )
     assert int(np.sum(history["finite"] & ~history["diverged"])) == kept
     assert np.all(history["finite"]) and history["diverged"][-1]
-    reference, _ = bl.run(bench.problem, solver, bench.x0, bench.y0, bench.data, kept,
-                          divergence=None)
+    reference, _ = bl.run(
+        bench.problem, solver, bench.x0, bench.y0, bench.data, kept, divergence=None
+    )
     _assert_trees_equal(state, reference)  # exactly the last good state
 
     for checkpoint in (None, tmp_path):  # the re-run starts from the last checkpoint
-        result = bl.solve(bench.problem, solver, bench.x0, bench.y0, bench.data,
-                          num_steps=60, log_every=7, progress=False,
-                          divergence=divergence, checkpoint=checkpoint)
+        result = bl.solve(
+            bench.problem,
+            solver,
+            bench.x0,
+            bench.y0,
+            bench.data,
+            num_steps=60,
+            log_every=7,
+            progress=False,
+            divergence=divergence,
+            checkpoint=checkpoint,
+        )
         assert result.status == bl.Status.diverged
         assert result.num_steps == kept == int(result.history["step"][-1])
         _assert_trees_equal(result.state, reference)
@@ -140,22 +155,35 @@ def test_diverging_run_stops_with_the_last_good_state(bench, divergence, tmp_pat
 
 def test_divergence_is_detected_per_run_under_vmap(bench):
     rates = jnp.array([0.5, 4.0])
-    run = jax.vmap(lambda lr: bl.run(bench.problem, _solver(lr), bench.x0, bench.y0,
-                                     bench.data, 60))
+    run = jax.vmap(
+        lambda lr: bl.run(
+            bench.problem, _solver(lr), bench.x0, bench.y0, bench.data, 60
+        )
+    )
     states, history = run(rates)
     assert history["diverged"].shape == (2, 60)
     assert not history["diverged"][0].any() and history["diverged"][1, -1]
     for i, lr in enumerate(rates):
-        single, single_history = bl.run(bench.problem, _solver(lr), bench.x0, bench.y0,
-                                        bench.data, 60)
+        single, single_history = bl.run(
+            bench.problem, _solver(lr), bench.x0, bench.y0, bench.data, 60
+        )
         np.testing.assert_allclose(states.x[i], single.x, rtol=1e-12)
-        np.testing.assert_array_equal(history["diverged"][i], single_history["diverged"])
+        np.testing.assert_array_equal(
+            history["diverged"][i], single_history["diverged"]
+        )
 
 
 def test_divergence_argument_is_checked(bench):
     with pytest.raises(ValueError, match="divergence"):
-        bl.run(bench.problem, _solver(0.5), bench.x0, bench.y0, bench.data, 5,
-               divergence=0.5)
+        bl.run(
+            bench.problem,
+            _solver(0.5),
+            bench.x0,
+            bench.y0,
+            bench.data,
+            5,
+            divergence=0.5,
+        )
 
 
 # ------------------------------------------------------------------ non-finite states
@@ -170,8 +198,12 @@ class _Poisoned(bl.AbstractBilevelSolver):
     poison: int = eqx.field(static=True, default=10**9)
 
     def _init(self, problem, x0, y0, key):
-        return {"x": x0, "y": y0, "buffer": jnp.zeros_like(x0),
-                "step": jnp.zeros((), jnp.int32)}
+        return {
+            "x": x0,
+            "y": y0,
+            "buffer": jnp.zeros_like(x0),
+            "step": jnp.zeros((), jnp.int32),
+        }
 
     def _step(self, problem, state, data, key):
         x, step = state["x"], state["step"]
@@ -182,8 +214,12 @@ class _Poisoned(bl.AbstractBilevelSolver):
             "lower_residual": jnp.zeros(()),
             "hypergradient_status": jnp.where((step == 3) | (step == 7), 1, 0),
         }
-        new = {"x": 0.5 * x + state["buffer"], "y": state["y"], "buffer": buffer,
-               "step": step + 1}
+        new = {
+            "x": 0.5 * x + state["buffer"],
+            "y": state["y"],
+            "buffer": buffer,
+            "step": step + 1,
+        }
         return new, metrics
 
     def _params(self, state):
@@ -209,20 +245,44 @@ def test_nan_hidden_from_the_metrics_is_rolled_back(bench, poison):
     np.testing.assert_array_equal(traced_history["finite"], history["finite"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # hypergradient_status
-        result = bl.solve(bench.problem, solver, x0, bench.y0, bench.data, num_steps=12,
-                          log_every=4, progress=False)
+        result = bl.solve(
+            bench.problem,
+            solver,
+            x0,
+            bench.y0,
+            bench.data,
+            num_steps=12,
+            log_every=4,
+            progress=False,
+        )
     assert result.status == bl.Status.nonfinite and result.num_steps == poison
     np.testing.assert_array_equal(result.x, expected)
 
 
 def test_nonzero_hypergradient_status_warns_once(bench):
     with pytest.warns(RuntimeWarning, match="hypergradient_status 1 at step 4.*trunc"):
-        bl.solve(bench.problem, _Poisoned(), jnp.ones(3), bench.y0, bench.data,
-                 num_steps=12, log_every=1, progress=False)
+        bl.solve(
+            bench.problem,
+            _Poisoned(),
+            jnp.ones(3),
+            bench.y0,
+            bench.data,
+            num_steps=12,
+            log_every=1,
+            progress=False,
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        bl.solve(bench.problem, _Poisoned(), jnp.ones(3), bench.y0, bench.data,
-                 num_steps=12, log_every=1, progress=False)
+        bl.solve(
+            bench.problem,
+            _Poisoned(),
+            jnp.ones(3),
+            bench.y0,
+            bench.data,
+            num_steps=12,
+            log_every=1,
+            progress=False,
+        )
     assert len([w for w in caught if "hypergradient_status" in str(w.message)]) == 1
 
 
@@ -239,11 +299,23 @@ def test_solve_compiles_its_chunk_once(caplog):
     def compiled(**kwargs):
         caplog.clear()
         with caplog.at_level(logging.WARNING), jax.log_compiles():
-            result = bl.solve(small.problem, solver, small.x0, small.y0, small.data,
-                              num_steps=23, log_every=5, progress=False, **kwargs)
+            result = bl.solve(
+                small.problem,
+                solver,
+                small.x0,
+                small.y0,
+                small.data,
+                num_steps=23,
+                log_every=5,
+                progress=False,
+                **kwargs,
+            )
         assert result.num_steps == 23
-        return [r.getMessage().split(" with ")[0] for r in caplog.records
-                if r.getMessage().startswith("Compiling")]
+        return [
+            r.getMessage().split(" with ")[0]
+            for r in caplog.records
+            if r.getMessage().startswith("Compiling")
+        ]
 
     first = compiled()
     assert sum("_chunk" in name for name in first) == 1, first
@@ -255,8 +327,16 @@ def test_solve_compiles_its_chunk_once(caplog):
 
 
 def test_progress_prints_plain_lines_when_not_a_terminal(bench, capsys):
-    bl.solve(bench.problem, _solver(0.5), bench.x0, bench.y0, bench.data, num_steps=20,
-             log_every=5, progress=True)
+    bl.solve(
+        bench.problem,
+        _solver(0.5),
+        bench.x0,
+        bench.y0,
+        bench.data,
+        num_steps=20,
+        log_every=5,
+        progress=True,
+    )
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 4  # one per log point, no carriage-return bar
     assert lines[-1].startswith("step 20/20")
