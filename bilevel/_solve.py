@@ -175,22 +175,33 @@ def _scan_pass(problem, solver, loop: LoopState, data, num_steps: int):
     return end, history, outcome
 
 
-def _chunk(problem, solver, loop: LoopState, data, stop, size: int):
-    """Steps from `loop.step` to `stop` (at most `size` of them): the loop after them,
-    the metrics of the last step (of the failing step if one failed), the outcome."""
-    rows = _metric_rows(problem, solver, loop, data, size)
+def _chunk(problem, solver, loop: LoopState, data, stop, size: int, exact: bool):
+    """Steps from `loop.step` to `stop`, at most `size` of them (exactly `size` if
+    `exact`: a scan of known length, which XLA may compile better than a loop of
+    unknown length): the loop after them, the metrics of the last step (of the failing
+    step if one failed), and the outcome."""
+    if exact:
+        steps = loop.step + jnp.arange(size, dtype=loop.step.dtype)
 
-    def body(carry):
-        state, step, rows = carry
-        state, metrics = solver.step(problem, state, data, loop.step_key(step))
-        index = step - loop.step
-        rows = {name: rows[name].at[index].set(metrics[name]) for name in rows}
-        return state, step + 1, rows
+        def scan_body(state, step):
+            return solver.step(problem, state, data, loop.step_key(step))
 
-    stop = jnp.asarray(stop, loop.step.dtype)
-    state, step, rows = lax.while_loop(
-        lambda carry: carry[1] < stop, body, (loop.state, loop.step, rows)
-    )
+        state, rows = lax.scan(scan_body, loop.state, steps)
+        step = loop.step + size
+    else:
+        rows = _metric_rows(problem, solver, loop, data, size)
+
+        def body(carry):
+            state, step, rows = carry
+            state, metrics = solver.step(problem, state, data, loop.step_key(step))
+            index = step - loop.step
+            rows = {name: rows[name].at[index].set(metrics[name]) for name in rows}
+            return state, step + 1, rows
+
+        stop = jnp.asarray(stop, loop.step.dtype)
+        state, step, rows = lax.while_loop(
+            lambda carry: carry[1] < stop, body, (loop.state, loop.step, rows)
+        )
     index = jnp.arange(size, dtype=loop.step.dtype)
     failure, failed_at, reference = _judge(
         rows,
@@ -327,28 +338,38 @@ def _hashable_combine(dynamic, static):
     return eqx.combine(dynamic, jtu.tree_unflatten(treedef, leaves))
 
 
-@ft.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
-def _chunk_compiled(static, loop_static, size, arguments, loop, stop):
+@ft.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+def _chunk_compiled(static, loop_static, size, exact, arguments, loop, stop):
     problem, solver, data = _hashable_combine(arguments, static)
     loop = _hashable_combine(loop, loop_static)
-    end, last, outcome = _chunk(problem, solver, loop, data, stop, size)
+    end, last, outcome = _chunk(problem, solver, loop, data, stop, size, exact)
     return eqx.partition(end, eqx.is_array)[0], last, outcome
 
 
 class _Chunks:
-    """`solve`'s compiled chunk. What `eqx.filter_jit` does at every call (split the
-    arrays from the rest) is done once per run, so that a chunk costs one dispatch;
-    the loop's arrays are donated (a chunk's input is never used again)."""
+    """`solve`'s compiled chunk, one compilation per run. What `eqx.filter_jit` does at
+    every call (split the arrays from the rest) is done once, so that a chunk costs one
+    dispatch; the loop's arrays are donated (a chunk's input is never used again).
+    When every chunk has `size` steps (`start` and `stop` multiples of it) the chunk is
+    a scan of known length; otherwise one loop of variable length serves all chunks,
+    a shorter last one included."""
 
-    def __init__(self, problem, solver, data, size: int, loop: LoopState):
+    def __init__(self, problem, solver, data, size: int, loop: LoopState, start, stop):
         self.arguments, self.static = _hashable_partition((problem, solver, data))
         _, self.loop_static = _hashable_partition(loop)
         self.size = size
+        self.exact = start % size == 0 and stop % size == 0
 
     def __call__(self, loop: LoopState, stop) -> tuple[LoopState, dict, _Outcome]:
         dynamic = eqx.partition(loop, eqx.is_array)[0]
         end, last, outcome = _chunk_compiled(
-            self.static, self.loop_static, self.size, self.arguments, dynamic, stop
+            self.static,
+            self.loop_static,
+            self.size,
+            self.exact,
+            self.arguments,
+            dynamic,
+            stop,
         )
         return _hashable_combine(end, self.loop_static), last, outcome
 
@@ -623,7 +644,7 @@ def _drive(
         loop, rows, status = _resume(writer, loop, num_steps, tol, tol_metric, solver)
     done = int(loop.step)
     display = _progress.display(progress, num_steps, done, tol, tol_metric)
-    chunks = _Chunks(problem, solver, data, log_every, loop)
+    chunks = _Chunks(problem, solver, data, log_every, loop, done, num_steps)
     warned = False
     try:
         while done < num_steps and status == Status.max_steps:

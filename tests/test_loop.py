@@ -290,13 +290,14 @@ def test_nonzero_hypergradient_status_warns_once(bench):
 
 
 def test_solve_compiles_its_chunk_once(caplog):
-    # A size no other test uses: the first solve compiles, with chunks of 5, 5, 5, 5
-    # and a shorter last one of 3, the chunk function exactly once; a second solve
-    # compiles nothing at all.
+    # A size no other test uses. With chunks of 5, 5, 5, 5 and a shorter last one of
+    # 3, the chunk function compiles exactly once; a second solve compiles nothing at
+    # all, nor does one with another key. Chunks that all have log_every steps (20
+    # steps) use a scan of known length: again one compilation.
     small = bl.problems.quadratic(dim_x=2, dim_y=5, seed=4)
     solver = _solver(0.5)
 
-    def compiled(**kwargs):
+    def compiled(num_steps=23, **kwargs):
         caplog.clear()
         with caplog.at_level(logging.WARNING), jax.log_compiles():
             result = bl.solve(
@@ -305,12 +306,12 @@ def test_solve_compiles_its_chunk_once(caplog):
                 small.x0,
                 small.y0,
                 small.data,
-                num_steps=23,
+                num_steps=num_steps,
                 log_every=5,
                 progress=False,
                 **kwargs,
             )
-        assert result.num_steps == 23
+        assert result.num_steps == num_steps
         return [
             r.getMessage().split(" with ")[0]
             for r in caplog.records
@@ -321,6 +322,9 @@ def test_solve_compiles_its_chunk_once(caplog):
     assert sum("_chunk" in name for name in first) == 1, first
     assert compiled() == []
     assert compiled(key=jr.PRNGKey(3)) == []  # another key: same compiled function
+    exact = compiled(num_steps=20)
+    assert sum("_chunk" in name for name in exact) == 1, exact
+    assert compiled(num_steps=30) == []
 
 
 # ------------------------------------------------------------------ progress output
