@@ -28,7 +28,7 @@ from ._table import format_table
 EXIT_USAGE = 2
 EXIT_FAILED = 3  # a run ended `nonfinite` or `diverged`
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), after writing the partial results
-FAILED = ("nonfinite", "diverged")
+FAILS = ("nonfinite", "diverged")
 
 
 def say(*lines: str) -> None:
@@ -154,7 +154,7 @@ def _open_session(args: argparse.Namespace, names: list[str]) -> Session:
     bench = build_problem(problem, args.seed, settings.problem)
     traces = []
     for name in names:
-        solver = build_solver(name, problem, settings.solvers[name])
+        solver = build_solver(name, problem, settings.solvers[name.lower()])
         check_applies(name, solver, bench)
         traces.append(Trace(name.lower(), solver))
     job = Job(bench, args.steps, _log_every(args), args.seed, not args.quiet)
@@ -288,9 +288,9 @@ def _session_command(args: argparse.Namespace, names: list[str], report) -> int:
     report(session)
     if session.out is not None:
         say(f"results: {session.out}")
-    failed = [t.name for t in session.traces if t.status in FAILED]
+    failed = [f"{t.name} ended {t.status}" for t in session.traces if t.status in FAILS]
     if failed:
-        print(f"bilevel: run failed ({', '.join(failed)}: see status)", file=sys.stderr)
+        print(f"bilevel: {'; '.join(failed)} (exit status 3)", file=sys.stderr)
         return EXIT_FAILED
     return 0
 

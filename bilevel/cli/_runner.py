@@ -116,6 +116,7 @@ class _Recorder:
         self.offset = trace.rows[-1].get("seconds", 0.0) if trace.rows else 0.0
         self.new_rows = 0
         self.paused = 0.0
+        self.latest: tuple[Any, Any] = (None, None)  # (x, y) at the last log point
         self.start = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -129,6 +130,7 @@ class _Recorder:
         if self.new_rows % self.job.eval_every == 0:
             self.evaluate(row, x, y)
         self._append(row)
+        self.latest = (x, y)
         self.paused += time.perf_counter() - entered
 
     def evaluate(self, row: dict, x: Any, y: Any) -> None:
@@ -196,21 +198,28 @@ def run_solver(
         )
     except KeyboardInterrupt:
         trace.status = "interrupted"
-        _finish_timing(trace, recorder, warm_seconds, warm_steps)
-        trace.final = _latest_evaluation(trace)
+        _finish(trace, recorder, *recorder.latest, warm_seconds, warm_steps)
         raise
     finally:
         if recorder.history is not None:
             recorder.history.close()
     trace.status = str(result.status)
     trace.steps = int(result.num_steps)
-    _finish_timing(trace, recorder, warm_seconds, warm_steps)
     _complete_rows(trace, result.history)
-    if EVAL_PREFIX + bench.metric not in trace.rows[-1]:
-        recorder.evaluate(trace.rows[-1], result.x, result.y)
+    _finish(trace, recorder, result.x, result.y, warm_seconds, warm_steps)
+
+
+def _finish(trace, recorder, x, y, warm_seconds, warm_steps) -> None:
+    """Timing, the evaluation at the last log point (`x`, `y`) if it has none, the
+    final metrics, and the history file rewritten whole."""
+    _finish_timing(trace, recorder, warm_seconds, warm_steps)
+    metric = EVAL_PREFIX + recorder.job.bench.metric
+    if trace.rows and metric not in trace.rows[-1] and x is not None:
+        recorder.evaluate(trace.rows[-1], x, y)
     trace.final = _latest_evaluation(trace)
-    if history is not None and trace.rows:
-        (recorder.history or History(history, _columns(trace.rows))).rewrite(trace.rows)
+    if recorder.path is not None and trace.rows:
+        history = recorder.history or History(recorder.path, _columns(trace.rows))
+        history.rewrite(trace.rows)
 
 
 def _finish_timing(trace, recorder, warm_seconds, warm_steps) -> None:

@@ -177,11 +177,12 @@ class Settings:
 
 
 def parse_settings(pairs: list[str], solvers: list[str], problem: str) -> Settings:
-    """Sort `--set` pairs into solver fields and problem parameters, converting each
-    value; `UsageError` naming the pair and the valid keys or values."""
-    fields = {name: _solver_types(solver_class(name)) for name in solvers}
+    """Sort `--set` pairs into solver fields (keyed by lower-case solver name) and
+    problem parameters, converting each value; `UsageError` naming the pair and the
+    valid keys or values."""
+    fields = {name.lower(): _solver_types(solver_class(name)) for name in solvers}
     params = _problem_types(problem)
-    settings = Settings({name: {} for name in solvers}, {})
+    settings = Settings({name: {} for name in fields}, {})
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key:
@@ -190,13 +191,12 @@ def parse_settings(pairs: list[str], solvers: list[str], problem: str) -> Settin
         if dot and prefix == "problem" and rest in params:
             settings.problem[rest] = convert(key, text, params[rest])
             continue
-        targets = [prefix] if dot and prefix in fields else list(fields)
-        field = rest if dot and prefix in fields else key
-        applied = [name for name in targets if field in fields[name]]
+        solver = prefix.lower() if dot and prefix.lower() in fields else None
+        field = rest if solver else key
+        applied = [n for n in ([solver] if solver else fields) if field in fields[n]]
         if not applied:
-            raise UsageError(
-                f"unknown --set key {key!r}; valid keys: {_valid_keys(fields, params)}"
-            )
+            valid = _valid_keys({solver: fields[solver]} if solver else fields, params)
+            raise UsageError(f"unknown --set key {key!r}; valid keys: {valid}")
         for name in applied:
             settings.solvers[name][field] = convert(key, text, fields[name][field])
     return settings
