@@ -19,7 +19,6 @@ from ._settings import (
     check_applies,
     known_problem,
     parse_settings,
-    solver_class,
     solver_classes,
 )
 from ._table import format_table
@@ -145,20 +144,20 @@ def _log_every(args: argparse.Namespace) -> int:
 
 
 def _open_session(args: argparse.Namespace, names: list[str]) -> Session:
-    """Everything that can be checked before compiling: names, settings, problem,
-    solver configurations and applicability, `--out`, `--checkpoint`."""
+    """Everything that can be checked before compiling: names, settings, solver
+    configurations, `--out`, the problem, applicability, `--checkpoint`."""
     problem = known_problem(args.problem)
-    for name in names:
-        solver_class(name)
     settings = parse_settings(args.set, names, problem)
+    solvers = {n: build_solver(n, problem, settings.solvers[n.lower()]) for n in names}
+    out = None if args.out is None else pathlib.Path(args.out)
+    if out is not None:
+        _output.check_writable(out)
     bench = build_problem(problem, args.seed, settings.problem)
     traces = []
-    for name in names:
-        solver = build_solver(name, problem, settings.solvers[name.lower()])
+    for name, solver in solvers.items():
         check_applies(name, solver, bench)
         traces.append(Trace(name.lower(), solver))
     job = Job(bench, args.steps, _log_every(args), args.seed, not args.quiet)
-    out = None if args.out is None else pathlib.Path(args.out)
     session = Session(args, names, settings, job, traces, out)
     _check_checkpoints(session)
     if out is not None:

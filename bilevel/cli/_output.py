@@ -24,14 +24,8 @@ def _is_output(name: str) -> bool:
     return name.startswith("history") and name.endswith(".csv")
 
 
-def prepare(out: pathlib.Path, *, force: bool, resume: bool, keep: pathlib.Path | None):
-    """Make `out` ready for this run, before anything is compiled.
-
-    `out` is created if needed and must be writable. A non-empty `out` is refused
-    unless `resume` (continue the histories there) or `force` (delete the files an
-    earlier run of the command wrote; anything else, except the checkpoint directory
-    `keep`, is never deleted and makes the command refuse).
-    """
+def check_writable(out: pathlib.Path) -> None:
+    """Create `out` if needed and check that files can be written there."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
@@ -39,6 +33,16 @@ def prepare(out: pathlib.Path, *, force: bool, resume: bool, keep: pathlib.Path 
     except OSError as err:
         reason = err.strerror or type(err).__name__
         raise UsageError(f"--out {out} is not a writable directory ({reason})") from err
+
+
+def prepare(out: pathlib.Path, *, force: bool, resume: bool, keep: pathlib.Path | None):
+    """Make `out` ready for this run, before anything is compiled.
+
+    A non-empty `out` is refused unless `resume` (continue the histories there) or
+    `force` (delete the files an earlier run of the command wrote; anything else,
+    except the checkpoint directory `keep`, is never deleted and makes the command
+    refuse).
+    """
     entries = sorted(p for p in out.iterdir() if keep is None or p.resolve() != keep)
     if not entries or resume:
         return
@@ -108,10 +112,13 @@ class History:
         if not path.exists():
             return []
         with open(path, newline="") as handle:
-            return [
+            rows = [
                 {k: float(v) for k, v in row.items() if v not in ("", None)}
                 for row in csv.DictReader(handle)
             ]
+        for row in rows:
+            row["step"] = int(row["step"])
+        return rows
 
     def _line(self, row: dict[str, Any]) -> str:
         buffer = io.StringIO()

@@ -175,7 +175,8 @@ def run_solver(
     """Run `trace.solver` on the job's problem, filling `trace` as it goes (so that it
     holds the run so far if interrupted: status `interrupted`, `KeyboardInterrupt`
     re-raised). `history` is the CSV file appended at every log point; `checkpoint`
-    and `resume` are passed to `bl.solve`."""
+    and `resume` are passed to `bl.solve`, whose refusals (a checkpoint of another
+    run) become a `UsageError`."""
     import bilevel as bl
 
     bench = job.bench
@@ -196,6 +197,10 @@ def run_solver(
             resume=resume,
             callback=recorder,
         )
+    except ValueError as err:
+        if recorder.new_rows:
+            raise
+        raise UsageError(f"{trace.name}: {one_line(err)}") from err  # e.g. a checkpoint
     except KeyboardInterrupt:
         trace.status = "interrupted"
         _finish(trace, recorder, *recorder.latest, warm_seconds, warm_steps)
