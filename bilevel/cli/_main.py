@@ -84,6 +84,17 @@ class Session:
         root = pathlib.Path(self.args.checkpoint)
         return root if self.args.command == "run" else root / trace.name
 
+    def checkpointing(self, trace: Trace) -> dict[str, Any]:
+        """`bl.solve`'s checkpoint arguments for this run (none without
+        `--checkpoint`); `--force` starts an existing checkpoint over."""
+        directory = self.checkpoint(trace)
+        if directory is None:
+            return {}
+        options = {"checkpoint": str(directory), "resume": self.args.resume}
+        if self.args.force and not self.args.resume:
+            options["overwrite"] = True
+        return options
+
     def config(self) -> dict[str, Any]:
         """What `config.json` records: enough to rerun, and how every run ended."""
         bench, args = self.bench, self.args
@@ -225,8 +236,7 @@ def _run_all(session: Session) -> None:
             session.job,
             trace,
             session.history_path(trace),
-            session.checkpoint(trace),
-            session.args.resume,
+            session.checkpointing(trace),
         )
         say(
             f"{trace.name}: {trace.status} after {trace.steps} steps (compile "

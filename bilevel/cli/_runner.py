@@ -169,14 +169,13 @@ def run_solver(
     job: Job,
     trace: Trace,
     history: pathlib.Path | None,
-    checkpoint: pathlib.Path | None = None,
-    resume: bool = False,
+    checkpointing: dict[str, Any] | None = None,
 ) -> None:
     """Run `trace.solver` on the job's problem, filling `trace` as it goes (so that it
     holds the run so far if interrupted: status `interrupted`, `KeyboardInterrupt`
-    re-raised). `history` is the CSV file appended at every log point; `checkpoint`
-    and `resume` are passed to `bl.solve`, whose refusals (a checkpoint of another
-    run) become a `UsageError`."""
+    re-raised). `history` is the CSV file appended at every log point;
+    `checkpointing` holds `bl.solve`'s `checkpoint`, `resume` and `overwrite`
+    arguments, whose refusals (a checkpoint of another run) become a `UsageError`."""
     import bilevel as bl
 
     bench = job.bench
@@ -193,9 +192,8 @@ def run_solver(
             key=job.key(),
             log_every=job.log_every,
             progress=job.progress,
-            checkpoint=None if checkpoint is None else str(checkpoint),
-            resume=resume,
             callback=recorder,
+            **(checkpointing or {}),
         )
     except ValueError as err:
         if recorder.new_rows:
