@@ -5,6 +5,7 @@ import dataclasses
 import math
 import pathlib
 import sys
+import time
 from typing import Any
 
 from . import _output, _summaries
@@ -223,7 +224,10 @@ def _check_same_run(earlier: dict[str, Any], session: Session) -> None:
 
 def _run_all(session: Session) -> None:
     bench = session.bench
-    session.start = evaluation(bench, bench.x0, bench.y0)
+    session.start = evaluation(bench, bench.x0, bench.y0)  # compiles the evaluation
+    start = time.perf_counter()
+    evaluation(bench, bench.x0, bench.y0)
+    session.job.plan_evaluations(time.perf_counter() - start)
     session.save()
     for i, trace in enumerate(session.traces, start=1):
         counter = f"[{i}/{len(session.traces)}] " if len(session.traces) > 1 else ""
@@ -275,8 +279,8 @@ def _report_compare(session: Session) -> None:
             if goal is None
             else f"; target: {goal:.4g} ({TARGET_FRACTION:.0%} of the best gain)"
         ),
-        "target step / s: first evaluated point at the target, in solver seconds "
-        "(no compile, no evaluation)",
+        "target step / s: first evaluated step at the target; solver seconds (no "
+        "compilation, no evaluation)",
     ]
     say(*lines, format_table(ranking(session.traces, bench, start)))
 

@@ -16,7 +16,8 @@ from ._settings import UsageError, one_line
 
 
 EVAL_PREFIX = "eval_"
-MAX_EVALUATIONS = 50  # evaluations per run, at regular log points, plus the last one
+EVALUATIONS = (5, 50)  # evaluations per run (fewest, most), at regular log points
+EVALUATION_BUDGET = 30.0  # seconds of evaluation per run, when that allows more than 5
 
 
 @dataclasses.dataclass
@@ -28,13 +29,19 @@ class Job:
     log_every: int
     seed: int
     progress: bool
+    evaluations: int = EVALUATIONS[1]
+
+    def plan_evaluations(self, seconds: float) -> None:
+        """Evaluate as often as `EVALUATION_BUDGET` allows at `seconds` each."""
+        fewest, most = EVALUATIONS
+        affordable = EVALUATION_BUDGET / max(seconds, 1e-9)
+        self.evaluations = int(min(most, max(fewest, affordable)))
 
     @property
     def eval_every(self) -> int:
-        """Log points between two evaluations."""
-        return max(
-            1, math.ceil(math.ceil(self.steps / self.log_every) / MAX_EVALUATIONS)
-        )
+        """Log points between two evaluations (the last point is always evaluated)."""
+        log_points = math.ceil(self.steps / self.log_every)
+        return max(1, math.ceil(log_points / self.evaluations))
 
     def key(self):
         return jr.PRNGKey(self.seed)
