@@ -279,8 +279,8 @@ def _report_compare(session: Session) -> None:
             if goal is None
             else f"; target: {goal:.4g} ({TARGET_FRACTION:.0%} of the best gain)"
         ),
-        "target step / s: first evaluated step at the target; solver seconds (no "
-        "compilation, no evaluation)",
+        "target step, target s: when the target was first reached (solver seconds, "
+        "no compile)",
     ]
     say(*lines, format_table(ranking(session.traces, bench, start)))
 
