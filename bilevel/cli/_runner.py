@@ -80,10 +80,18 @@ class Trace:
         }
 
 
+def _scalars(values: dict[str, Any]) -> dict[str, float]:
+    """The scalar entries of `values` as floats (`step` excluded)."""
+    return {
+        k: float(np.asarray(v))
+        for k, v in values.items()
+        if np.size(v) == 1 and k != "step"
+    }
+
+
 def evaluation(bench: Any, x: Any, y: Any) -> dict[str, float]:
     """`bench.evaluate(x, y)` as floats (scalar entries only)."""
-    values = bench.evaluate(x, y)
-    return {k: float(np.asarray(v)) for k, v in values.items() if np.size(v) == 1}
+    return _scalars(bench.evaluate(x, y))
 
 
 def _warm_up(job: Job, trace: Trace) -> tuple[float, int]:
@@ -132,7 +140,7 @@ class _Recorder:
     def __call__(self, step, metrics, x, y) -> None:
         entered = time.perf_counter()
         row = {"step": int(step)}
-        row.update({k: float(np.asarray(v)) for k, v in metrics.items() if k != "step"})
+        row.update(_scalars(metrics))
         row["seconds"] = self.offset + entered - self.start - self.paused
         if self.new_rows % self.job.eval_every == 0:
             self.evaluate(row, x, y)
@@ -244,12 +252,10 @@ def _complete_rows(trace: Trace, history: dict) -> None:
     """Add the log points of `bl.solve`'s history that no callback reported (those a
     resumed run restored from its checkpoint)."""
     seen = {row["step"] for row in trace.rows}
-    columns = [name for name in history if name != "step"]
     for i, step in enumerate(np.asarray(history["step"]).tolist()):
         if int(step) not in seen:
-            row = {"step": int(step)}
-            row.update({name: float(np.asarray(history[name][i])) for name in columns})
-            trace.rows.append(row)
+            values = {name: column[i] for name, column in history.items()}
+            trace.rows.append({"step": int(step), **_scalars(values)})
     trace.rows.sort(key=lambda row: row["step"])
 
 
