@@ -64,6 +64,7 @@ def read_history(path):
         (RUN + " --set problem.dim_x=x", r"problem\.dim_x=x: must be an integer"),
         (RUN + " --resume", r"--resume needs --checkpoint"),
         (RUN + " --steps 0", r"--steps must be >= 1"),
+        (RUN + " --log-every 0", r"--log-every must be >= 1"),
         (
             "run quadratic --solver slbamm --set strategy=s9",
             r"--set strategy=s9: must be 's1' or 's2' or 's3'",

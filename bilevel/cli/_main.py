@@ -1,27 +1,13 @@
 """The `bilevel` command: argument parsing, the three subcommands, exit statuses."""
 
 import argparse
-import dataclasses
 import math
-import pathlib
 import sys
-import time
-from typing import Any
 
-from . import _output, _summaries
+from . import _summaries
 from ._compare import TARGET_FRACTION, ranking, target
-from ._plot import plot
-from ._runner import Job, Trace, evaluation, run_solver
-from ._settings import (
-    Settings,
-    UsageError,
-    build_problem,
-    build_solver,
-    check_applies,
-    known_problem,
-    parse_settings,
-    solver_classes,
-)
+from ._session import Session, dtype, open_session, run_all, say
+from ._settings import UsageError, solver_classes
 from ._table import format_table
 
 
@@ -29,11 +15,6 @@ EXIT_USAGE = 2
 EXIT_FAILED = 3  # a run ended `nonfinite` or `diverged`
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), after writing the partial results
 FAILS = ("nonfinite", "diverged")
-
-
-def say(*lines: str) -> None:
-    """Print plain lines to stdout at once (a log file gets them as they happen)."""
-    print(*lines, sep="\n", flush=True)
 
 
 # -----------------------------------------------------------------------------------
@@ -56,200 +37,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 # bilevel run / bilevel compare
 
 
-@dataclasses.dataclass
-class Session:
-    """One `run` or `compare` invocation: its problem, runs and output directory."""
-
-    args: argparse.Namespace
-    names: list[str]
-    settings: Settings
-    job: Job
-    traces: list[Trace]
-    out: pathlib.Path | None
-    start: dict[str, float] = dataclasses.field(default_factory=dict)
-    state: str = "running"
-
-    @property
-    def bench(self):
-        return self.job.bench
-
-    def history_path(self, trace: Trace) -> pathlib.Path | None:
-        if self.out is None:
-            return None
-        suffix = "" if self.args.command == "run" else f"_{trace.name}"
-        return self.out / f"history{suffix}.csv"
-
-    def checkpoint(self, trace: Trace) -> pathlib.Path | None:
-        if self.args.checkpoint is None:
-            return None
-        root = pathlib.Path(self.args.checkpoint)
-        return root if self.args.command == "run" else root / trace.name
-
-    def checkpointing(self, trace: Trace) -> dict[str, Any]:
-        """`bl.solve`'s checkpoint arguments for this run (none without
-        `--checkpoint`); `--force` starts an existing checkpoint over."""
-        directory = self.checkpoint(trace)
-        if directory is None:
-            return {}
-        options = {"checkpoint": str(directory), "resume": self.args.resume}
-        if self.args.force and not self.args.resume:
-            options["overwrite"] = True
-        return options
-
-    def config(self) -> dict[str, Any]:
-        """What `config.json` records: enough to rerun, and how every run ended."""
-        bench, args = self.bench, self.args
-        config = {
-            "command": args.command,
-            "state": self.state,
-            "problem": bench.name,
-            "problem_params": self.settings.problem,
-            "metric": bench.metric,
-            "maximize": bench.maximize,
-            "baseline": bench.baseline,
-            "solvers": {t.name: _solver_record(t.solver) for t in self.traces},
-            "steps": args.steps,
-            "log_every": self.job.log_every,
-            "seed": args.seed,
-            "dtype": _dtype(),
-            "checkpoint": args.checkpoint,
-            "start_metrics": self.start,
-            "results": [t.summary() for t in self.traces],
-        }
-        if args.command == "run":
-            trace = self.traces[0]
-            config.update(status=trace.status, metrics=trace.final)
-        else:
-            config["ranking"] = ranking(self.traces, bench, self._start_value())
-        return config
-
-    def _start_value(self) -> float:
-        return self.start.get(self.bench.metric, math.nan)
-
-    def save(self) -> None:
-        """Write `config.json` and the plot (the histories are written as runs go)."""
-        if self.out is None:
-            return
-        _output.write_config(self.out, self.config())
-        if any(trace.rows for trace in self.traces):
-            plot(
-                self.out / _output.PLOT,
-                self.traces,
-                self.bench.metric,
-                self._start_value(),
-            )
-
-
-def _solver_record(solver: Any) -> dict[str, Any]:
-    fields = {f.name: getattr(solver, f.name) for f in dataclasses.fields(solver)}
-    return {"class": type(solver).__name__, "settings": fields}
-
-
-def _dtype() -> str:
-    import jax.numpy as jnp
-
-    return str(jnp.result_type(float))
-
-
-def _log_every(args: argparse.Namespace) -> int:
-    return min(args.steps, args.log_every or max(1, args.steps // 50))
-
-
-def _open_session(args: argparse.Namespace, names: list[str]) -> Session:
-    """Everything that can be checked before compiling: names, settings, solver
-    configurations, `--out`, the problem, applicability, `--checkpoint`."""
-    problem = known_problem(args.problem)
-    settings = parse_settings(args.set, names, problem)
-    solvers = {n: build_solver(n, problem, settings.solvers[n.lower()]) for n in names}
-    out = None if args.out is None else pathlib.Path(args.out)
-    if out is not None:
-        _output.check_writable(out)
-    bench = build_problem(problem, args.seed, settings.problem)
-    traces = []
-    for name, solver in solvers.items():
-        check_applies(name, solver, bench)
-        traces.append(Trace(name.lower(), solver))
-    job = Job(bench, args.steps, _log_every(args), args.seed, not args.quiet)
-    session = Session(args, names, settings, job, traces, out)
-    _check_checkpoints(session)
-    if out is not None:
-        _prepare_out(session)
-    return session
-
-
-def _check_checkpoints(session: Session) -> None:
-    args = session.args
-    if args.checkpoint is None or args.resume or args.force:
-        return
-    for trace in session.traces:
-        directory = session.checkpoint(trace)
-        if directory.is_dir() and any(directory.iterdir()):
-            raise UsageError(
-                f"--checkpoint {directory} already holds a run; add --resume to "
-                "continue it or --force to start over"
-            )
-
-
-def _prepare_out(session: Session) -> None:
-    args, out = session.args, session.out
-    keep = None if args.checkpoint is None else pathlib.Path(args.checkpoint).resolve()
-    earlier = _output.read_config(out) if args.resume else None
-    if earlier is not None:
-        _check_same_run(earlier, session)
-    _output.prepare(out, force=args.force, resume=earlier is not None, keep=keep)
-    for trace in session.traces:
-        trace.rows = _output.History.read(session.history_path(trace))
-        trace.steps = int(trace.rows[-1]["step"]) if trace.rows else 0
-
-
-def _check_same_run(earlier: dict[str, Any], session: Session) -> None:
-    """A resumed run may append to `--out` only if it holds this same run."""
-    now = _output.plain(session.config())
-    keys = (
-        "command",
-        "problem",
-        "problem_params",
-        "solvers",
-        "seed",
-        "log_every",
-        "dtype",
-    )
-    differ = [key for key in keys if earlier.get(key) != now.get(key)]
-    if differ:
-        raise UsageError(
-            f"--out {session.out} holds another run ({', '.join(differ)} differ); "
-            "resume into a new directory or the one this run wrote"
-        )
-
-
-def _run_all(session: Session) -> None:
-    bench = session.bench
-    session.start = evaluation(bench, bench.x0, bench.y0)  # compiles the evaluation
-    start = time.perf_counter()
-    evaluation(bench, bench.x0, bench.y0)
-    session.job.plan_evaluations(time.perf_counter() - start)
-    session.save()
-    for i, trace in enumerate(session.traces, start=1):
-        counter = f"[{i}/{len(session.traces)}] " if len(session.traces) > 1 else ""
-        solver = type(trace.solver).__name__
-        say(
-            f"{counter}{bench.name} / {solver}: {session.args.steps} steps, log every "
-            f"{session.job.log_every}, {_dtype()}"
-        )
-        run_solver(
-            session.job,
-            trace,
-            session.history_path(trace),
-            session.checkpointing(trace),
-        )
-        say(
-            f"{trace.name}: {trace.status} after {trace.steps} steps (compile "
-            f"{trace.compile_seconds:.1f} s, run {trace.run_seconds:.1f} s, evaluation "
-            f"{trace.eval_seconds:.1f} s)"
-        )
-        session.save()
-
-
 def _report_run(session: Session) -> None:
     trace = session.traces[0]
     rows = [
@@ -266,18 +53,13 @@ def _report_compare(session: Session) -> None:
     better = "higher" if bench.maximize else "lower"
     lines = [
         "",
-        f"{bench.name}: {session.args.steps} steps per solver, {_dtype()}; ranked by "
+        f"{bench.name}: {session.args.steps} steps per solver, {dtype()}; ranked by "
         f"{bench.metric} ({better} is better)",
-        f"at the start: {start:.4g}"
+        f"at the start: {start:.4g}{_baseline(session)}; target: "
         + (
-            f"; {bench.baseline}: {session.start[bench.baseline]:.4g}"
-            if bench.baseline in session.start
-            else ""
-        )
-        + (
-            "; target: none (no solver improved)"
+            "none (no solver improved)"
             if goal is None
-            else f"; target: {goal:.4g} ({TARGET_FRACTION:.0%} of the best gain)"
+            else f"{goal:.4g} ({TARGET_FRACTION:.0%} of the best gain)"
         ),
         "target step, target s: when the target was first reached (solver seconds, "
         "no compile)",
@@ -285,10 +67,15 @@ def _report_compare(session: Session) -> None:
     say(*lines, format_table(ranking(session.traces, bench, start)))
 
 
+def _baseline(session: Session) -> str:
+    name = session.bench.baseline
+    return f"; {name}: {session.start[name]:.4g}" if name in session.start else ""
+
+
 def _session_command(args: argparse.Namespace, names: list[str], report) -> int:
-    session = _open_session(args, names)
+    session = open_session(args, names)
     try:
-        _run_all(session)
+        run_all(session)
     except KeyboardInterrupt:
         session.state = "interrupted"
         session.save()
@@ -303,7 +90,9 @@ def _session_command(args: argparse.Namespace, names: list[str], report) -> int:
         say(f"results: {session.out}")
     failed = [f"{t.name} ended {t.status}" for t in session.traces if t.status in FAILS]
     if failed:
-        print(f"bilevel: {'; '.join(failed)} (exit status 3)", file=sys.stderr)
+        print(
+            f"bilevel: {'; '.join(failed)} (exit status {EXIT_FAILED})", file=sys.stderr
+        )
         return EXIT_FAILED
     return 0
 
@@ -388,7 +177,7 @@ def _add_run_options(sub: argparse.ArgumentParser) -> None:
 def _check_args(args: argparse.Namespace) -> None:
     if getattr(args, "steps", 1) < 1:
         raise UsageError("--steps must be >= 1")
-    if (getattr(args, "log_every", None) or 1) < 1:
+    if getattr(args, "log_every", None) is not None and args.log_every < 1:
         raise UsageError("--log-every must be >= 1")
     if getattr(args, "resume", False) and args.checkpoint is None:
         raise UsageError("--resume needs --checkpoint DIR")
