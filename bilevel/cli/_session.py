@@ -168,7 +168,7 @@ def _check_checkpoints(session: Session) -> None:
 def _prepare_out(session: Session) -> None:
     args, out = session.args, session.out
     keep = None if args.checkpoint is None else pathlib.Path(args.checkpoint).resolve()
-    earlier = _output.read_config(out) if args.resume else None
+    earlier = _output.read_config(out) if args.resume and not args.force else None
     if earlier is not None:
         _check_same_run(earlier, session)
     _output.prepare(out, force=args.force, resume=earlier is not None, keep=keep)
