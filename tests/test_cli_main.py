@@ -175,7 +175,7 @@ def test_compare_ranks_by_the_problems_evaluation(capsys, tmp_path):
     )
     assert status == 0, err
     config = json.loads((tmp_path / "config.json").read_text())
-    x_error = {r["solver"]: r["metrics"]["x_error"] for r in config["results"]}
+    x_error = {r["solver"]: r["x_error"] for r in config["results"]}
     ranking = config["ranking"]
     # The oracle: the closed-form optimum x*. The solver closest to it ranks first.
     assert ranking[0]["solver"] == min(x_error, key=x_error.get)
@@ -183,7 +183,7 @@ def test_compare_ranks_by_the_problems_evaluation(capsys, tmp_path):
     assert values == sorted(values)  # ranked by F(x) = f(x, y*(x)), lower first
     assert config["solvers"]["implicitdiff"]["settings"]["inner_steps"] == 15
     assert "inner_steps" not in config["solvers"]["slbamm"]["settings"]
-    by_value = sorted(config["results"], key=lambda r: r["metrics"]["hyper_objective"])
+    by_value = sorted(config["results"], key=lambda r: r["hyper_objective"])
     for row, result in zip(ranking, by_value, strict=True):
         assert row["solver"] == result["solver"]
         assert result["compile_seconds"] >= 0 and result["run_seconds"] > 0

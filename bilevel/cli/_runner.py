@@ -68,12 +68,13 @@ class Trace:
         return [row for row in self.rows if EVAL_PREFIX + metric in row]
 
     def summary(self) -> dict[str, Any]:
-        """How the run ended, for `config.json`."""
+        """How the run ended, for `config.json`: status, steps, the final value of
+        every metric of the problem's evaluation, and where time went."""
         return {
             "solver": self.name,
             "status": self.status,
             "steps": self.steps,
-            "metrics": self.final,
+            **self.final,
             "compile_seconds": self.compile_seconds,
             "run_seconds": self.run_seconds,
             "evaluation_seconds": self.eval_seconds,
