@@ -153,6 +153,27 @@ def test_diverging_run_stops_with_the_last_good_state(bench, divergence, tmp_pat
         assert result.history["upper_loss"][-1] == unchecked["upper_loss"][kept + 1]
 
 
+def test_unrolled_with_inner_lr_one_is_reported_diverged(bench):
+    # The issue's example (it used to end `max_steps` with x ~ 1e280): inner gradient
+    # steps of size 1 on a lower Hessian with eigenvalues above 2 blow y up, and the
+    # upper loss jumps ~1e32-fold at step 1. Step 0's metrics are those of the start
+    # (its blown-up y is only seen by step 1), so the start is the last good state.
+    result = bl.solve(
+        bench.problem,
+        bl.solvers.Unrolled(inner_lr=1.0),
+        bench.x0,
+        bench.y0,
+        bench.data,
+        num_steps=50,
+        log_every=10,
+        progress=False,
+    )
+    assert result.status == bl.Status.diverged and result.num_steps == 0
+    np.testing.assert_array_equal(result.x, bench.x0)
+    start = bench.evaluate(bench.x0, bench.y0)["hyper_objective"]  # f(x0, y0): y0 = y*
+    assert result.history["upper_loss"][-1] > 1e6 * float(start)  # the failing row
+
+
 def test_divergence_is_detected_per_run_under_vmap(bench):
     rates = jnp.array([0.5, 4.0])
     run = jax.vmap(
