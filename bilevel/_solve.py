@@ -474,7 +474,15 @@ def run_from(
     data = as_data(data)
     if _traced(problem, solver, loop, data):
         end, history, outcome = _scan_pass(problem, solver, loop, data, num_steps)
-        end = _recover(problem, solver, loop, data, end, outcome)
+        # Without a failure the recovery is skipped: the loop stays differentiable
+        # (`jax.grad` through `run`); a recovered state carries no gradient.
+        end = lax.cond(
+            outcome.failure == _OK,
+            lambda: end,
+            lambda: lax.stop_gradient(
+                _recover(problem, solver, loop, data, end, outcome)
+            ),
+        )
         return end, _mark(history, loop.step, end)
     end, history, outcome = _marked_pass_jit(problem, solver, loop, data, num_steps)
     if int(outcome.failure) != _OK:

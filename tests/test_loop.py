@@ -280,6 +280,17 @@ def test_nan_hidden_from_the_metrics_is_rolled_back(bench, poison):
     np.testing.assert_array_equal(result.x, expected)
 
 
+def test_run_is_differentiable(bench):
+    # x_12 = x0 / 2**12 for the toy solver: d sum(x_12) / d x0 = 2**-12 exactly; a
+    # failure-free run stays reverse-differentiable (the recovery is not traced into
+    # the gradient).
+    def final(x0):
+        state, _ = bl.run(bench.problem, _Poisoned(), x0, bench.y0, bench.data, 12)
+        return jnp.sum(state["x"])
+
+    np.testing.assert_array_equal(jax.grad(final)(jnp.ones(3)), jnp.full(3, 2.0**-12))
+
+
 def test_nonzero_hypergradient_status_warns_once(bench):
     with pytest.warns(RuntimeWarning, match="hypergradient_status 1 at step 4.*trunc"):
         bl.solve(
