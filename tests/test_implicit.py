@@ -156,7 +156,7 @@ def test_hypergradient_matches_closed_form(solver, tol):
     grad, info = bl.hypergradient(bench.problem, x, bench.lower_solution(x), bench.data.lower, solver)
     assert relative_error(grad, bench.hypergradient(x)) < tol
     assert float(info.optimality_residual) < 1e-10
-    assert float(info["linear_residual"]) < 1e-7
+    assert float(info.linear_residual) < 1e-7
     assert bool(info.linear_converged)
 
 
