@@ -275,27 +275,38 @@ def _solve_tangent(matvec, rhs, *, tags, solver, on_failure):
     operator = lx.FunctionLinearOperator(matvec, structure_of(rhs), tags)
     sol = solve_linear(operator, rhs, solver)
     failed = linear_failed(sol.result, sol.value)
-    value = sol.value
+    return apply_failure_policy(sol.value, failed, on_failure, _LINEAR_SOLVE)
+
+
+_LINEAR_SOLVE = "the linear solve of the implicit function theorem"
+
+
+def apply_failure_policy(
+    value: PyTree[Array], failed: Array, on_failure: OnFailure, what: str
+) -> PyTree[Array]:
+    """`value` after the `on_failure` policy of [`bilevel.implicit_diff`][] for a solve
+    that `failed` (a traced bool; `what` names the solve in messages)."""
     if on_failure == "warn":
-        jax.debug.callback(_warn_linear_failure, failed)
+        jax.debug.callback(ft.partial(_warn_failure, what), failed)
     elif on_failure == "nan":
         value = jtu.tree_map(lambda u: jnp.where(failed, jnp.nan, u), value)
     elif on_failure == "raise":
-        value = eqx.error_if(value, failed, _LINEAR_FAILURE)
+        value = eqx.error_if(value, failed, _failure_message(what))
     return value
 
 
-_LINEAR_FAILURE = (
-    "bl.implicit_diff: the linear solve of the implicit function theorem failed (did "
-    "not reach its tolerance, singular system, or NaN/inf)."
-)
+def _failure_message(what: str) -> str:
+    return (
+        f"bl.implicit_diff: {what} failed (did not reach its tolerance, singular "
+        "system, or NaN/inf)."
+    )
 
 
-def _warn_linear_failure(failed) -> None:
+def _warn_failure(what: str, failed) -> None:
     if bool(jnp.any(failed)):
         warnings.warn(
-            f"{_LINEAR_FAILURE} The derivative returned is the truncated solve. Pass a "
-            "better `linear_solver`, `ridge=`, or `on_failure='nan'`/'raise'.",
+            f"{_failure_message(what)} The result is the truncated solve. Pass a better "
+            "solver, `ridge=`, or `on_failure='nan'`/'raise'/'ignore'.",
             RuntimeWarning,
             stacklevel=2,
         )
