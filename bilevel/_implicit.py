@@ -260,7 +260,8 @@ def _implicit_solution_jvp(primals, tangents, *, tags, on_failure):
     )
     t_params = unravel(t_flat)
     t_y = jtu.tree_map(jnp.negative, t_params)
-    return (y_arrays, aux_arrays), (t_y, None)
+    t_aux = jtu.tree_map(lambda _: None, aux_arrays)  # aux is not differentiated
+    return (y_arrays, aux_arrays), (t_y, t_aux)
 
 
 def _damped(matvec: Callable, ridge) -> Callable:
