@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, ArrayLike, PyTree
 
-from ._misc import tree_norm, tree_scale
+from ._misc import tree_dot, tree_scale
 from ._projection import project_at
 
 
@@ -97,11 +97,12 @@ def group_lasso(strength: ArrayLike, v: PyTree[Array], step: ArrayLike = 1.0) ->
     `v` as one group: $\max(1 - \eta\lambda/\|v\|, 0)\, v$ (0 at $v = 0$, with a zero
     derivative there). Several groups: `jax.vmap` over a leading group axis, as with
     jaxopt's `prox_group_lasso`."""
-    norm = tree_norm(v)
+    squared = tree_dot(v, v)
     threshold = step * strength
-    active = norm > threshold
-    safe = jnp.where(active, norm, 1)
-    return tree_scale(jnp.where(active, 1 - threshold / safe, 0), v)
+    active = squared > threshold**2
+    # sqrt is not differentiable at 0: evaluate it only where the block survives.
+    norm = jnp.sqrt(jnp.where(active, squared, 1))
+    return tree_scale(jnp.where(active, 1 - threshold / norm, 0), v)
 
 
 def from_projection(project: Callable) -> Callable:
