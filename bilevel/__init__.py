@@ -29,11 +29,11 @@ from ._implicit import (
     implicit_diff as implicit_diff,
 )
 from ._linear import MINRES as MINRES, Neumann as Neumann, Richardson as Richardson
-from ._projection import projection as projection
 from ._problem import (
     BilevelProblem as BilevelProblem,
     MultiBlockProblem as MultiBlockProblem,
 )
+from ._projection import projection as projection
 from ._result import Result as Result, Status as Status
 from ._solve import run as run, solve as solve
 from ._solver import (

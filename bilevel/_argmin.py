@@ -49,8 +49,8 @@ def argmin(
     on_failure: OnFailure = "warn",
     options: dict[str, Any] | None = None,
 ) -> Callable:
-    r"""$y^*(x) = \arg\min_y g(x, y, *\text{args})$ by an optimistix minimiser or an optax
-    transformation, differentiated through $\nabla_y g = 0$.
+    r"""$y^*(x) = \arg\min_y g(x, y, *\text{args})$ by an optimistix minimiser or an
+    optax transformation, differentiated through $\nabla_y g = 0$.
 
     ```python
     solution = bl.argmin(g, optx.LBFGS(rtol=1e-8, atol=1e-8), y0=jnp.zeros(d))
@@ -63,9 +63,9 @@ def argmin(
       `has_aux`).
     - `solver`: an `optimistix` minimiser (`optx.LBFGS`, `optx.BFGS`,
       `optx.NonlinearCG`, `optx.GradientDescent`, `optx.OptaxMinimiser`, ...), run until
-      its tolerances or `max_steps`; or an `optax.GradientTransformation`, run for exactly
-      `max_steps` steps. Default: `optx.LBFGS` with `rtol = atol` = $10^{-10}$ (float64)
-      or $10^{-5}$ (float32).
+      its tolerances or `max_steps`; or an `optax.GradientTransformation`, run for
+      exactly `max_steps` steps. Default: `optx.LBFGS` with `rtol = atol` = $10^{-10}$
+      (float64) or $10^{-5}$ (float32).
     - `y0`: the starting point, or a function `y0(x, *args, **kwargs)`; the solution
       function also takes `y0=` per call (e.g. a warm start).
     - `max_steps`: iteration cap (optimistix) or number of steps (optax).
@@ -193,7 +193,9 @@ def least_squares(
     zero-residual fit: MINRES). Other arguments as in [`bilevel.argmin`][].
     """
     objective = _HalfSquaredNorm(fn)
-    condition = OptimalityCondition(stationarity_condition(objective).fn, symmetric=True)
+    condition = OptimalityCondition(
+        stationarity_condition(objective).fn, symmetric=True
+    )
 
     def run(x, y, args, kwargs):
         method = solver or _default_tolerances(optx.LevenbergMarquardt, y)
@@ -230,7 +232,7 @@ def proximal_gradient(
     proximal-gradient fixed point (jaxopt's `ProximalGradient(implicit_diff=True)`).
 
     - `smooth`: $s(x, y, *\text{args}, **\text{kwargs})$.
-    - `prox`: `prox(x, v, step)`, e.g. from [`bilevel.prox`][].
+    - `prox`: `prox(x, v, step)`, e.g. from `bl.prox`.
     - `step`: a fixed step $\eta$; default: $1/L$ from a power-iteration estimate of the
       curvature of $s$ at the starting point, then halved whenever the sufficient
       decrease test $s(y^+) \le s(z) + \langle\nabla s(z), y^+ - z\rangle +
@@ -277,7 +279,9 @@ def projected_gradient(
     a set depending on $x$ built with [`bilevel.projection`][]. Other arguments as in
     [`bilevel.proximal_gradient`][].
     """
-    condition = projected_gradient_condition(lower, project, 1.0 if step is None else step)
+    condition = projected_gradient_condition(
+        lower, project, 1.0 if step is None else step
+    )
     prox = from_projection(project)
 
     def run(x, y, args, kwargs):
@@ -292,7 +296,7 @@ def projected_gradient(
     return _solution(condition, run, y0, False, linear_solver, ridge, on_failure)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # The proximal-gradient loop (also usable on its own, e.g. as an inner loop).
 
 
@@ -394,7 +398,7 @@ def proximal_gradient_solve(
     return y, ProximalGradientStats(steps, residual, eta, residual <= tol)
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Plumbing shared by the constructors.
 
 
@@ -407,7 +411,11 @@ def _solution(condition, run, y0, has_aux, linear_solver, ridge, on_failure):
     )
 
     @implicit_diff(
-        without_start, linear_solver, has_aux=has_aux, ridge=ridge, on_failure=on_failure
+        without_start,
+        linear_solver,
+        has_aux=has_aux,
+        ridge=ridge,
+        on_failure=on_failure,
     )
     def inner(x, start, *args, **kwargs):
         y, aux = run(x, start, args, kwargs)
@@ -480,8 +488,10 @@ def _default_tolerances(cls, y):
 
 def _optax_loop(fn, optimizer, x, y, args, kwargs, num_steps, has_aux):
     def grad(v):
-        value = (lambda u: fn(x, u, *args, **kwargs)[0]) if has_aux else (
-            lambda u: fn(x, u, *args, **kwargs)
+        value = (
+            (lambda u: fn(x, u, *args, **kwargs)[0])
+            if has_aux
+            else (lambda u: fn(x, u, *args, **kwargs))
         )
         return jax.grad(value)(v)
 
@@ -499,4 +509,3 @@ def _checked(y, result, on_failure):
     """Apply the failure policy to an inner solve (primal pass)."""
     failed = result != optx.RESULTS.successful
     return apply_failure_policy(y, failed, on_failure, "the inner solve")
-

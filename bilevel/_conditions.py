@@ -4,7 +4,8 @@ Implicit differentiation needs a map $\Phi$ whose zero is $y^*(x)$; the IFT then
 $\partial y^* = -(\partial_y \Phi)^{-1} \partial_x \Phi$ (Blondel et al., 2022,
 "Efficient and Modular Implicit Differentiation", NeurIPS). Fixed-point maps $T$ are
 written in the "positive" root form $\Phi = y - T(x, y)$ so that $\partial_y\Phi =
-I - \partial_y T$, whose spectrum lies in the right half-plane when $T$ is a contraction.
+I - \partial_y T$, whose spectrum lies in the right half-plane when $T$ is a
+contraction.
 """
 
 import inspect
@@ -40,13 +41,18 @@ class OptimalityCondition(eqx.Module):
 
     def __check_init__(self):
         if not callable(self.fn):
-            raise TypeError(f"OptimalityCondition: `fn` must be callable, got {self.fn!r}")
+            raise TypeError(
+                f"OptimalityCondition: `fn` must be callable, got {self.fn!r}"
+            )
         if self.positive_semidefinite and not self.symmetric:
             raise ValueError(
-                "OptimalityCondition: `positive_semidefinite=True` needs `symmetric=True`"
+                "OptimalityCondition: `positive_semidefinite=True` needs "
+                "`symmetric=True`"
             )
 
-    def __call__(self, x: PyTree, y: PyTree, *args: Any, **kwargs: Any) -> PyTree[Array]:
+    def __call__(
+        self, x: PyTree, y: PyTree, *args: Any, **kwargs: Any
+    ) -> PyTree[Array]:
         return self.fn(x, y, *args, **kwargs)
 
 
@@ -55,7 +61,9 @@ def as_condition(optimality: Callable | OptimalityCondition) -> OptimalityCondit
     if isinstance(optimality, OptimalityCondition):
         return optimality
     if not callable(optimality):
-        raise TypeError(f"`optimality` must be callable, got {type(optimality).__name__}")
+        raise TypeError(
+            f"`optimality` must be callable, got {type(optimality).__name__}"
+        )
     return OptimalityCondition(optimality)
 
 
@@ -63,9 +71,9 @@ def stationarity_condition(lower: Callable[..., Array]) -> OptimalityCondition:
     r"""$\Phi(x, y) = \nabla_y g(x, y)$ for an unconstrained smooth lower level.
 
     $\partial_y\Phi = \nabla^2_{yy} g$ is symmetric, and positive semidefinite at a
-    minimiser of a convex $g$; it is tagged so. The default adjoint solver (MINRES) needs
-    only the symmetry, so the same condition serves a non-convex lower level (a neural
-    network) whose Hessian is indefinite. When $y$ is an equinox Module (e.g.
+    minimiser of a convex $g$; it is tagged so. The default adjoint solver (MINRES)
+    needs only the symmetry, so the same condition serves a non-convex lower level (a
+    neural network) whose Hessian is indefinite. When $y$ is an equinox Module (e.g.
     `eqx.nn.MLP`) the gradient is taken with respect to its floating-point leaves only,
     shaped like `equinox.filter_grad`'s output.
     """
@@ -83,7 +91,8 @@ def is_stationarity_of(optimality: Callable, lower: Callable) -> bool:
 def projected_gradient_condition(
     lower: Callable[..., Array], project_y: Callable, step: float = 1.0
 ) -> OptimalityCondition:
-    r"""$\Phi(x, y) = y - P_{Y(x)}(y - \eta \nabla_y g(x, y))$ for $\min_{y \in Y(x)} g$.
+    r"""$\Phi(x, y) = y - P_{Y(x)}(y - \eta \nabla_y g(x, y))$ for
+    $\min_{y \in Y(x)} g$.
 
     `project_y` is a Euclidean projection of $y$: any `optax.projections` function
     (`projection_non_negative`, `projection_simplex`, `functools.partial(
@@ -91,8 +100,8 @@ def projected_gradient_condition(
     on $x$, declared with [`bilevel.projection`][] (then derivatives also flow through
     the set's parameters).
 
-    The fixed points do not depend on $\eta > 0$; $\eta$ only affects the conditioning of
-    $\partial_y\Phi$ (use $\eta \le 1/L$). The Jacobian is not symmetric in general:
+    The fixed points do not depend on $\eta > 0$; $\eta$ only affects the conditioning
+    of $\partial_y\Phi$ (use $\eta \le 1/L$). The Jacobian is not symmetric in general:
     GMRES by default.
     """
     return OptimalityCondition(_ProjectedGradient(lower, project_y, step))
@@ -101,17 +110,18 @@ def projected_gradient_condition(
 def proximal_gradient_condition(
     smooth: Callable[..., Array], prox: Callable, step: float = 1.0
 ) -> OptimalityCondition:
-    r"""$\Phi(x, y) = y - \mathrm{prox}_{\eta r(x, \cdot)}(y - \eta\nabla_y s(x, y))$ for
-    $\min_y s(x, y) + r(x, y)$.
+    r"""$\Phi(x, y) = y - \mathrm{prox}_{\eta r(x, \cdot)}(y - \eta\nabla_y s(x, y))$
+    for $\min_y s(x, y) + r(x, y)$.
 
-    `prox(x, v, step)` returns $\arg\min_u \frac12\|u - v\|^2 + \text{step}\cdot r(x, u)$;
-    it may depend on $x$ (e.g. an $\ell_1$ weight), and derivatives flow through it.
-    [`bilevel.prox`][] has the common ones in this signature.
+    `prox(x, v, step)` returns
+    $\arg\min_u \frac12\|u - v\|^2 + \text{step}\cdot r(x, u)$; it may depend on $x$
+    (e.g. an $\ell_1$ weight), and derivatives flow through it. `bl.prox` has the
+    common ones in this signature.
 
     !!! warning "jaxopt's proxes take their arguments in another order"
         jaxopt's `prox(v, hyperparams, scaling)` would silently compute something else
         here; such functions are detected (a jaxopt module, or a last parameter named
-        `scaling`) and rejected. Wrap them with [`bilevel.prox.from_jaxopt`][].
+        `scaling`) and rejected. Wrap them with `bl.prox.from_jaxopt`.
     """
     _reject_jaxopt_prox(prox)
     return OptimalityCondition(_ProximalGradient(smooth, prox, step))
@@ -138,9 +148,9 @@ def kkt_condition(
 
     The unknown passed to and returned by the differentiated solver is the tuple
     `(y, inequality_multipliers, equality_multipliers)`, keeping only the parts that
-    exist: `(y, lam)` with inequalities only (as before), `(y, nu)` with equalities only.
-    [`bilevel.kkt_multipliers`][] computes the multipliers from a primal solution when
-    the inner solver does not return them.
+    exist: `(y, lam)` with inequalities only (as before), `(y, nu)` with equalities
+    only. [`bilevel.kkt_multipliers`][] computes the multipliers from a primal solution
+    when the inner solver does not return them.
 
     Dual feasibility is dropped (it holds locally). The Jacobian is invertible under
     LICQ, strict complementarity and second-order sufficiency; it is not symmetric
@@ -213,7 +223,10 @@ def _takes_data(fn: Callable | None) -> bool:
         return False
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
         return True
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    )
     return sum(p.kind in positional for p in parameters) > 2
 
 
@@ -317,14 +330,24 @@ class _KKT(eqx.Module):
         grad = jax.flatten_util.ravel_pytree(
             jax.grad(self.lower, argnums=1)(x, y, *args, **kwargs)
         )[0]
-        tol = default_tolerance(flat.dtype, 1e-6, 1e-3) if active_tol is None else active_tol
+        tol = (
+            default_tolerance(flat.dtype, 1e-6, 1e-3)
+            if active_tol is None
+            else active_tol
+        )
         columns, masks = [], []
         for which in ("constraints", "equalities"):
             if getattr(self, which) is None:
                 continue
             values = self._values(which, x, y, args)
-            jac = jax.jacrev(lambda v, w=which: self._values(w, x, unravel(v), args))(flat)
-            active = values >= -tol if which == "constraints" else jnp.ones_like(values, bool)
+            jac = jax.jacrev(lambda v, w=which: self._values(w, x, unravel(v), args))(
+                flat
+            )
+            active = (
+                values >= -tol
+                if which == "constraints"
+                else jnp.ones_like(values, bool)
+            )
             columns.append(jnp.where(active[:, None], jac, 0).T)
             masks.append((which, values.shape[0]))
         matrix = jnp.concatenate(columns, axis=1)

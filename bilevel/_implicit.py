@@ -86,7 +86,8 @@ def implicit_diff(
 
     !!! warning
         The derivative is exact only at a solution. Check $\|\Phi(x, y)\|$ (see
-        [`bilevel.hypergradient`][], which reports it) when the inner solve may stop early.
+        [`bilevel.hypergradient`][], which reports it) when the inner solve may stop
+        early.
     """
     condition = as_condition(optimality)
     if on_failure not in _ON_FAILURE:
@@ -112,7 +113,9 @@ def implicit_diff(
             arrays_struct, out_static = eqx.partition(out_struct, _is_struct)
             y_arrays_struct = arrays_struct[0]
             y_params_struct = eqx.filter(y_arrays_struct, _is_floating_struct)
-            y_rest_struct = eqx.filter(y_arrays_struct, _is_floating_struct, inverse=True)
+            y_rest_struct = eqx.filter(
+                y_arrays_struct, _is_floating_struct, inverse=True
+            )
             problem = _Wiring(inner_solve, condition, static, has_aux, out_static[0])
             _check_condition_output(problem, dynamic, y_params_struct, y_rest_struct)
             solve = eqx.filter_closure_convert(problem.solve_arrays, dynamic)
@@ -153,8 +156,10 @@ def _is_struct(leaf) -> bool:
 def _is_floating_struct(leaf) -> bool:
     """A floating-point array or array structure (jax, NumPy or ShapeDtypeStruct)."""
     dtype = getattr(leaf, "dtype", None)
-    return dtype is not None and hasattr(leaf, "shape") and jnp.issubdtype(
-        dtype, jnp.floating
+    return (
+        dtype is not None
+        and hasattr(leaf, "shape")
+        and jnp.issubdtype(dtype, jnp.floating)
     )
 
 
@@ -232,7 +237,8 @@ def _implicit_solution(dynamic, solve, cond, config, *, tags, on_failure):
 def _implicit_solution_jvp(primals, tangents, *, tags, on_failure):
     dynamic, solve, cond, config = primals
     t_dynamic, _, t_cond, _ = tangents  # the solver itself is never differentiated
-    # Calling the custom_jvp function (not `solve`) keeps higher-order derivatives implicit.
+    # Calling the custom_jvp function (not `solve`) keeps higher-order derivatives
+    # implicit.
     y_arrays, aux_arrays = _implicit_solution(
         dynamic, solve, cond, config, tags=tags, on_failure=on_failure
     )
@@ -306,8 +312,8 @@ def _failure_message(what: str) -> str:
 def _warn_failure(what: str, failed) -> None:
     if bool(jnp.any(failed)):
         warnings.warn(
-            f"{_failure_message(what)} The result is the truncated solve. Pass a better "
-            "solver, `ridge=`, or `on_failure='nan'`/'raise'/'ignore'.",
+            f"{_failure_message(what)} The result is the truncated solve. Pass a "
+            "better solver, `ridge=`, or `on_failure='nan'`/'raise'/'ignore'.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -334,7 +340,7 @@ def _jvp_of_tangent_leaves(fn, primals: tuple, tangents: tuple):
     return out
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # bl.hypergradient
 
 
@@ -346,8 +352,8 @@ class HypergradientStatus(enum.IntFlag):
     - `linear_not_converged` (2): the adjoint solve stopped before its tolerance
       (maximum number of steps, stagnation, a diverging Neumann series); the truncated
       adjoint was used.
-    - `linear_singular` (4): $\\partial_y\\Phi$ is singular and the adjoint system has no
-      solution (e.g. a minibatch Hessian with fewer samples than unknowns); a
+    - `linear_singular` (4): $\\partial_y\\Phi$ is singular and the adjoint system has
+      no solution (e.g. a minibatch Hessian with fewer samples than unknowns); a
       regularised estimate was used (see [`bilevel.hypergradient`][]).
     - `nonfinite` (8): NaN or inf in $\\Phi$, $f$, the adjoint or the hypergradient
       (e.g. NaN in the data).
@@ -369,10 +375,11 @@ class HypergradientInfo(eqx.Module):
 
     - `upper_loss`: $f(x, y)$ on the upper batch (computed with its gradient, so a
       caller need not evaluate it again).
-    - `optimality_residual`: $\\|\\Phi(x, y)\\|$. The IFT is exact only where this is ~0;
-      a large value means the lower level was not solved and the hypergradient is biased.
-    - `linear_residual`: $\\|(\\partial_y\\Phi^\\top + \\rho I) w - \\nabla_y f\\|$ of the
-      adjoint solve (from the same product as the cross term: no extra cost).
+    - `optimality_residual`: $\\|\\Phi(x, y)\\|$. The IFT is exact only where this is
+      ~0; a large value means the lower level was not solved and the hypergradient is
+      biased.
+    - `linear_residual`: $\\|(\\partial_y\\Phi^\\top + \\rho I) w - \\nabla_y f\\|$ of
+      the adjoint solve (from the same product as the cross term: no extra cost).
     - `linear_steps`: iterations the linear solver took (0 for a direct solver).
     - `linear_status`: lineax `RESULTS` of the adjoint solve (`successful`,
       `max_steps_reached`, `singular`, ...); a failed solve is returned, never raised.
@@ -441,9 +448,11 @@ def hypergradient(
       its `optimality` describes them, e.g. [`bilevel.kkt_condition`][]).
     - `x`, `y`: the upper variable and the lower iterate; any pytrees, including equinox
       Modules such as `eqx.nn.MLP` (only floating-point leaves are differentiated).
-    - `batch`: passed to `upper`, and to `lower`/`optimality` unless `lower_batch` is set.
+    - `batch`: passed to `upper`, and to `lower`/`optimality` unless `lower_batch` is
+      set.
     - `linear_solver`: a lineax solver for the adjoint system.
-    - `warm_start`: initial guess for the adjoint $w$ (e.g. the previous `info.adjoint`).
+    - `warm_start`: initial guess for the adjoint $w$ (e.g. the previous
+      `info.adjoint`).
     - `preconditioner`: a lineax operator approximating $(\partial_y\Phi^\top)^{-1}$.
     - `ridge`: $\rho \ge 0$, damping of a singular or nearly singular system (bias
       $O(\rho/\lambda_{\min})$).
@@ -462,9 +471,9 @@ def hypergradient(
     y, y_frozen = split_variable(y)
     if not (x_frozen.is_empty and y_frozen.is_empty):
         problem = lift_problem(problem, x_frozen, y_frozen)
-    upper_loss, (grad_x_f, grad_y_f) = jax.value_and_grad(problem.upper, argnums=(0, 1))(
-        x, y, batch
-    )
+    upper_loss, (grad_x_f, grad_y_f) = jax.value_and_grad(
+        problem.upper, argnums=(0, 1)
+    )(x, y, batch)
     out = adjoint_solve(
         problem.condition,
         x,
@@ -481,7 +490,9 @@ def hypergradient(
     dtype = jnp.result_type(*jtu.tree_leaves(y))
     tol = default_tolerance(dtype, 1e-6, 1e-3) if lower_tol is None else lower_tol
     finite = jnp.isfinite(upper_loss) & jnp.isfinite(optimality_residual)
-    finite = finite & jnp.isfinite(tree_norm(grad)) & jnp.isfinite(tree_norm(out.adjoint))
+    finite = (
+        finite & jnp.isfinite(tree_norm(grad)) & jnp.isfinite(tree_norm(out.adjoint))
+    )
     info = HypergradientInfo(
         upper_loss=upper_loss,
         optimality_residual=optimality_residual,
@@ -515,7 +526,9 @@ def _check_problem(problem: Any) -> None:
             f"{type(problem).__name__} (multi-block problems: use a solver such as "
             "bl.solvers.BSVRB)"
         )
-    constrained = problem.lower_constraints is not None or problem.project_feasible is not None
+    constrained = (
+        problem.lower_constraints is not None or problem.project_feasible is not None
+    )
     if constrained and problem.optimality is None:
         raise ValueError(
             "bl.hypergradient: the problem has `lower_constraints`/`project_feasible`, "

@@ -18,7 +18,14 @@ import lineax as lx
 from jaxtyping import Array, PyTree, Scalar
 
 from ._conditions import OptimalityCondition
-from ._misc import default_tolerance, structure_of, tree_axpy, tree_dot, tree_norm, tree_sub
+from ._misc import (
+    default_tolerance,
+    structure_of,
+    tree_axpy,
+    tree_dot,
+    tree_norm,
+    tree_sub,
+)
 
 
 def condition_tags(condition: OptimalityCondition) -> frozenset:
@@ -81,7 +88,9 @@ def solve_linear(
     """
     options = {} if options is None else options
     if linear_solver is not None:
-        return lx.linear_solve(operator, rhs, linear_solver, options=options, throw=False)
+        return lx.linear_solve(
+            operator, rhs, linear_solver, options=options, throw=False
+        )
     solver = default_linear_solver(
         lx.is_symmetric(operator), result_dtype(rhs), _max_abs(rhs)
     )
@@ -116,7 +125,8 @@ def jacobian_operator(
 def jacobian_transpose_operator(
     condition: Callable, x: PyTree, y: PyTree, args: tuple
 ) -> tuple[PyTree[Array], lx.FunctionLinearOperator]:
-    """$\\Phi(x, y)$ and $w \\mapsto \\partial_y\\Phi(x, y)^\\top w$ (one cached VJP)."""
+    """$\\Phi(x, y)$ and $w \\mapsto \\partial_y\\Phi(x, y)^\\top w$ (one cached
+    VJP)."""
     value, vjp_fn = jax.vjp(lambda v: condition(x, v, *args), y)
     return value, lx.FunctionLinearOperator(lambda w: vjp_fn(w)[0], structure_of(y))
 
@@ -128,8 +138,8 @@ def _with_ridge(matvec: Callable, ridge) -> Callable:
 
 
 def _linearise(condition: Callable, x: PyTree, y: PyTree, args: tuple):
-    """$\\Phi(x, y)$ and $w \\mapsto (\\partial_x\\Phi^\\top w, \\partial_y\\Phi^\\top w)$
-    from one forward pass of the condition."""
+    """$\\Phi(x, y)$ and $w \\mapsto (\\partial_x\\Phi^\\top w,
+    \\partial_y\\Phi^\\top w)$ from one forward pass of the condition."""
     return jax.vjp(lambda x_, y_: condition(x_, y_, *args), x, y)
 
 
@@ -237,7 +247,7 @@ def _max_abs(tree: PyTree[Array]) -> Scalar:
     return jnp.max(jnp.stack(leaves)) if leaves else jnp.zeros(())
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # MINRES
 
 
@@ -312,7 +322,8 @@ class MINRES(lx.AbstractLinearSolver):
             not isinstance(self.max_steps, int) or self.max_steps < 1
         ):
             raise ValueError(
-                f"MINRES: `max_steps` must be an int >= 1 or None, got {self.max_steps!r}"
+                "MINRES: `max_steps` must be an int >= 1 or None, got "
+                f"{self.max_steps!r}"
             )
 
     def init(self, operator, options):
@@ -321,7 +332,8 @@ class MINRES(lx.AbstractLinearSolver):
         if not lx.is_symmetric(operator):
             raise ValueError(
                 "MINRES needs a symmetric operator: tag it `lineax.symmetric_tag` (or "
-                "declare the optimality condition `symmetric=True`), or use lineax.GMRES"
+                "declare the optimality condition `symmetric=True`), or use "
+                "lineax.GMRES"
             )
         return lx.linearise(operator)
 
@@ -402,7 +414,9 @@ def _minres_step(operator, precondition, c: _MINRESCarry, rtol, threshold, eps):
     safe_beta = jnp.where(c.beta > 0, c.beta, 1.0)
     v = jtu.tree_map(lambda u: u / safe_beta, c.z)
     av = operator.mv(v)
-    ratio = jnp.where(c.step > 0, c.beta / jnp.where(c.beta_prev > 0, c.beta_prev, 1.0), 0)
+    ratio = jnp.where(
+        c.step > 0, c.beta / jnp.where(c.beta_prev > 0, c.beta_prev, 1.0), 0
+    )
     av = tree_axpy(-ratio, c.r_prev, av)
     alpha = tree_dot(v, av)
     r_next = tree_axpy(-alpha / safe_beta, c.r, av)
@@ -475,18 +489,19 @@ def _transpose_options(options) -> dict:
     return options
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Richardson and Neumann
 
 
 class Richardson(lx.AbstractLinearSolver):
-    r"""Damped (preconditioned) Richardson iteration $w_{k+1} = w_k + \omega P(b - M w_k)$.
+    r"""Damped (preconditioned) Richardson iteration
+    $w_{k+1} = w_k + \omega P(b - M w_k)$.
 
-    With $M = I - J$ for a contraction $J$ and $\omega = 1$ this is the truncated Neumann
-    series $\sum_{k=0}^{K-1} J^k b$ (see [`bilevel.Neumann`][]). Needs only matvecs of
-    $M$; converges iff $\rho(I - \omega P M) < 1$ (Blondel et al., 2022, "Efficient and
-    Modular Implicit Differentiation", NeurIPS, discuss the Neumann series for the
-    IFT).
+    With $M = I - J$ for a contraction $J$ and $\omega = 1$ this is the truncated
+    Neumann series $\sum_{k=0}^{K-1} J^k b$ (see [`bilevel.Neumann`][]). Needs only
+    matvecs of $M$; converges iff $\rho(I - \omega P M) < 1$ (Blondel et al., 2022,
+    "Efficient and Modular Implicit Differentiation", NeurIPS, discuss the Neumann
+    series for the IFT).
 
     **Arguments:**
 
@@ -519,13 +534,17 @@ class Richardson(lx.AbstractLinearSolver):
 
     def init(self, operator, options):
         if operator.in_structure() != operator.out_structure():
-            raise ValueError("Richardson needs a square operator (same in/out structure)")
+            raise ValueError(
+                "Richardson needs a square operator (same in/out structure)"
+            )
         return operator
 
     def compute(self, state, vector, options):
         operator = state
         w0 = options.get("y0", jtu.tree_map(jnp.zeros_like, vector))
-        precondition = options["preconditioner"].mv if "preconditioner" in options else None
+        precondition = (
+            options["preconditioner"].mv if "preconditioner" in options else None
+        )
         has_tol = self.rtol > 0 or self.atol > 0
         threshold = self.atol + self.rtol * _max_abs(vector)
 

@@ -244,9 +244,9 @@ def apply_project_x(problem: Any, x: PyTree) -> PyTree:
 
 
 def apply_project_y(problem: Any, x: PyTree, y: PyTree) -> PyTree:
-    """$P_{Y(x)}(y)$: `problem.project_y(y)`, or `project_y(x, y)` for a set that depends
-    on `x` (declared with [`bilevel.projection`][]); `y` when the problem has no set
-    Y."""
+    """$P_{Y(x)}(y)$: `problem.project_y(y)`, or `project_y(x, y)` for a set that
+    depends on `x` (declared with [`bilevel.projection`][]); `y` when the problem has
+    no set Y."""
     return y if problem.project_y is None else project_at(problem.project_y, x, y)
 
 

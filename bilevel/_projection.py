@@ -24,8 +24,8 @@ class Projection(eqx.Module):
         if len(args) != 2:
             raise TypeError(
                 "this projection depends on the upper variable: call it as "
-                "`projection(x, y)` (solvers do so through `apply_project_y(problem, x, "
-                "y)`), not `projection(y)`"
+                "`projection(x, y)` (solvers do so through "
+                "`apply_project_y(problem, x, y)`), not `projection(y)`"
             )
         return self.fn(*args)
 

@@ -8,7 +8,7 @@ these directly when $x$ *is* the weight, or wrap it (`lambda x, v, step:
 bl.prox.lasso(x["l1"], v, step)`). All are differentiable in `strength` and `v` (almost
 everywhere), so hypergradients flow through the weight.
 
-jaxopt's proxes take `(v, hyperparams, scaling)`; [`bilevel.prox.from_jaxopt`][] adapts
+jaxopt's proxes take `(v, hyperparams, scaling)`; `bl.prox.from_jaxopt` adapts
 them. The closed forms are standard (Parikh and Boyd, 2014, "Proximal Algorithms",
 Foundations and Trends in Optimization, §6).
 """
@@ -89,7 +89,9 @@ def nonnegative_ridge(
 ) -> PyTree[Array]:
     r"""Prox of $\frac{\lambda}{2}\|u\|^2 + \iota_{u \ge 0}$:
     $\max(v, 0) / (1 + \eta\lambda)$."""
-    return _leafwise(lambda s, u, eta: jnp.maximum(u, 0) / (1 + eta * s), strength, v, step)
+    return _leafwise(
+        lambda s, u, eta: jnp.maximum(u, 0) / (1 + eta * s), strength, v, step
+    )
 
 
 def group_lasso(strength: ArrayLike, v: PyTree[Array], step: ArrayLike = 1.0) -> PyTree:

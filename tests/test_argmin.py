@@ -61,7 +61,11 @@ def test_argmin_with_an_optax_transformation_for_k_steps_and_aux():
 
     lipschitz = float(jnp.max(jnp.linalg.eigvalsh(A.T @ A))) + 0.7
     solution = bl.argmin(
-        objective, optax.sgd(1 / lipschitz), y0=jnp.zeros(5), max_steps=3000, has_aux=True
+        objective,
+        optax.sgd(1 / lipschitz),
+        y0=jnp.zeros(5),
+        max_steps=3000,
+        has_aux=True,
     )
     w, aux = solution(LAM, A, B)
     # 3000 steps of gradient descent at 1/L: contraction 1 - mu/L per step, cond ~ 1e1
@@ -99,7 +103,9 @@ def test_argmin_warm_start_per_call_and_missing_start():
 
 def test_root_newton_and_bisection():
     gradient = lambda lam, w, a, b: jax.grad(ridge, 1)(lam, w, a, b)  # noqa: E731
-    newton = bl.root(gradient, optx.Newton(rtol=1e-12, atol=1e-12), y0=jnp.zeros(5), symmetric=True)
+    newton = bl.root(
+        gradient, optx.Newton(rtol=1e-12, atol=1e-12), y0=jnp.zeros(5), symmetric=True
+    )
     _check(newton, jax.jacfwd(ridge_closed)(LAM), 1e-9)
     # scalar root of y^3 + y - x: dy/dx = 1 / (3 y^2 + 1)
     cubic = bl.root(
@@ -138,8 +144,15 @@ def test_proximal_gradient_lasso_against_the_active_set_closed_form():
     assert 0 < int(jnp.sum(active)) < 5  # both branches of the prox
     a_s = A[:, active]
     # On the active set: (A_S'A_S / n) w_S = A_S'b / n - lam sign(w_S).
-    expected = jnp.zeros(5).at[active].set(-jnp.linalg.solve(a_s.T @ a_s / 20, jnp.sign(w[active])))
-    jacobians = [jax.jit(mode(lambda l: solution(l, A, B)))(lam) for mode in (jax.jacfwd, jax.jacrev)]
+    expected = (
+        jnp.zeros(5)
+        .at[active]
+        .set(-jnp.linalg.solve(a_s.T @ a_s / 20, jnp.sign(w[active])))
+    )
+    jacobians = [
+        jax.jit(mode(lambda t: solution(t, A, B)))(lam)
+        for mode in (jax.jacfwd, jax.jacrev)
+    ]
     for jac in jacobians:
         assert np.max(np.abs(jac - expected)) < 1e-8
 
@@ -149,9 +162,14 @@ def test_projected_gradient_on_the_simplex_and_an_x_dependent_ball():
         return 0.5 * jnp.sum((a @ w - b) ** 2) + c @ w
 
     with STANDARD:  # optax's simplex projection mixes int and float arrays
-        solution = jax.jit(bl.projected_gradient(
-            lower, optax.projections.projection_simplex, y0=jnp.ones(5) / 5, tol=1e-12
-        ))
+        solution = jax.jit(
+            bl.projected_gradient(
+                lower,
+                optax.projections.projection_simplex,
+                y0=jnp.ones(5) / 5,
+                tol=1e-12,
+            )
+        )
         c = jnp.linspace(0.0, 1.0, 5)
         w = solution(c, A, B)
         assert abs(float(jnp.sum(w)) - 1.0) < 1e-12 and 0 < int(jnp.sum(w == 0)) < 5
@@ -163,7 +181,8 @@ def test_projected_gradient_on_the_simplex_and_an_x_dependent_ball():
         jac = jax.jit(jax.jacfwd(lambda c: solution(c, A, B)))(c)
         assert np.max(np.abs(jac - fd)) < 1e-5
 
-    # ball of radius r (the hyperparameter) around 0, objective 0.5 |w - v|^2: w* = r v/|v|
+    # ball of radius r (the hyperparameter) around 0, objective 0.5 |w - v|^2: w* = r
+    # v/|v|
     ball = bl.projected_gradient(
         lambda r, w, v: 0.5 * jnp.sum((w - v) ** 2),
         bl.projection(lambda r, w: optax.projections.projection_l2_ball(w, r)),
@@ -176,8 +195,16 @@ def test_projected_gradient_on_the_simplex_and_an_x_dependent_ball():
 
 
 def test_inner_failure_follows_the_policy():
-    solution = bl.argmin(ridge, optx.BFGS(rtol=1e-14, atol=1e-14), y0=jnp.zeros(5), max_steps=2, on_failure="nan")
+    solution = bl.argmin(
+        ridge,
+        optx.BFGS(rtol=1e-14, atol=1e-14),
+        y0=jnp.zeros(5),
+        max_steps=2,
+        on_failure="nan",
+    )
     assert bool(jnp.all(jnp.isnan(solution(LAM, A, B))))
-    warn = bl.argmin(ridge, optx.BFGS(rtol=1e-14, atol=1e-14), y0=jnp.zeros(5), max_steps=2)
+    warn = bl.argmin(
+        ridge, optx.BFGS(rtol=1e-14, atol=1e-14), y0=jnp.zeros(5), max_steps=2
+    )
     with pytest.warns(RuntimeWarning, match="inner solve"):
         jax.block_until_ready(warn(LAM, A, B))

@@ -27,7 +27,9 @@ def ridge_lower(x, y, a, b):
 
 
 def ridge_closed(x, a=A, b=B, shift=0.0):
-    return jnp.linalg.solve(a.T @ a + jnp.diag(jnp.exp(x)) + shift * jnp.eye(4), a.T @ b)
+    return jnp.linalg.solve(
+        a.T @ a + jnp.diag(jnp.exp(x)) + shift * jnp.eye(4), a.T @ b
+    )
 
 
 EXACT = 1e-10  # closed form vs IFT at an exact solution: rounding only (cond ~ 1e2)
@@ -87,7 +89,9 @@ def task_closed(x, task):
 def test_grad_of_vmap_over_tasks(solver):
     @bl.implicit_diff(bl.stationarity_condition(task_lower), linear_solver=solver)
     def solve(x, task):
-        step = lambda _, y: y - TASK_STEP * jax.grad(task_lower, 1)(x, y, task)
+        def step(_, y):
+            return y - TASK_STEP * jax.grad(task_lower, 1)(x, y, task)
+
         return jax.lax.fori_loop(0, 2000, step, x)
 
     def meta_loss(solution):
@@ -96,8 +100,7 @@ def test_grad_of_vmap_over_tasks(solver):
     got = jax.jit(jax.grad(meta_loss(solve)))(X)
     # Dense per-task reference: differentiate the closed-form solutions task by task.
     reference = sum(
-        jax.grad(lambda x, t=t: jnp.sum(task_closed(x, t) ** 2))(X)
-        for t in zip(*TASKS)
+        jax.grad(lambda x, t=t: jnp.sum(task_closed(x, t) ** 2))(X) for t in zip(*TASKS)
     )
     assert relative_error(got, reference) < 1e-8  # tolerances 1e-12, cond <= ~1e2
 
@@ -118,7 +121,10 @@ def test_keyword_and_python_int_arguments():
     assert relative_error(keywords, reference) < EXACT
     # keyword data arguments are differentiable too
     grad_b = jax.grad(lambda b: jnp.sum(solve(X, A, b=b, num_steps=5)))(B)
-    assert relative_error(grad_b, jax.grad(lambda b: jnp.sum(ridge_closed(X, b=b)))(B)) < EXACT
+    assert (
+        relative_error(grad_b, jax.grad(lambda b: jnp.sum(ridge_closed(X, b=b)))(B))
+        < EXACT
+    )
 
 
 def test_has_aux():
@@ -130,7 +136,10 @@ def test_has_aux():
     y, aux = solve(X, A, B)
     assert aux["steps"] == 7 and aux["loss"].shape == ()
     grad = jax.grad(lambda x: jnp.sum(solve(x, A, B)[0] ** 2))(X)
-    assert relative_error(grad, jax.grad(lambda x: jnp.sum(ridge_closed(x) ** 2))(X)) < EXACT
+    assert (
+        relative_error(grad, jax.grad(lambda x: jnp.sum(ridge_closed(x) ** 2))(X))
+        < EXACT
+    )
 
     @bl.implicit_diff(bl.stationarity_condition(ridge_lower))
     def forgot_has_aux(x, a, b):
@@ -153,8 +162,12 @@ def _truncated(on_failure):
     def solve(x):
         return jax.lax.stop_gradient(ridge_closed(x))
 
-    forward = lambda: jax.jvp(solve, (X,), (jnp.ones(4),))[1]
-    reverse = lambda: jax.grad(lambda x: jnp.sum(solve(x)))(X)
+    def forward():
+        return jax.jvp(solve, (X,), (jnp.ones(4),))[1]
+
+    def reverse():
+        return jax.grad(lambda x: jnp.sum(solve(x)))(X)
+
     return forward, reverse
 
 
@@ -204,7 +217,12 @@ def test_hypergradient_status_ok_and_upper_loss():
     _, info = bl.hypergradient(bench.problem, X3, y, bench.data.lower)
     assert int(info.status) == 0
     assert bl.HypergradientStatus(int(info.status)) == bl.HypergradientStatus.ok
-    assert abs(float(info.upper_loss) - float(bench.problem.upper(X3, y, bench.data.lower))) < 1e-12
+    assert (
+        abs(
+            float(info.upper_loss) - float(bench.problem.upper(X3, y, bench.data.lower))
+        )
+        < 1e-12
+    )
 
 
 def test_hypergradient_flags_an_unconverged_lower_level():
@@ -213,7 +231,9 @@ def test_hypergradient_flags_an_unconverged_lower_level():
     _, info = bl.hypergradient(bench.problem, X3, y_bad, bench.data.lower)
     flags = bl.HypergradientStatus(int(info.status))
     assert bl.HypergradientStatus.lower_not_converged in flags
-    _, info = bl.hypergradient(bench.problem, X3, y_bad, bench.data.lower, lower_tol=10.0)
+    _, info = bl.hypergradient(
+        bench.problem, X3, y_bad, bench.data.lower, lower_tol=10.0
+    )
     assert int(info.status) == 0
 
 
@@ -228,9 +248,13 @@ def test_hypergradient_reports_nan_in_the_lower_data():
 def test_hypergradient_reports_a_diverging_neumann_series():
     bench = _quadratic()
     rows = bench.data.lower
-    lipschitz = float(jnp.max(jnp.linalg.eigvalsh(rows.T @ rows / rows.shape[0] + jnp.eye(6))))
+    lipschitz = float(
+        jnp.max(jnp.linalg.eigvalsh(rows.T @ rows / rows.shape[0] + jnp.eye(6)))
+    )
     solver = bl.Richardson(num_steps=80, omega=3.0 / lipschitz)  # omega > 2/L: diverges
-    _, info = bl.hypergradient(bench.problem, X3, bench.lower_solution(X3), rows, solver)
+    _, info = bl.hypergradient(
+        bench.problem, X3, bench.lower_solution(X3), rows, solver
+    )
     assert int(info.status) != 0
     assert not bool(info.linear_converged)
 
@@ -253,7 +277,9 @@ def test_ridge_damps_the_adjoint_system():
 def test_ridge_in_implicit_diff_forward_and_reverse():
     rho = 0.3
 
-    @bl.implicit_diff(bl.stationarity_condition(lambda x, y: ridge_lower(x, y, A, B)), ridge=rho)
+    @bl.implicit_diff(
+        bl.stationarity_condition(lambda x, y: ridge_lower(x, y, A, B)), ridge=rho
+    )
     def solve(x):
         return jax.lax.stop_gradient(ridge_closed(x))
 
@@ -266,9 +292,9 @@ def test_ridge_in_implicit_diff_forward_and_reverse():
 
 
 def test_small_derivatives_are_solved_to_relative_accuracy():
-    # |dy/dlam| ~ 1e-7: an absolute tolerance of 1e-10 would leave a 1e-3 relative error;
-    # both default solvers (MINRES for the symmetric condition, GMRES for the projected
-    # fixed point) use relative tolerances 1e-10.
+    # |dy/dlam| ~ 1e-7: an absolute tolerance of 1e-10 would leave a 1e-3 relative
+    # error; both default solvers (MINRES for the symmetric condition, GMRES for the
+    # projected fixed point) use relative tolerances 1e-10.
     a, b = A * 1e-4, B * 1e-4
 
     def lower(lam, y):
@@ -280,12 +306,17 @@ def test_small_derivatives_are_solved_to_relative_accuracy():
     lam = jnp.array(1.0)
     reference = jax.jacfwd(closed)(lam)
     assert 1e-9 < float(jnp.max(jnp.abs(reference))) < 1e-6
-    box = lambda y: jnp.clip(y, -1.0, 1.0)  # inactive: same solution and derivative
+
+    def box(y):  # inactive: same solution and derivative
+        return jnp.clip(y, -1.0, 1.0)
+
     for condition in (
         bl.stationarity_condition(lower),
         bl.projected_gradient_condition(lower, box),
     ):
-        solve = bl.implicit_diff(condition)(lambda lam: jax.lax.stop_gradient(closed(lam)))
+        solve = bl.implicit_diff(condition)(
+            lambda lam: jax.lax.stop_gradient(closed(lam))
+        )
         assert relative_error(jax.jacfwd(solve)(lam), reference) < 1e-7
         assert relative_error(jax.jacrev(solve)(lam), reference) < 1e-7
 
@@ -295,7 +326,8 @@ def test_small_derivatives_are_solved_to_relative_accuracy():
 
 
 def _dense_ift_hypergradient(problem, x, y, batch):
-    """grad_x f - d_x Phi^T H^{-1} grad_y f on the flattened floating leaves (float64)."""
+    """grad_x f - d_x Phi^T H^{-1} grad_y f on the flattened floating leaves
+    (float64)."""
     x_params, x_rest = eqx.partition(x, eqx.is_inexact_array)
     y_params, y_rest = eqx.partition(y, eqx.is_inexact_array)
     x_flat, unravel_x = jax.flatten_util.ravel_pytree(x_params)
@@ -303,12 +335,16 @@ def _dense_ift_hypergradient(problem, x, y, batch):
 
     def f(xv, yv):
         return problem.upper(
-            eqx.combine(unravel_x(xv), x_rest), eqx.combine(unravel_y(yv), y_rest), batch
+            eqx.combine(unravel_x(xv), x_rest),
+            eqx.combine(unravel_y(yv), y_rest),
+            batch,
         )
 
     def g(xv, yv):
         return problem.lower(
-            eqx.combine(unravel_x(xv), x_rest), eqx.combine(unravel_y(yv), y_rest), batch
+            eqx.combine(unravel_x(xv), x_rest),
+            eqx.combine(unravel_y(yv), y_rest),
+            batch,
         )
 
     hessian = jax.hessian(g, argnums=1)(x_flat, y_flat)
@@ -387,7 +423,9 @@ def test_hypergradient_with_a_conv_net_upper_variable_with_static_fields():
     x = Features(eqx.nn.Conv1d(1, 2, 2, key=jr.PRNGKey(6)), jnp.array(1.0), "feat")
     phi = jax.vmap(x)(INPUTS)
     n = INPUTS.shape[0]
-    y = jnp.linalg.solve(phi.T @ phi / n + 0.1 * jnp.eye(phi.shape[1]), phi.T @ TARGETS[:, 0] / n)
+    y = jnp.linalg.solve(
+        phi.T @ phi / n + 0.1 * jnp.eye(phi.shape[1]), phi.T @ TARGETS[:, 0] / n
+    )
     grad, info = bl.hypergradient(problem, x, y, (INPUTS, TARGETS))
     reference, _ = _dense_ift_hypergradient(problem, x, y, (INPUTS, TARGETS))
     flat = jax.flatten_util.ravel_pytree(eqx.filter(grad, eqx.is_inexact_array))[0]
@@ -405,12 +443,20 @@ def test_implicit_diff_returns_an_mlp_and_differentiates_its_floating_leaves():
         return template  # any point: the IFT is compared with the dense formula there
 
     def hyper(log_decay):
-        return problem.upper(log_decay, solve(log_decay, (INPUTS, TARGETS)), (INPUTS, TARGETS))
+        return problem.upper(
+            log_decay, solve(log_decay, (INPUTS, TARGETS)), (INPUTS, TARGETS)
+        )
 
     x = jnp.array(-1.0)
     reference, _ = _dense_ift_hypergradient(problem, x, template, (INPUTS, TARGETS))
-    assert abs(float(jax.grad(hyper)(x)) - float(reference[0])) < 1e-8 * abs(float(reference[0])) + 1e-12
-    assert abs(float(jax.jacfwd(hyper)(x)) - float(reference[0])) < 1e-8 * abs(float(reference[0])) + 1e-12
+    assert (
+        abs(float(jax.grad(hyper)(x)) - float(reference[0]))
+        < 1e-8 * abs(float(reference[0])) + 1e-12
+    )
+    assert (
+        abs(float(jax.jacfwd(hyper)(x)) - float(reference[0]))
+        < 1e-8 * abs(float(reference[0])) + 1e-12
+    )
     assert solve(x, (INPUTS, TARGETS)).activation is jax.nn.softplus
 
 
@@ -431,8 +477,12 @@ def test_singular_minibatch_hessian_gives_a_finite_flagged_hypergradient():
     y = jnp.linalg.lstsq(rows, targets + 0.2)[0]
     grad, info = bl.hypergradient(problem, jnp.array(0.2), y, (rows, targets))
     assert bool(jnp.isfinite(grad))
-    assert bl.HypergradientStatus.linear_singular in bl.HypergradientStatus(int(info.status))
+    assert bl.HypergradientStatus.linear_singular in bl.HypergradientStatus(
+        int(info.status)
+    )
     # bounded: the fallback series is at most 20 * eta * |grad_y f| with eta = 1/L
     lipschitz = float(jnp.max(jnp.linalg.eigvalsh(rows.T @ rows / 64)))
     gy = jnp.linalg.norm(y - 1.0)
-    assert float(jnp.linalg.norm(info.adjoint)) <= 20 / lipschitz * float(gy) * (1 + 1e-6)
+    assert float(jnp.linalg.norm(info.adjoint)) <= 20 / lipschitz * float(gy) * (
+        1 + 1e-6
+    )

@@ -60,11 +60,15 @@ def test_neumann_hypergradient_equals_reverse_mode_through_unrolled_steps():
     rows = bench.data.lower
     x = jnp.array([0.2, -0.4, 1.0])
     y_star = bench.lower_solution(x)
-    lipschitz = float(jnp.max(jnp.linalg.eigvalsh(rows.T @ rows / rows.shape[0] + jnp.eye(6))))
+    lipschitz = float(
+        jnp.max(jnp.linalg.eigvalsh(rows.T @ rows / rows.shape[0] + jnp.eye(6)))
+    )
     eta, num_terms = 1.0 / lipschitz, 12
 
     def unrolled(x):
-        step = lambda _, y: y - eta * jax.grad(bench.problem.lower, 1)(x, y, rows)
+        def step(_, y):
+            return y - eta * jax.grad(bench.problem.lower, 1)(x, y, rows)
+
         y = jax.lax.fori_loop(0, num_terms, step, y_star)
         return bench.problem.upper(x, y, None)
 
@@ -102,7 +106,9 @@ S_INDEFINITE = (lambda M: M + M.T)(jr.normal(jr.PRNGKey(5), (6, 6)))
 
 def _minres(matrix, rhs, tol=1e-12, **options):
     operator = lx.MatrixLinearOperator(matrix, lx.symmetric_tag)
-    return lx.linear_solve(operator, rhs, bl.MINRES(rtol=tol, atol=0.0), options=options, throw=False)
+    return lx.linear_solve(
+        operator, rhs, bl.MINRES(rtol=tol, atol=0.0), options=options, throw=False
+    )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
@@ -120,12 +126,16 @@ def test_minres_solves_definite_and_indefinite_systems(dtype, kind):
     assert error < (1e-9 if dtype == jnp.float64 else 1e-3)
     reported = float(sol.stats["residual_norm"])
     true = float(jnp.linalg.norm(matrix @ sol.value - RHS.astype(dtype)))
-    assert abs(reported - true) < 1e-3 * float(jnp.linalg.norm(RHS)) * (1 if dtype == jnp.float32 else 1e-6)
+    assert abs(reported - true) < 1e-3 * float(jnp.linalg.norm(RHS)) * (
+        1 if dtype == jnp.float32 else 1e-6
+    )
 
 
 def test_minres_preconditioner_and_warm_start():
     exact = jnp.linalg.solve(H, RHS)
-    jacobi = lx.MatrixLinearOperator(jnp.diag(1 / jnp.diag(H)), lx.positive_semidefinite_tag)
+    jacobi = lx.MatrixLinearOperator(
+        jnp.diag(1 / jnp.diag(H)), lx.positive_semidefinite_tag
+    )
     sol = _minres(H, RHS, preconditioner=jacobi)
     assert relative_error(sol.value, exact) < 1e-10
     warm = _minres(H, RHS, y0=exact)
@@ -144,8 +154,10 @@ def test_minres_singular_inconsistent_system_is_reported_not_blown_up():
     assert bool(jnp.all(jnp.isfinite(sol.value)))
     # lineax's CG on the same system diverges (norm ~1e18 after 1000 steps).
     cg = lx.linear_solve(
-        lx.MatrixLinearOperator(hessian, lx.positive_semidefinite_tag), rhs,
-        lx.CG(rtol=1e-10, atol=1e-10, max_steps=1000), throw=False,
+        lx.MatrixLinearOperator(hessian, lx.positive_semidefinite_tag),
+        rhs,
+        lx.CG(rtol=1e-10, atol=1e-10, max_steps=1000),
+        throw=False,
     )
     assert float(jnp.linalg.norm(cg.value)) > 1e10
 
@@ -186,18 +198,23 @@ def test_default_solver_falls_back_to_a_bounded_series_on_singular_systems():
 
 
 def test_diverging_neumann_series_is_reported():
-    # rho(J) = 1.5 > 1: the series diverges; it used to report success with residual 5e30.
+    # rho(J) = 1.5 > 1: the series diverges; it used to report success with residual
+    # 5e30.
     J = 1.5 * H / float(jnp.max(jnp.linalg.eigvalsh(H)))
     operator = lx.MatrixLinearOperator(jnp.eye(6) - J)
     sol = lx.linear_solve(operator, RHS, bl.Neumann(60), throw=False)
     assert sol.result != lx.RESULTS.successful
     assert float(sol.stats["residual_norm"]) > 1e6
-    converging = lx.linear_solve(lx.MatrixLinearOperator(jnp.eye(6) - J / 3), RHS, bl.Neumann(60))
+    converging = lx.linear_solve(
+        lx.MatrixLinearOperator(jnp.eye(6) - J / 3), RHS, bl.Neumann(60)
+    )
     assert converging.result == lx.RESULTS.successful
 
 
 def test_neumann_is_a_solver_class():
     solver = bl.Neumann(5)
-    assert isinstance(solver, bl.Neumann) and isinstance(solver, lx.AbstractLinearSolver)
+    assert isinstance(solver, bl.Neumann) and isinstance(
+        solver, lx.AbstractLinearSolver
+    )
     with pytest.raises(ValueError, match="num_terms"):
         bl.Neumann(-1)

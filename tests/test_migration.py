@@ -62,12 +62,16 @@ def test_the_other_examples_are_right(namespace):
     # multipliers recovered from the primal solution = the saddle-point solve's
     assert np.max(np.abs(ns["recovered"] - ns["qp"](ns["c0"])[1])) < 1e-10
     # the damped normal-CG derivative equals the exact one up to the ridge (1e-8)
-    exact = jax.grad(lambda l2reg: jnp.sum(ns["ridge_solver"](l2reg, ns["X_tr"], ns["y_tr"])))(1.0)
+    exact = jax.grad(
+        lambda l2reg: jnp.sum(ns["ridge_solver"](l2reg, ns["X_tr"], ns["y_tr"]))
+    )(1.0)
     assert abs(float(ns["normal_grad"]) - float(exact)) < 1e-6 * abs(float(exact))
     # the fixed point of a gradient step has the ridge solution's derivative
     assert abs(float(ns["fixed_grad"]) - float(exact)) < 1e-8 * abs(float(exact))
     # the learned radius: central differences of the validation loss
-    ball, X_tr, y_tr, X_val, y_val = (ns[k] for k in ("ball", "X_tr", "y_tr", "X_val", "y_val"))
+    ball, X_tr, y_tr, X_val, y_val = (
+        ns[k] for k in ("ball", "X_tr", "y_tr", "X_val", "y_val")
+    )
     loss = jax.jit(lambda r: 0.5 * jnp.mean((X_val @ ball(r, X_tr, y_tr) - y_val) ** 2))
     fd = (loss(0.1 + 1e-6) - loss(0.1 - 1e-6)) / 2e-6
     assert abs(float(ns["radius_grad"]) - float(fd)) < 1e-6

@@ -26,7 +26,11 @@ CASES = [
     ("lasso", 0.5, lambda u: 0.5 * jnp.abs(u)),
     ("nonnegative_lasso", 0.5, lambda u: 0.5 * jnp.abs(u) + NONNEGATIVE(u)),
     ("elastic_net", (0.5, 2.0), lambda u: 0.5 * jnp.abs(u) + u**2),
-    ("nonnegative_elastic_net", (0.5, 2.0), lambda u: 0.5 * jnp.abs(u) + u**2 + NONNEGATIVE(u)),
+    (
+        "nonnegative_elastic_net",
+        (0.5, 2.0),
+        lambda u: 0.5 * jnp.abs(u) + u**2 + NONNEGATIVE(u),
+    ),
     ("ridge", 2.0, lambda u: u**2),
     ("nonnegative_ridge", 2.0, lambda u: u**2 + NONNEGATIVE(u)),
 ]
@@ -77,10 +81,19 @@ def test_agree_with_jaxopt_and_adapter():
     p = jaxopt.prox
     pairs = [
         (bl.prox.lasso(0.5, V, 0.7), p.prox_lasso(V, 0.5, 0.7)),
-        (bl.prox.nonnegative_lasso(0.5, V, 0.7), p.prox_non_negative_lasso(V, 0.5, 0.7)),
-        (bl.prox.elastic_net((0.5, 0.5 * 2.0), V, 0.7), p.prox_elastic_net(V, (0.5, 2.0), 0.7)),
+        (
+            bl.prox.nonnegative_lasso(0.5, V, 0.7),
+            p.prox_non_negative_lasso(V, 0.5, 0.7),
+        ),
+        (
+            bl.prox.elastic_net((0.5, 0.5 * 2.0), V, 0.7),
+            p.prox_elastic_net(V, (0.5, 2.0), 0.7),
+        ),
         (bl.prox.ridge(2.0, V, 0.7), p.prox_ridge(V, 2.0, 0.7)),
-        (bl.prox.nonnegative_ridge(2.0, V, 0.7), p.prox_non_negative_ridge(V, 2.0, 0.7)),
+        (
+            bl.prox.nonnegative_ridge(2.0, V, 0.7),
+            p.prox_non_negative_ridge(V, 2.0, 0.7),
+        ),
         (bl.prox.group_lasso(0.5, V, 0.7), p.prox_group_lasso(V, 0.5, 0.7)),
         (bl.prox.from_jaxopt(p.prox_lasso)(0.5, V, 0.7), p.prox_lasso(V, 0.5, 0.7)),
     ]
