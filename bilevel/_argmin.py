@@ -77,28 +77,24 @@ def argmin(
     - `options`: passed to `optx.minimise`.
     """
     condition = stationarity_condition(_value_only(fn, has_aux))
-
-    def run(x, y, args, kwargs):
-        if solver is None or isinstance(solver, optx.AbstractMinimiser):
-            minimiser = solver or _default_tolerances(optx.LBFGS, y)
-            sol = optx.minimise(
-                _optx_fn(fn),
-                minimiser,
-                y,
-                (x, args, kwargs),
-                options,
-                has_aux=has_aux,
-                max_steps=max_steps,
-                throw=False,
-            )
-            return _checked(sol.value, sol.result, on_failure), sol.aux
-        if isinstance(solver, optax.GradientTransformation):
-            return _optax_loop(fn, solver, x, y, args, kwargs, max_steps, has_aux)
+    if isinstance(solver, optax.GradientTransformation):
+        run = _OptaxRun(fn, solver, max_steps, has_aux)
+    elif solver is None or isinstance(solver, optx.AbstractMinimiser):
+        run = _OptimistixRun(
+            optx.minimise,
+            fn,
+            solver,
+            optx.LBFGS,
+            options,
+            max_steps,
+            has_aux,
+            on_failure,
+        )
+    else:
         raise TypeError(
             "argmin: `solver` must be an optimistix minimiser or an optax "
             f"GradientTransformation, got {type(solver).__name__}"
         )
-
     return _solution(condition, run, y0, has_aux, linear_solver, ridge, on_failure)
 
 
@@ -124,20 +120,9 @@ def root(
     [`bilevel.argmin`][].
     """
     condition = OptimalityCondition(fn, symmetric=symmetric)
-
-    def run(x, y, args, kwargs):
-        finder = solver or _default_tolerances(optx.Newton, y)
-        sol = optx.root_find(
-            _optx_fn(fn),
-            finder,
-            y,
-            (x, args, kwargs),
-            options,
-            max_steps=max_steps,
-            throw=False,
-        )
-        return _checked(sol.value, sol.result, on_failure), None
-
+    run = _OptimistixRun(
+        optx.root_find, fn, solver, optx.Newton, options, max_steps, False, on_failure
+    )
     return _solution(condition, run, y0, False, linear_solver, ridge, on_failure)
 
 
@@ -158,20 +143,10 @@ def fixed_point(
     $\partial_y\Phi = I - \partial_y T$). Other arguments as in [`bilevel.argmin`][].
     """
     condition = OptimalityCondition(_FixedPointResidual(fn))
-
-    def run(x, y, args, kwargs):
-        iteration = solver or _default_tolerances(optx.FixedPointIteration, y)
-        sol = optx.fixed_point(
-            _optx_fn(fn),
-            iteration,
-            y,
-            (x, args, kwargs),
-            options,
-            max_steps=max_steps,
-            throw=False,
-        )
-        return _checked(sol.value, sol.result, on_failure), None
-
+    default = optx.FixedPointIteration
+    run = _OptimistixRun(
+        optx.fixed_point, fn, solver, default, options, max_steps, False, on_failure
+    )
     return _solution(condition, run, y0, False, linear_solver, ridge, on_failure)
 
 
@@ -197,19 +172,10 @@ def least_squares(
         stationarity_condition(objective).fn, symmetric=True
     )
 
-    def run(x, y, args, kwargs):
-        method = solver or _default_tolerances(optx.LevenbergMarquardt, y)
-        sol = optx.least_squares(
-            _optx_fn(fn),
-            method,
-            y,
-            (x, args, kwargs),
-            options,
-            max_steps=max_steps,
-            throw=False,
-        )
-        return _checked(sol.value, sol.result, on_failure), None
-
+    default = optx.LevenbergMarquardt
+    run = _OptimistixRun(
+        optx.least_squares, fn, solver, default, options, max_steps, False, on_failure
+    )
     return _solution(condition, run, y0, False, linear_solver, ridge, on_failure)
 
 
@@ -245,16 +211,7 @@ def proximal_gradient(
     ends at `max_steps` above `tol` counts as a failure for `on_failure`.
     """
     condition = proximal_gradient_condition(smooth, prox, 1.0 if step is None else step)
-
-    def run(x, y, args, kwargs):
-        y, stats = proximal_gradient_solve(
-            smooth, prox, x, y, args, kwargs, step, max_steps, tol, accelerate
-        )
-        result = optx.RESULTS.where(
-            stats.converged, optx.RESULTS.successful, optx.RESULTS.max_steps_reached
-        )
-        return _checked(y, result, on_failure), None
-
+    run = _ProximalRun(smooth, prox, step, max_steps, tol, accelerate, on_failure)
     return _solution(condition, run, y0, False, linear_solver, ridge, on_failure)
 
 
@@ -283,16 +240,7 @@ def projected_gradient(
         lower, project, 1.0 if step is None else step
     )
     prox = from_projection(project)
-
-    def run(x, y, args, kwargs):
-        y, stats = proximal_gradient_solve(
-            lower, prox, x, y, args, kwargs, step, max_steps, tol, accelerate
-        )
-        result = optx.RESULTS.where(
-            stats.converged, optx.RESULTS.successful, optx.RESULTS.max_steps_reached
-        )
-        return _checked(y, result, on_failure), None
-
+    run = _ProximalRun(lower, prox, step, max_steps, tol, accelerate, on_failure)
     return _solution(condition, run, y0, False, linear_solver, ridge, on_failure)
 
 
@@ -481,28 +429,91 @@ class _HalfSquaredNorm(eqx.Module):
         return 0.5 * sum(jnp.sum(u**2) for u in jtu.tree_leaves(residual))
 
 
-def _default_tolerances(cls, y):
-    tol = default_tolerance(jnp.result_type(*jtu.tree_leaves(y)))
-    return cls(rtol=tol, atol=tol)
+class _OptimistixRun(eqx.Module):
+    """An optimistix entry point (`optx.minimise`, `root_find`, ...) as an inner solve
+    `run(x, y0, args, kwargs) -> (y, aux)`; failures go to the `on_failure` policy."""
 
+    entry: Callable = eqx.field(static=True)
+    fn: Callable
+    solver: Any
+    default: type = eqx.field(static=True)
+    options: dict | None
+    max_steps: int = eqx.field(static=True)
+    has_aux: bool = eqx.field(static=True)
+    on_failure: str = eqx.field(static=True)
 
-def _optax_loop(fn, optimizer, x, y, args, kwargs, num_steps, has_aux):
-    def grad(v):
-        value = (
-            (lambda u: fn(x, u, *args, **kwargs)[0])
-            if has_aux
-            else (lambda u: fn(x, u, *args, **kwargs))
+    def __call__(self, x, y, args, kwargs):
+        if self.solver is None:
+            tol = default_tolerance(jnp.result_type(*jtu.tree_leaves(y)))
+            solver = self.default(rtol=tol, atol=tol)
+        else:
+            solver = self.solver
+        sol = self.entry(
+            _optx_fn(self.fn),
+            solver,
+            y,
+            (x, args, kwargs),
+            self.options,
+            has_aux=self.has_aux,
+            max_steps=self.max_steps,
+            throw=False,
         )
-        return jax.grad(value)(v)
+        value = _checked(sol.value, sol.result, self.on_failure)
+        return value, (sol.aux if self.has_aux else None)
 
-    def body(_, carry):
-        v, state = carry
-        updates, state = optimizer.update(grad(v), state, v)
-        return optax.apply_updates(v, updates), state
 
-    y, _ = lax.fori_loop(0, num_steps, body, (y, optimizer.init(y)))
-    aux = fn(x, y, *args, **kwargs)[1] if has_aux else None
-    return y, aux
+class _OptaxRun(eqx.Module):
+    """An optax transformation run for exactly `num_steps` steps."""
+
+    fn: Callable
+    optimizer: optax.GradientTransformation
+    num_steps: int = eqx.field(static=True)
+    has_aux: bool = eqx.field(static=True)
+
+    def __call__(self, x, y, args, kwargs):
+        def value(u):
+            out = self.fn(x, u, *args, **kwargs)
+            return out[0] if self.has_aux else out
+
+        def body(_, carry):
+            v, state = carry
+            updates, state = self.optimizer.update(jax.grad(value)(v), state, v)
+            return optax.apply_updates(v, updates), state
+
+        init = (y, self.optimizer.init(y))
+        y, _ = lax.fori_loop(0, self.num_steps, body, init)
+        aux = self.fn(x, y, *args, **kwargs)[1] if self.has_aux else None
+        return y, aux
+
+
+class _ProximalRun(eqx.Module):
+    """`proximal_gradient_solve` as an inner solve; not reaching `tol` is a failure."""
+
+    smooth: Callable
+    prox: Callable
+    step: Any
+    max_steps: int = eqx.field(static=True)
+    tol: Any
+    accelerate: bool = eqx.field(static=True)
+    on_failure: str = eqx.field(static=True)
+
+    def __call__(self, x, y, args, kwargs):
+        y, stats = proximal_gradient_solve(
+            self.smooth,
+            self.prox,
+            x,
+            y,
+            args,
+            kwargs,
+            self.step,
+            self.max_steps,
+            self.tol,
+            self.accelerate,
+        )
+        result = optx.RESULTS.where(
+            stats.converged, optx.RESULTS.successful, optx.RESULTS.max_steps_reached
+        )
+        return _checked(y, result, self.on_failure), None
 
 
 def _checked(y, result, on_failure):
