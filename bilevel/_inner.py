@@ -46,7 +46,8 @@ def _stores_value(problem: Any, opt_state: Any, deterministic: bool) -> bool:
 
 def _forget_value(opt_state: Any) -> Any:
     """Mark a stored value as stale (e.g. `x` changed): the next step recomputes it."""
-    return optax.tree.set(opt_state, value=jnp.inf)
+    stored = optax.tree.get(opt_state, "value")
+    return optax.tree.set(opt_state, value=jnp.full_like(stored, jnp.inf))
 
 
 def _value_and_grad(fn: Callable, y: PyTree, opt_state: Any, reuse: bool):

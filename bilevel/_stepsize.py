@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import optax
-from jaxtyping import Array, Bool, PRNGKeyArray, PyTree, Scalar
+from jaxtyping import Array, Bool, Int, PRNGKeyArray, PyTree, Scalar
 
 from ._misc import tree_axpy, tree_norm, tree_scale, tree_sub
 from ._problem import apply_project_x
@@ -194,3 +194,39 @@ def gradient_mapping_norm(problem, x, grad, step) -> Scalar:
     step = jnp.where(step > 0, step, 1)
     moved = apply_project_x(problem, tree_axpy(-step, grad, x))
     return tree_norm(tree_sub(x, moved)) / step
+
+
+class AcceleratedState(NamedTuple):
+    """State of `accelerated_descent`: the last gradient-step point and the count."""
+
+    previous: PyTree[Array]
+    count: Int[Array, ""]
+
+
+def accelerated_descent(step_size: Scalar | float) -> optax.GradientTransformation:
+    r"""Nesterov's accelerated gradient method with the momentum schedule for convex
+    functions, as an optax transformation whose parameters are the extrapolated points
+    $z_k$ (where the gradient is taken):
+
+    $y_{k+1} = z_k - \eta\nabla g(z_k)$, $z_{k+1} = y_{k+1} + \frac{k}{k+3}(y_{k+1} -
+    y_k)$ (Nesterov 1983), with $\eta = $ `step_size` $\le 1/L$.
+
+    It needs no strong-convexity constant, and is a smooth map of its inputs, so
+    unrolled differentiation goes through it: after $K$ steps the error is
+    $O(L\|y_0 - y^*\|^2/K^2)$ for convex $g$ instead of gradient descent's $O(1/K)$.
+    """
+
+    def init(params):
+        return AcceleratedState(params, jnp.zeros((), jnp.int32))
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("accelerated_descent needs `params` in `update`")
+        step = tree_axpy(-step_size, grads, params)
+        k = state.count.astype(jnp.result_type(*jtu.tree_leaves(params)))
+        momentum = k / (k + 3)
+        extrapolated = tree_axpy(momentum, tree_sub(step, state.previous), step)
+        updates = tree_sub(extrapolated, params)
+        return updates, AcceleratedState(step, state.count + 1)
+
+    return optax.GradientTransformation(init, update)

@@ -17,6 +17,7 @@ from .._problem import apply_project_x
 from .._solver import AbstractBilevelSolver, count, positive
 from .._stepsize import (
     FIRST_POWER_ITERATIONS,
+    accelerated_descent,
     adaptive_gradient_descent,
     gradient_mapping_norm,
     inverse_or_zero,
@@ -89,10 +90,14 @@ class Unrolled(AbstractBilevelSolver):
     def _default_inner(self) -> bool:
         return self.inner_optimizer is None and self.inner_lr is None
 
-    def _inner(self, step_size) -> optax.GradientTransformation:
+    def _inner(self, problem, step_size) -> optax.GradientTransformation:
         if self.inner_optimizer is not None:
             return self.inner_optimizer
-        return optax.sgd(self.inner_lr if self.inner_lr is not None else step_size)
+        if self.inner_lr is not None:
+            return optax.sgd(self.inner_lr)
+        if problem.project_y is not None:
+            return optax.sgd(step_size)
+        return accelerated_descent(step_size)
 
     def _outer(self) -> optax.GradientTransformation:
         if self.outer_optimizer is not None:
@@ -133,7 +138,7 @@ class Unrolled(AbstractBilevelSolver):
                 problem, x, y0, batch, random_direction(key, y0), FIRST_POWER_ITERATIONS
             )
             step_size = inverse_or_zero(curvature)
-        optimizer = self._inner(step_size)
+        optimizer = self._inner(problem, step_size)
         y, _ = inner_steps(
             problem,
             optimizer,
