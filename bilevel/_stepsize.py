@@ -113,6 +113,26 @@ def lower_hessian_norm(
     return power_iteration(hvp, vector, num_iters)
 
 
+def tracked_lower_curvature(
+    problem: Any,
+    x: PyTree[Array],
+    y: PyTree[Array],
+    batch: Any,
+    previous: Scalar,
+    vector: PyTree[Array],
+    step: Int[Array, ""],
+) -> tuple[Scalar, PyTree[Array]]:
+    r"""Running estimate $\hat L_k$ of $\|\nabla^2_{yy} g\|$ for steps $1/\hat L_k$:
+    `FIRST_POWER_ITERATIONS` power iterations at step 0, then one per step from the
+    previous vector, and $\hat L_k = \max(\text{estimate}, \hat L_{k-1})$: it
+    follows a curvature that grows (e.g. a network that sharpens while it trains) and
+    never falls, so that one iteration on a new minibatch, whose Hessian has other
+    leading directions than the last one, cannot underestimate it."""
+    iterations = jnp.where(step == 0, FIRST_POWER_ITERATIONS, 1)
+    estimate, vector = lower_hessian_norm(problem, x, y, batch, vector, iterations)
+    return jnp.maximum(estimate, previous), vector
+
+
 def inverse_or_zero(value: Scalar) -> Scalar:
     """`1 / value`, or 0 where `value` is not positive (no usable curvature)."""
     positive = value > 0

@@ -13,17 +13,18 @@ import optax
 import optimistix as optx
 from jaxtyping import Array, Int, PyTree, Scalar
 
+from .._conditions import is_stationarity_of
 from .._implicit import HypergradientInfo, hypergradient
 from .._inner import inner_steps, inner_steps_until, minimise_inner
+from .._linear import Richardson
 from .._problem import apply_project_x
 from .._solver import AbstractBilevelSolver, count, positive
 from .._stepsize import (
-    FIRST_POWER_ITERATIONS,
     adaptive_gradient_descent,
     gradient_mapping_norm,
     inverse_or_zero,
-    lower_hessian_norm,
     random_direction,
+    tracked_lower_curvature,
 )
 
 
@@ -143,6 +144,25 @@ class ImplicitDiff(AbstractBilevelSolver):
     def _uses_lbfgs(self, problem, data) -> bool:
         return data.deterministic and problem.project_y is None
 
+    def _stochastic_adjoint(self, problem, data) -> bool:
+        """Default adjoint solve on minibatches: warm-started Richardson (a truncated
+        Neumann series), bounded where CG would diverge on a singular batch Hessian."""
+        if self.linear_solver is not None or data.deterministic:
+            return False
+        optimality = problem.optimality
+        return problem.project_y is None and (
+            optimality is None or is_stationarity_of(optimality, problem.lower)
+        )
+
+    def _needs_curvature(self, problem, data) -> bool:
+        gradient_descent = self._default_inner() and not self._uses_lbfgs(problem, data)
+        return gradient_descent or self._stochastic_adjoint(problem, data)
+
+    def _linear_solver(self, problem, data, curvature):
+        if self._stochastic_adjoint(problem, data):
+            return Richardson(self.inner_steps, omega=inverse_or_zero(curvature))
+        return self.linear_solver
+
     def _user_inner(self) -> optax.GradientTransformation | None:
         if self.inner_optimizer is not None:
             return self.inner_optimizer
@@ -174,23 +194,18 @@ class ImplicitDiff(AbstractBilevelSolver):
         upper_batch = data.upper_batch(upper_key, state.step)
         lower_batch = data.lower_batch(lower_key, state.step, stream=1)
         curvature, direction = state.curvature, state.direction
-        if self._default_inner() and not self._uses_lbfgs(problem, data):
-            iterations = jnp.where(state.step == 0, FIRST_POWER_ITERATIONS, 1)
-            curvature, direction = lower_hessian_norm(
-                problem, x, state.y, lower_batch, direction, iterations
+        if self._needs_curvature(problem, data):
+            curvature, direction = tracked_lower_curvature(
+                problem, x, state.y, lower_batch, curvature, direction, state.step
             )
         y, inner_state, inner_metrics = self._inner_solve(
             problem, state, data, inner_key, curvature
         )
+        linear_solver = self._linear_solver(problem, data, curvature)
         grad, info = hypergradient(
-            problem,
-            x,
-            y,
-            upper_batch,
-            self.linear_solver,
-            lower_batch=lower_batch,
-            warm_start=state.adjoint,
-        )
+            problem, x, y, upper_batch, linear_solver,
+            lower_batch=lower_batch, warm_start=state.adjoint,
+        )  # fmt: skip
         outer = self._outer()
         updates, outer_state = outer.update(grad, state.outer_state, x)
         new_x = apply_project_x(problem, optax.apply_updates(x, updates))
@@ -207,15 +222,9 @@ class ImplicitDiff(AbstractBilevelSolver):
         if self.outer_optimizer is None and self.outer_lr is None:
             metrics["outer_step"] = step_size
         new_state = _ImplicitDiffState(
-            new_x,
-            y,
-            outer_state,
-            inner_state,
-            info.adjoint,
-            curvature,
-            direction,
+            new_x, y, outer_state, inner_state, info.adjoint, curvature, direction,
             state.step + 1,
-        )
+        )  # fmt: skip
         return new_state, metrics
 
     def _outer_step(self, outer_state) -> Scalar | float | None:

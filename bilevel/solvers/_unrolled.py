@@ -23,6 +23,7 @@ from .._stepsize import (
     inverse_or_zero,
     lower_hessian_norm,
     random_direction,
+    tracked_lower_curvature,
 )
 
 
@@ -57,7 +58,9 @@ class Unrolled(AbstractBilevelSolver):
 
     **Arguments:**
 
-    - `inner_steps`: $K$ (default 20).
+    - `inner_steps`: $K$ (default 50: the bias of the unrolled hypergradient decays
+      with $K$ only, e.g. 5% at $K = 20$ and 0.8% at $K = 50$ for a lower Hessian of
+      condition number 20 with the default inner steps).
     - `inner_lr` / `inner_optimizer`: the inner update (default: above); the optimizer
       state starts afresh at every outer step, so it is part of the unrolled map.
     - `outer_lr` / `outer_optimizer`: the outer update (default: above).
@@ -72,7 +75,7 @@ class Unrolled(AbstractBilevelSolver):
         {"single_block", "project_x", "project_y", "stochastic"}
     )
 
-    inner_steps: int = count(20)
+    inner_steps: int = count(50)
     inner_lr: float | None = positive(None, optional=True)
     inner_optimizer: optax.GradientTransformation | None = None
     outer_lr: float | None = positive(None, optional=True)
@@ -160,9 +163,8 @@ class Unrolled(AbstractBilevelSolver):
         lower_batch = data.lower_batch(lower_key, state.step, stream=1)
         curvature, direction = state.curvature, state.direction
         if self._default_inner():
-            iterations = jnp.where(state.step == 0, FIRST_POWER_ITERATIONS, 1)
-            curvature, direction = lower_hessian_norm(
-                problem, state.x, state.y, lower_batch, direction, iterations
+            curvature, direction = tracked_lower_curvature(
+                problem, state.x, state.y, lower_batch, curvature, direction, state.step
             )
         step_size = inverse_or_zero(curvature)
         first_draw = state.step * self.inner_steps
