@@ -25,7 +25,9 @@ def random_direction(key: PRNGKeyArray, like: PyTree[Array]) -> PyTree[Array]:
     """A standard normal pytree shaped like `like`, scaled to unit norm."""
     leaves, treedef = jtu.tree_flatten(like)
     keys = jr.split(key, max(len(leaves), 1))
-    noise = [jr.normal(k, jnp.shape(u), jnp.result_type(u)) for k, u in zip(keys, leaves)]
+    noise = [
+        jr.normal(k, jnp.shape(u), jnp.result_type(u)) for k, u in zip(keys, leaves)
+    ]
     direction = jtu.tree_unflatten(treedef, noise)
     return tree_scale(1 / tree_norm(direction), direction)
 
@@ -142,7 +144,8 @@ def inverse_or_zero(value: Scalar) -> Scalar:
 class AdaptiveStepState(NamedTuple):
     """State of `adaptive_gradient_descent`: the previous iterate and gradient, the
     last step $\\lambda_{k-1}$, the ratio
-    $\\theta_{k-1} = \\lambda_{k-1}/\\lambda_{k-2}$ and whether the last step was the probe ($\\theta = \\infty$)."""
+    $\\theta_{k-1} = \\lambda_{k-1}/\\lambda_{k-2}$ and whether the last step was the
+    probe ($\\theta = \\infty$)."""
 
     previous_params: PyTree[Array]
     previous_grad: PyTree[Array]
@@ -202,6 +205,18 @@ def adaptive_gradient_descent(probe: float = 1e-3) -> optax.GradientTransformati
         return updates, new_state
 
     return optax.GradientTransformation(init, update)
+
+
+def default_inner_optimizer(
+    problem: Any, data: Any, step: Scalar
+) -> optax.GradientTransformation:
+    r"""The default inner steps of ImplicitDiff and Unrolled, of size `step` ($1/\hat L$
+    for a curvature estimate $\hat L$): `accelerated_descent` on deterministic data
+    without a set $Y$ (restarted at every outer step), plain gradient descent with
+    minibatches (momentum would accumulate their noise) or projections."""
+    if data.deterministic and problem.project_y is None:
+        return accelerated_descent(step)
+    return optax.sgd(step)
 
 
 def gradient_mapping_norm(problem, x, grad, step) -> Scalar:

@@ -21,6 +21,7 @@ from .._problem import apply_project_x
 from .._solver import AbstractBilevelSolver, count, positive
 from .._stepsize import (
     adaptive_gradient_descent,
+    default_inner_optimizer,
     gradient_mapping_norm,
     inverse_or_zero,
     random_direction,
@@ -59,11 +60,11 @@ class ImplicitDiff(AbstractBilevelSolver):
 
     **Default step sizes** (each explicit setting wins over its default):
 
-    - inner: on deterministic data without a set $Y$, L-BFGS (`optax.lbfgs`, zoom line
-      search) restarted at every outer step from the warm start, which needs no step
-      size; otherwise gradient descent with step $1/\hat L$, $\hat L$ a power-iteration
-      estimate of $\|\nabla^2_{yy} g\|$ (20 Hessian-vector products at the first step,
-      then one per step, warm-started, on the step's lower batch);
+    - inner: step $1/\hat L$, $\hat L$ a running power-iteration estimate of
+      $\|\nabla^2_{yy} g\|$ (20 Hessian-vector products at the first step, then one per
+      step, warm-started, on the step's lower batch; it never decreases); Nesterov's
+      accelerated gradient method, restarted at every outer step from the warm start,
+      on deterministic data without a set $Y$, plain gradient descent otherwise;
     - outer: the adaptive gradient step of Malitsky and Mishchenko (2020), whose step is
       the inverse of a local curvature estimate of $F$ from successive hypergradients
       (it starts with a probe moving $x$ by $10^{-3}\max(1, \|x_0\|)$).
@@ -141,9 +142,6 @@ class ImplicitDiff(AbstractBilevelSolver):
             and self.inner_solver is None
         )
 
-    def _uses_lbfgs(self, problem, data) -> bool:
-        return data.deterministic and problem.project_y is None
-
     def _stochastic_adjoint(self, problem, data) -> bool:
         """Default adjoint solve on minibatches: warm-started Richardson (a truncated
         Neumann series), bounded where CG would diverge on a singular batch Hessian."""
@@ -155,8 +153,7 @@ class ImplicitDiff(AbstractBilevelSolver):
         )
 
     def _needs_curvature(self, problem, data) -> bool:
-        gradient_descent = self._default_inner() and not self._uses_lbfgs(problem, data)
-        return gradient_descent or self._stochastic_adjoint(problem, data)
+        return self._default_inner() or self._stochastic_adjoint(problem, data)
 
     def _linear_solver(self, problem, data, curvature):
         if self._stochastic_adjoint(problem, data):
@@ -248,10 +245,9 @@ class ImplicitDiff(AbstractBilevelSolver):
         if optimizer is not None:
             opt_state = state.inner_state
         else:
-            if self._uses_lbfgs(problem, data):
-                optimizer = optax.lbfgs()
-            else:
-                optimizer = optax.sgd(inverse_or_zero(curvature))
+            optimizer = default_inner_optimizer(
+                problem, data, inverse_or_zero(curvature)
+            )
             opt_state = optimizer.init(y)
         if self.inner_tol is None:
             y, opt_state = inner_steps(

@@ -17,8 +17,8 @@ from .._problem import apply_project_x
 from .._solver import AbstractBilevelSolver, count, positive
 from .._stepsize import (
     FIRST_POWER_ITERATIONS,
-    accelerated_descent,
     adaptive_gradient_descent,
+    default_inner_optimizer,
     gradient_mapping_norm,
     inverse_or_zero,
     lower_hessian_norm,
@@ -49,10 +49,12 @@ class Unrolled(AbstractBilevelSolver):
 
     **Default step sizes** (each explicit setting wins over its default):
 
-    - inner: gradient descent with step $1/\hat L$, $\hat L$ a power-iteration estimate
-      of $\|\nabla^2_{yy} g\|$ at the warm start (20 Hessian-vector products at the
-      first step, then one per step, warm-started, on the step's lower batch), treated
-      as a constant of the unrolled map;
+    - inner: step $1/\hat L$, $\hat L$ a running power-iteration estimate of
+      $\|\nabla^2_{yy} g\|$ at the warm start (20 Hessian-vector products at the first
+      step, then one per step, warm-started, on the step's lower batch; it never
+      decreases), treated as a constant of the unrolled map; Nesterov's accelerated
+      gradient method on deterministic data without a set $Y$, plain gradient descent
+      otherwise;
     - outer: the adaptive gradient step of Malitsky and Mishchenko (2020) (see
       [`bilevel.solvers.ImplicitDiff`][]).
 
@@ -93,14 +95,12 @@ class Unrolled(AbstractBilevelSolver):
     def _default_inner(self) -> bool:
         return self.inner_optimizer is None and self.inner_lr is None
 
-    def _inner(self, problem, step_size) -> optax.GradientTransformation:
+    def _inner(self, problem, data, step_size) -> optax.GradientTransformation:
         if self.inner_optimizer is not None:
             return self.inner_optimizer
         if self.inner_lr is not None:
             return optax.sgd(self.inner_lr)
-        if problem.project_y is not None:
-            return optax.sgd(step_size)
-        return accelerated_descent(step_size)
+        return default_inner_optimizer(problem, data, step_size)
 
     def _outer(self) -> optax.GradientTransformation:
         if self.outer_optimizer is not None:
@@ -141,7 +141,7 @@ class Unrolled(AbstractBilevelSolver):
                 problem, x, y0, batch, random_direction(key, y0), FIRST_POWER_ITERATIONS
             )
             step_size = inverse_or_zero(curvature)
-        optimizer = self._inner(problem, step_size)
+        optimizer = self._inner(problem, data, step_size)
         y, _ = inner_steps(
             problem,
             optimizer,
