@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-
 from _timing import print_table
 
 
@@ -82,16 +81,19 @@ def scale_battery(steps, pairs=None):
                 jr.PRNGKey(0),
             )
             x, y = solver.params(state)
-            best = float(bench.evaluate(bench.solution, bench.y0)["hyper_objective"])
-            start = float(bench.evaluate(bench.x0, bench.y0)["hyper_objective"])
-            gap = (float(bench.evaluate(x, y)["hyper_objective"]) - best) / (start - best)
+            def value(x, y, bench=bench):
+                return float(bench.evaluate(x, y)["hyper_objective"])
+
+            best, start = value(bench.solution, bench.y0), value(bench.x0, bench.y0)
+            gap = (value(x, y) - best) / (start - best)
             # f(x_k, y_k) ~ F(x_k) once y_k tracks y*(x_k): steps to a 1e-3 gap.
             trace = (np.asarray(history["upper_loss"]) - best) / (start - best)
             hit = np.nonzero(trace <= 1e-3)[0]
             finite = bool(np.all(np.isfinite(np.asarray(history["upper_loss"]))))
+            steps_to = int(hit[0]) + 1 if hit.size else "-"
             rows.append({"solver": solver_name, "s (lower)": s, "t (upper)": t,
-                         "relative gap": gap, "steps to 1e-3": int(hit[0]) + 1 if hit.size
-                         else "-", "finite": finite})
+                         "relative gap": gap, "steps to 1e-3": steps_to,
+                         "finite": finite})
     return rows
 
 
@@ -114,7 +116,8 @@ def main():
                 continue
             for solver_name in args.solvers:
                 try:
-                    rows.append(defaults_row(label, name, params, solver_name, args.steps))
+                    row = defaults_row(label, name, params, solver_name, args.steps)
+                    rows.append(row)
                 except Exception as err:  # reported as a row: the table is the output
                     rows.append({"problem": label, "solver": solver_name,
                                  "status": f"error: {str(err)[:60]}"})
@@ -122,8 +125,8 @@ def main():
         print_table(f"defaults, {args.steps} steps (bl.solve, key 0)", rows)
     if not args.no_battery:
         print_table(
-            f"scale battery: quadratic(4, 10, lower_condition=20), {args.battery_steps} "
-            "steps, gap (F(x_K) - F*) / (F(x_0) - F*)",
+            "scale battery: quadratic(4, 10, lower_condition=20), "
+            f"{args.battery_steps} steps, gap (F(x_K) - F*) / (F(x_0) - F*)",
             scale_battery(args.battery_steps),
         )
 
