@@ -22,7 +22,6 @@ import optax
 import optimistix as optx
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
 
-from ._conditions import is_stationarity_of
 from ._data import AbstractData
 from ._misc import tree_norm
 from ._problem import apply_project_y
@@ -150,10 +149,7 @@ def inner_steps_until(
     reuse = _stores_value(problem, opt_state, True)
     if reuse:
         opt_state = _forget_value(opt_state)
-    optimality = problem.optimality
-    plain = problem.project_y is None and (
-        optimality is None or is_stationarity_of(optimality, problem.lower)
-    )
+    plain = problem.project_y is None and not problem.has_custom_condition
 
     def fn(v):
         return problem.lower(x, v, batch)

@@ -188,8 +188,17 @@ def adaptive_gradient_descent(probe: float = 1e-3) -> optax.GradientTransformati
         first = probe * jnp.maximum(tree_norm(params), 1) * inverse_or_zero(grad_norm)
         moved = tree_norm(tree_sub(params, state.previous_params))
         change = tree_norm(tree_sub(grads, state.previous_grad))
-        local = 0.5 * moved * inverse_or_zero(change)
-        local = jnp.where(change > 0, local, jnp.inf)
+        import os
+        if os.environ.get("ADGD", "") == "secant":
+            dx = tree_sub(params, state.previous_params)
+            dg = tree_sub(grads, state.previous_grad)
+            from ._misc import tree_dot
+            curv = tree_dot(dx, dg)
+            local = 0.5 * moved**2 * inverse_or_zero(curv)
+            local = jnp.where(curv > 0, local, jnp.inf)
+        else:
+            local = 0.5 * moved * inverse_or_zero(change)
+            local = jnp.where(change > 0, local, jnp.inf)
         grown = jnp.sqrt(1 + state.ratio) * state.step_size
         adapted = jnp.minimum(jnp.where(state.after_probe, jnp.inf, grown), local)
         # A gradient that did not change along the move: no curvature seen, grow.

@@ -59,12 +59,13 @@ def test_implicit_diff_and_unrolled_draw_the_same_batches():
     bench = bl.problems.quadratic(3, 6, seed=1, num_samples=24, batch_size=4)
     key = jr.PRNGKey(5)
     x0 = jnp.array([0.3, -0.1, 0.2])
-    ys = []
+    ys, metrics = [], []
     for cls in (bl.solvers.ImplicitDiff, bl.solvers.Unrolled):
         solver = cls(inner_steps=5, inner_lr=0.1, outer_lr=0.1)
         state = solver.init(bench.problem, x0, bench.y0)
-        state, _ = solver.step(bench.problem, state, bench.data, key)
+        state, step_metrics = solver.step(bench.problem, state, bench.data, key)
         ys.append(solver.params(state)[1])
+        metrics.append(step_metrics)
     # The reference: the documented draws, step k on lower_batch(fold_in(key, k), k).
     inner_key = jr.split(key, 3)[0]
     grad_g = jax.grad(bench.problem.lower, argnums=1)
@@ -74,3 +75,12 @@ def test_implicit_diff_and_unrolled_draw_the_same_batches():
         y = y - 0.1 * grad_g(x0, y, batch)
     np.testing.assert_allclose(ys[0], y, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(ys[1], y, rtol=1e-12, atol=1e-15)
+    # The metric contract, for both: f and ||grad_y g|| at (x_k, y_K), the latter on
+    # the step's lower batch (stream 1 of the third key).
+    lower_batch = bench.data.lower_batch(jr.split(key, 3)[2], jnp.asarray(0), stream=1)
+    residual = jnp.linalg.norm(grad_g(x0, y, lower_batch))
+    for step_metrics in metrics:
+        assert set(bl.METRICS) <= set(step_metrics)
+        upper = bench.problem.upper(x0, y, None)
+        np.testing.assert_allclose(step_metrics["upper_loss"], upper, rtol=1e-12)
+        np.testing.assert_allclose(step_metrics["lower_residual"], residual, rtol=1e-10)

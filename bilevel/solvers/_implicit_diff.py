@@ -13,7 +13,6 @@ import optax
 import optimistix as optx
 from jaxtyping import Array, Int, PyTree, Scalar
 
-from .._conditions import is_stationarity_of
 from .._implicit import HypergradientInfo, hypergradient
 from .._inner import inner_steps, inner_steps_until, minimise_inner
 from .._linear import Richardson
@@ -147,10 +146,7 @@ class ImplicitDiff(AbstractBilevelSolver):
         Neumann series), bounded where CG would diverge on a singular batch Hessian."""
         if self.linear_solver is not None or data.deterministic:
             return False
-        optimality = problem.optimality
-        return problem.project_y is None and (
-            optimality is None or is_stationarity_of(optimality, problem.lower)
-        )
+        return problem.project_y is None and not problem.has_custom_condition
 
     def _needs_curvature(self, problem, data) -> bool:
         return self._default_inner() or self._stochastic_adjoint(problem, data)
