@@ -17,7 +17,7 @@ import jax.tree_util as jtu
 import optax
 from jaxtyping import Array, Bool, Int, PRNGKeyArray, PyTree, Scalar
 
-from ._misc import tree_axpy, tree_norm, tree_scale, tree_sub
+from ._misc import tree_axpy, tree_dot, tree_norm, tree_scale, tree_sub
 from ._problem import apply_project_x
 
 
@@ -155,25 +155,32 @@ class AdaptiveStepState(NamedTuple):
 
 
 def adaptive_gradient_descent(probe: float = 1e-3) -> optax.GradientTransformation:
-    r"""Gradient descent with the adaptive step of Malitsky and Mishchenko (2020,
-    "Adaptive gradient descent without descent", ICML), as an optax transformation:
+    r"""Gradient descent whose step follows the local curvature of $F$, seen through
+    successive gradients, as an optax transformation:
 
-    $\lambda_k = \min\big(\sqrt{1 + \theta_{k-1}}\,\lambda_{k-1},\;
-    \frac{\|x_k - x_{k-1}\|}{2\|\nabla F(x_k) - \nabla F(x_{k-1})\|}\big)$,
-    $\theta_k = \lambda_k / \lambda_{k-1}$, $x_{k+1} = x_k - \lambda_k \nabla F(x_k)$.
+    $\lambda_k = \min\Big(\sqrt{1 + \theta_{k-1}}\,\lambda_{k-1},\;
+    \frac{\|\Delta x\|}{\|\Delta g\|},\;
+    \frac{\|\Delta x\|^2}{2\langle\Delta x, \Delta g\rangle_+}\Big)$,
+    $\theta_k = \lambda_k / \lambda_{k-1}$, $x_{k+1} = x_k - \lambda_k g_k$,
 
-    The second term is the inverse of a local curvature estimate of $F$ from two
-    successive gradients, so the step follows the scale of $F$: multiplying $F$ by $t$
-    divides every $\lambda_k$ by $t$ and leaves the iterates unchanged; the first term
-    bounds the growth of the step (by about the golden ratio per iteration once
-    $\theta$ has settled). No function values are needed, which suits hypergradients
-    computed at an approximate lower solution. For convex $F$ with a locally Lipschitz
-    gradient the iterates converge (the paper's theorem 1).
+    with $\Delta x = x_k - x_{k-1}$, $\Delta g = g_k - g_{k-1}$ and a term read as
+    $+\infty$ when its denominator is not positive. The first term is the growth limit
+    of Malitsky and Mishchenko (2020, "Adaptive gradient descent without descent",
+    ICML); the second is the step $1/L_k$ for the local Lipschitz estimate
+    $L_k = \|\Delta g\|/\|\Delta x\|$ (their analysis uses $1/(2L_k)$; the factor 2 is
+    ours: with hypergradients from approximate lower solutions, $\Delta g$ also holds
+    the change of the error, and $1/(2L_k)$ made the step collapse on neural-network
+    lower levels); the third is half the Barzilai-Borwein step (1988), the inverse
+    curvature along the move, which keeps the step below $1/L_k$ where the error is
+    orthogonal to the move but the curvature is not.
 
-    The first step is a probe moving $x$ by `probe` $\cdot \max(1, \|x_0\|)$ (so
-    $\theta_0 = \infty$ and $\lambda_1$ is the local estimate alone); if the gradient is
-    zero, the probe is retried at the next step. When $x$ does not move, $\lambda$ is
-    kept.
+    Every term scales as $1/t$ when $F$ is multiplied by $t$, so the iterates do not
+    change. No function values are needed.
+
+    The first step is a probe moving $x$ by `probe` $\cdot \max(1, \|x_0\|)$ (then
+    $\theta_0 = \infty$ and $\lambda_1$ comes from the local terms alone); if the
+    gradient is zero, the probe is retried at the next step. When $x$ does not move,
+    $\lambda$ is kept; when the gradient did not change along the move, it doubles.
     """
 
     def init(params):
@@ -186,24 +193,18 @@ def adaptive_gradient_descent(probe: float = 1e-3) -> optax.GradientTransformati
             raise ValueError("adaptive_gradient_descent needs `params` in `update`")
         grad_norm = tree_norm(grads)
         first = probe * jnp.maximum(tree_norm(params), 1) * inverse_or_zero(grad_norm)
-        moved = tree_norm(tree_sub(params, state.previous_params))
-        change = tree_norm(tree_sub(grads, state.previous_grad))
-        import os
-        if os.environ.get("ADGD", "") == "secant":
-            dx = tree_sub(params, state.previous_params)
-            dg = tree_sub(grads, state.previous_grad)
-            from ._misc import tree_dot
-            curv = tree_dot(dx, dg)
-            local = 0.5 * moved**2 * inverse_or_zero(curv)
-            local = jnp.where(curv > 0, local, jnp.inf)
-        else:
-            local = 0.5 * moved * inverse_or_zero(change)
-            local = jnp.where(change > 0, local, jnp.inf)
+        moved = tree_sub(params, state.previous_params)
+        change = tree_sub(grads, state.previous_grad)
+        distance = tree_norm(moved)
+        local = jnp.minimum(
+            _ratio_or_inf(distance, tree_norm(change)),
+            _ratio_or_inf(distance**2, 2 * tree_dot(moved, change)),
+        )
         grown = jnp.sqrt(1 + state.ratio) * state.step_size
         adapted = jnp.minimum(jnp.where(state.after_probe, jnp.inf, grown), local)
         # A gradient that did not change along the move: no curvature seen, grow.
         adapted = jnp.where(jnp.isfinite(adapted), adapted, 2 * state.step_size)
-        adapted = jnp.where(moved > 0, adapted, state.step_size)
+        adapted = jnp.where(distance > 0, adapted, state.step_size)
         started = state.step_size > 0
         step = jnp.where(started, adapted, first).astype(grad_norm.dtype)
         ratio = jnp.where(started, step * inverse_or_zero(state.step_size), 0)
@@ -214,6 +215,12 @@ def adaptive_gradient_descent(probe: float = 1e-3) -> optax.GradientTransformati
         return updates, new_state
 
     return optax.GradientTransformation(init, update)
+
+
+def _ratio_or_inf(numerator: Scalar, denominator: Scalar) -> Scalar:
+    """`numerator / denominator`, or infinity where the denominator is not positive."""
+    ratio = numerator * inverse_or_zero(denominator)
+    return jnp.where(denominator > 0, ratio, jnp.inf)
 
 
 def default_inner_optimizer(

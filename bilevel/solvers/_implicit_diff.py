@@ -142,8 +142,10 @@ class ImplicitDiff(AbstractBilevelSolver):
         )
 
     def _stochastic_adjoint(self, problem, data) -> bool:
-        """Default adjoint solve on minibatches: warm-started Richardson (a truncated
-        Neumann series), bounded where CG would diverge on a singular batch Hessian."""
+        """Default adjoint solve on minibatches: `inner_steps` Richardson iterations
+        from zero (a truncated Neumann series on the step's batch), bounded where CG
+        diverges on a singular batch Hessian. Not warm-started: across batches the
+        iterates would accumulate each batch's noise."""
         if self.linear_solver is not None or data.deterministic:
             return False
         return problem.project_y is None and not problem.has_custom_condition
@@ -151,10 +153,12 @@ class ImplicitDiff(AbstractBilevelSolver):
     def _needs_curvature(self, problem, data) -> bool:
         return self._default_inner() or self._stochastic_adjoint(problem, data)
 
-    def _linear_solver(self, problem, data, curvature):
+    def _adjoint_solve(self, problem, data, state, curvature):
+        """The linear solver and the warm start of the adjoint solve."""
         if self._stochastic_adjoint(problem, data):
-            return Richardson(self.inner_steps, omega=inverse_or_zero(curvature))
-        return self.linear_solver
+            omega = inverse_or_zero(curvature)
+            return Richardson(self.inner_steps, omega=omega), None
+        return self.linear_solver, state.adjoint
 
     def _user_inner(self) -> optax.GradientTransformation | None:
         if self.inner_optimizer is not None:
@@ -194,10 +198,10 @@ class ImplicitDiff(AbstractBilevelSolver):
         y, inner_state, inner_metrics = self._inner_solve(
             problem, state, data, inner_key, curvature
         )
-        linear_solver = self._linear_solver(problem, data, curvature)
+        linear_solver, warm_start = self._adjoint_solve(problem, data, state, curvature)
         grad, info = hypergradient(
             problem, x, y, upper_batch, linear_solver,
-            lower_batch=lower_batch, warm_start=state.adjoint,
+            lower_batch=lower_batch, warm_start=warm_start,
         )  # fmt: skip
         outer = self._outer()
         updates, outer_state = outer.update(grad, state.outer_state, x)
