@@ -64,11 +64,16 @@ class ImplicitDiff(AbstractBilevelSolver):
       step, warm-started, on the step's lower batch; it never decreases); Nesterov's
       accelerated gradient method, restarted at every outer step from the warm start,
       on deterministic data without a set $Y$, plain gradient descent otherwise;
-    - outer: the adaptive gradient step of Malitsky and Mishchenko (2020), whose step is
-      the inverse of a local curvature estimate of $F$ from successive hypergradients
-      (it starts with a probe moving $x$ by $10^{-3}\max(1, \|x_0\|)$).
+    - outer: gradient descent whose step is the smallest of a bounded growth of the
+      last one (Malitsky and Mishchenko, 2020), the inverse of a local Lipschitz
+      estimate of $\nabla F$ and half the Barzilai-Borwein step, all from successive
+      hypergradients (`adaptive_gradient_descent`; the first step is a probe moving $x$
+      by $10^{-3}\max(1, \|x_0\|)$);
+    - adjoint: with minibatches, `inner_steps` Richardson iterations from zero with
+      step $1/\hat L$ (bounded where CG diverges on singular batch Hessians); on
+      deterministic data, the default of [`bilevel.hypergradient`][].
 
-    Both rules follow the scale of the problem: multiplying $g$ or $f$ by a constant
+    These rules follow the scale of the problem: multiplying $g$ or $f$ by a constant
     changes no iterate.
 
     **Arguments:**

@@ -55,8 +55,8 @@ class Unrolled(AbstractBilevelSolver):
       decreases), treated as a constant of the unrolled map; Nesterov's accelerated
       gradient method on deterministic data without a set $Y$, plain gradient descent
       otherwise;
-    - outer: the adaptive gradient step of Malitsky and Mishchenko (2020) (see
-      [`bilevel.solvers.ImplicitDiff`][]).
+    - outer: the adaptive step of [`bilevel.solvers.ImplicitDiff`][] (after Malitsky
+      and Mishchenko, 2020).
 
     **Arguments:**
 
