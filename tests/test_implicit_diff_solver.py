@@ -149,7 +149,8 @@ def test_optimistix_inner_solver_with_warm_starts(bench):
     assert float(jnp.linalg.norm(x - bench.solution)) < 1e-6
     # Warm starts: at the final x, a solve from the previous y is shorter than one from
     # y0 (measured: 3 iterations in the last steps against 12).
-    _, _, cold = minimise_inner(bench.problem, lbfgs, x, bench.y0, bench.data.lower, 100)
+    rows = bench.data.lower
+    _, _, cold = minimise_inner(bench.problem, lbfgs, x, bench.y0, rows, 100)
     assert np.median(np.asarray(history["inner_iterations"])[-10:]) < int(cold)
     minibatch = bl.Minibatch(upper=None, lower=bench.data.lower, batch_size=4)
     with pytest.raises(ValueError, match="stochastic.*inner_solver"):
