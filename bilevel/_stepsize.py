@@ -17,7 +17,7 @@ import jax.tree_util as jtu
 import optax
 from jaxtyping import Array, Bool, Int, PRNGKeyArray, PyTree, Scalar
 
-from ._misc import tree_axpy, tree_dot, tree_norm, tree_scale, tree_sub
+from ._misc import tree_axpy, tree_norm, tree_scale, tree_sub
 from ._problem import apply_project_x
 
 
@@ -99,6 +99,13 @@ FIRST_POWER_ITERATIONS = 20
 """Power iterations of a first curvature estimate; later steps refine it by one each."""
 
 
+def _lower_linearised(problem: Any, x: PyTree, y: PyTree, batch: Any):
+    r"""$\nabla_y g(x, y)$ and $v \mapsto \nabla^2_{yy} g(x, y)\,v$, not differentiated
+    (step-size rules)."""
+    x, y = lax.stop_gradient((x, y))
+    return jax.linearize(jax.grad(lambda v: problem.lower(x, v, batch)), y)
+
+
 def lower_hessian_norm(
     problem: Any,
     x: PyTree[Array],
@@ -109,10 +116,9 @@ def lower_hessian_norm(
 ) -> tuple[Scalar, PyTree[Array]]:
     r"""$\|\nabla^2_{yy} g(x, y)\|_2$ by power iteration on Hessian-vector products,
     warm-started from the unit vector `vector` (see `power_iteration`); returns the
-    estimate and the vector to resume from. Not differentiated (a step-size rule)."""
-    x, y, vector = lax.stop_gradient((x, y, vector))
-    _, hvp = jax.linearize(jax.grad(lambda v: problem.lower(x, v, batch)), y)
-    return power_iteration(hvp, vector, num_iters)
+    estimate and the vector to resume from."""
+    _, hvp = _lower_linearised(problem, x, y, batch)
+    return power_iteration(hvp, lax.stop_gradient(vector), num_iters)
 
 
 def tracked_lower_curvature(
@@ -124,15 +130,24 @@ def tracked_lower_curvature(
     vector: PyTree[Array],
     step: Int[Array, ""],
 ) -> tuple[Scalar, PyTree[Array]]:
-    r"""Running estimate $\hat L_k$ of $\|\nabla^2_{yy} g\|$ for steps $1/\hat L_k$:
-    `FIRST_POWER_ITERATIONS` power iterations at step 0, then one per step from the
-    previous vector, and $\hat L_k = \max(\text{estimate}, \hat L_{k-1})$: it
-    follows a curvature that grows (e.g. a network that sharpens while it trains) and
-    never falls, so that one iteration on a new minibatch, whose Hessian has other
-    leading directions than the last one, cannot underestimate it."""
+    r"""Running estimate $\hat L_k$ of $\|\nabla^2_{yy} g\|$ for inner steps
+    $1/\hat L_k$: the largest of the previous estimate, power iteration
+    (`FIRST_POWER_ITERATIONS` iterations at step 0, then one per step from the previous
+    vector) and the curvature along the current gradient,
+    $\|\nabla^2_{yy} g\, u\|$ with $u = \nabla_y g / \|\nabla_y g\|$.
+
+    The estimate never falls, so one iteration on a new minibatch, whose Hessian has
+    other leading directions, cannot underestimate it; it grows at once with a network
+    that sharpens while it trains. The gradient term catches a curvature that jumps
+    in a new direction when $x$ moves (e.g. a regularisation weight $e^{x_i}$ that grows
+    twentyfold in one outer step), which one power iteration from the old leading
+    vector would miss: the first inner step moves along that gradient."""
+    grad, hvp = _lower_linearised(problem, x, y, batch)
     iterations = jnp.where(step == 0, FIRST_POWER_ITERATIONS, 1)
-    estimate, vector = lower_hessian_norm(problem, x, y, batch, vector, iterations)
-    return jnp.maximum(estimate, previous), vector
+    estimate, vector = power_iteration(hvp, lax.stop_gradient(vector), iterations)
+    unit = tree_scale(inverse_or_zero(tree_norm(grad)), grad)
+    along_gradient = tree_norm(hvp(unit))
+    return jnp.maximum(jnp.maximum(estimate, along_gradient), previous), vector
 
 
 def inverse_or_zero(value: Scalar) -> Scalar:
@@ -155,32 +170,25 @@ class AdaptiveStepState(NamedTuple):
 
 
 def adaptive_gradient_descent(probe: float = 1e-3) -> optax.GradientTransformation:
-    r"""Gradient descent whose step follows the local curvature of $F$, seen through
-    successive gradients, as an optax transformation:
+    r"""Gradient descent with the adaptive step of Malitsky and Mishchenko (2020,
+    "Adaptive gradient descent without descent", ICML), as an optax transformation:
 
-    $\lambda_k = \min\Big(\sqrt{1 + \theta_{k-1}}\,\lambda_{k-1},\;
-    \frac{\|\Delta x\|}{\|\Delta g\|},\;
-    \frac{\|\Delta x\|^2}{2\langle\Delta x, \Delta g\rangle_+}\Big)$,
-    $\theta_k = \lambda_k / \lambda_{k-1}$, $x_{k+1} = x_k - \lambda_k g_k$,
+    $\lambda_k = \min\big(\sqrt{1 + \theta_{k-1}}\,\lambda_{k-1},\;
+    \frac{\|x_k - x_{k-1}\|}{2\|g_k - g_{k-1}\|}\big)$,
+    $\theta_k = \lambda_k / \lambda_{k-1}$, $x_{k+1} = x_k - \lambda_k g_k$.
 
-    with $\Delta x = x_k - x_{k-1}$, $\Delta g = g_k - g_{k-1}$ and a term read as
-    $+\infty$ when its denominator is not positive. The first term is the growth limit
-    of Malitsky and Mishchenko (2020, "Adaptive gradient descent without descent",
-    ICML); the second is the step $1/L_k$ for the local Lipschitz estimate
-    $L_k = \|\Delta g\|/\|\Delta x\|$ (their analysis uses $1/(2L_k)$; the factor 2 is
-    ours: with hypergradients from approximate lower solutions, $\Delta g$ also holds
-    the change of the error, and $1/(2L_k)$ made the step collapse on neural-network
-    lower levels); the third is half the Barzilai-Borwein step (1988), the inverse
-    curvature along the move, which keeps the step below $1/L_k$ where the error is
-    orthogonal to the move but the curvature is not.
+    The second term is the inverse of a local curvature estimate of $F$ from two
+    successive gradients, so the step follows the scale of $F$: multiplying $F$ by $t$
+    divides every $\lambda_k$ by $t$ and leaves the iterates unchanged; the first term
+    bounds the growth of the step (by about the golden ratio per iteration once
+    $\theta$ has settled). No function values are needed, which suits hypergradients
+    computed at an approximate lower solution. For convex $F$ with a locally Lipschitz
+    gradient the iterates converge (the paper's theorem 1).
 
-    Every term scales as $1/t$ when $F$ is multiplied by $t$, so the iterates do not
-    change. No function values are needed.
-
-    The first step is a probe moving $x$ by `probe` $\cdot \max(1, \|x_0\|)$ (then
-    $\theta_0 = \infty$ and $\lambda_1$ comes from the local terms alone); if the
-    gradient is zero, the probe is retried at the next step. When $x$ does not move,
-    $\lambda$ is kept; when the gradient did not change along the move, it doubles.
+    The first step is a probe moving $x$ by `probe` $\cdot \max(1, \|x_0\|)$ (so
+    $\theta_0 = \infty$ and $\lambda_1$ is the local estimate alone; if the gradient
+    did not change, $\lambda_1 = 2\lambda_0$); if the gradient is zero, the probe is
+    retried at the next step. When $x$ does not move, $\lambda$ is kept.
     """
 
     def init(params):
@@ -193,18 +201,15 @@ def adaptive_gradient_descent(probe: float = 1e-3) -> optax.GradientTransformati
             raise ValueError("adaptive_gradient_descent needs `params` in `update`")
         grad_norm = tree_norm(grads)
         first = probe * jnp.maximum(tree_norm(params), 1) * inverse_or_zero(grad_norm)
-        moved = tree_sub(params, state.previous_params)
-        change = tree_sub(grads, state.previous_grad)
-        distance = tree_norm(moved)
-        local = jnp.minimum(
-            _ratio_or_inf(distance, tree_norm(change)),
-            _ratio_or_inf(distance**2, 2 * tree_dot(moved, change)),
+        moved = tree_norm(tree_sub(params, state.previous_params))
+        change = tree_norm(tree_sub(grads, state.previous_grad))
+        local = _ratio_or_inf(moved, 2 * change)
+        grown = jnp.where(
+            state.after_probe,
+            jnp.where(jnp.isfinite(local), jnp.inf, 2 * state.step_size),
+            jnp.sqrt(1 + state.ratio) * state.step_size,
         )
-        grown = jnp.sqrt(1 + state.ratio) * state.step_size
-        adapted = jnp.minimum(jnp.where(state.after_probe, jnp.inf, grown), local)
-        # A gradient that did not change along the move: no curvature seen, grow.
-        adapted = jnp.where(jnp.isfinite(adapted), adapted, 2 * state.step_size)
-        adapted = jnp.where(distance > 0, adapted, state.step_size)
+        adapted = jnp.where(moved > 0, jnp.minimum(grown, local), state.step_size)
         started = state.step_size > 0
         step = jnp.where(started, adapted, first).astype(grad_norm.dtype)
         ratio = jnp.where(started, step * inverse_or_zero(state.step_size), 0)
