@@ -7,23 +7,27 @@ iterations), so they cost a handful of gradient evaluations.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
-from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
+import optax
+from jaxtyping import Array, Bool, Int, PRNGKeyArray, PyTree, Scalar
 
-from ._misc import tree_norm, tree_scale
+from ._misc import tree_axpy, tree_norm, tree_scale, tree_sub
+from ._problem import apply_project_x
 
 
 def random_direction(key: PRNGKeyArray, like: PyTree[Array]) -> PyTree[Array]:
     """A standard normal pytree shaped like `like`, scaled to unit norm."""
     leaves, treedef = jtu.tree_flatten(like)
     keys = jr.split(key, max(len(leaves), 1))
-    noise = [jr.normal(k, jnp.shape(u), jnp.result_type(u)) for k, u in zip(keys, leaves)]
+    noise = [
+        jr.normal(k, jnp.shape(u), jnp.result_type(u)) for k, u in zip(keys, leaves)
+    ]
     direction = jtu.tree_unflatten(treedef, noise)
     return tree_scale(1 / tree_norm(direction), direction)
 
@@ -41,6 +45,18 @@ def operator_norm(
     keep a safety margin. A zero operator gives 0.
     """
 
+    return power_iteration(matvec, random_direction(key, like), num_iters)[0]
+
+
+def power_iteration(
+    matvec: Callable[[PyTree], PyTree], vector: PyTree[Array], num_iters: int | Array
+) -> tuple[Scalar, PyTree[Array]]:
+    r"""`num_iters` power iterations $v \leftarrow Av / \|Av\|$ from the unit vector
+    `vector`: the last $\|Av\|$ (an estimate of $\|A\|_2$ from below, 0 for a zero
+    operator or `num_iters=0`) and the last $v$, from which a later call can resume
+    (warm start: one iteration per call then tracks a slowly changing operator).
+    `num_iters` may be a traced integer."""
+
     def body(_, carry):
         v, _ = carry
         w = matvec(v)
@@ -48,10 +64,9 @@ def operator_norm(
         safe = jnp.where(norm > 0, norm, jnp.ones_like(norm))
         return tree_scale(1 / safe, w), norm
 
-    v0 = random_direction(key, like)
-    norm0 = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(like)))
-    _, norm = lax.fori_loop(0, num_iters, body, (v0, norm0))
-    return norm
+    norm0 = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(vector)))
+    vector, norm = lax.fori_loop(0, num_iters, body, (vector, norm0))
+    return norm, vector
 
 
 def lower_curvature(
@@ -74,3 +89,200 @@ def lower_curvature(
         return operator_norm(jvp, y, key, num_iters)
     vjp = jax.linear_transpose(jvp, y)
     return jnp.sqrt(operator_norm(lambda v: vjp(jvp(v))[0], y, key, num_iters))
+
+
+# -------------------------------------------------------------------------------------
+# ImplicitDiff / Unrolled
+
+
+FIRST_POWER_ITERATIONS = 20
+"""Power iterations of a first curvature estimate; later steps refine it by one each."""
+
+
+def _lower_linearised(problem: Any, x: PyTree, y: PyTree, batch: Any):
+    r"""$\nabla_y g(x, y)$ and $v \mapsto \nabla^2_{yy} g(x, y)\,v$, not differentiated
+    (step-size rules)."""
+    x, y = lax.stop_gradient((x, y))
+    return jax.linearize(jax.grad(lambda v: problem.lower(x, v, batch)), y)
+
+
+def lower_hessian_norm(
+    problem: Any,
+    x: PyTree[Array],
+    y: PyTree[Array],
+    batch: Any,
+    vector: PyTree[Array],
+    num_iters: int | Array,
+) -> tuple[Scalar, PyTree[Array]]:
+    r"""$\|\nabla^2_{yy} g(x, y)\|_2$ by power iteration on Hessian-vector products,
+    warm-started from the unit vector `vector` (see `power_iteration`); returns the
+    estimate and the vector to resume from."""
+    _, hvp = _lower_linearised(problem, x, y, batch)
+    return power_iteration(hvp, lax.stop_gradient(vector), num_iters)
+
+
+def tracked_lower_curvature(
+    problem: Any,
+    x: PyTree[Array],
+    y: PyTree[Array],
+    batch: Any,
+    previous: Scalar,
+    vector: PyTree[Array],
+    step: Int[Array, ""],
+) -> tuple[Scalar, PyTree[Array]]:
+    r"""Running estimate $\hat L_k$ of $\|\nabla^2_{yy} g\|$ for inner steps
+    $1/\hat L_k$: the largest of the previous estimate, power iteration
+    (`FIRST_POWER_ITERATIONS` iterations at step 0, then one per step from the previous
+    vector) and the curvature along the current gradient,
+    $\|\nabla^2_{yy} g\, u\|$ with $u = \nabla_y g / \|\nabla_y g\|$.
+
+    The estimate never falls, so one iteration on a new minibatch, whose Hessian has
+    other leading directions, cannot underestimate it; it grows at once with a network
+    that sharpens while it trains. The gradient term catches a curvature that jumps
+    in a new direction when $x$ moves (e.g. a regularisation weight $e^{x_i}$ that grows
+    twentyfold in one outer step), which one power iteration from the old leading
+    vector would miss: the first inner step moves along that gradient."""
+    grad, hvp = _lower_linearised(problem, x, y, batch)
+    iterations = jnp.where(step == 0, FIRST_POWER_ITERATIONS, 1)
+    estimate, vector = power_iteration(hvp, lax.stop_gradient(vector), iterations)
+    unit = tree_scale(inverse_or_zero(tree_norm(grad)), grad)
+    along_gradient = tree_norm(hvp(unit))
+    return jnp.maximum(jnp.maximum(estimate, along_gradient), previous), vector
+
+
+def inverse_or_zero(value: Scalar) -> Scalar:
+    """`1 / value`, or 0 where `value` is not positive (no usable curvature)."""
+    positive = value > 0
+    return jnp.where(positive, 1 / jnp.where(positive, value, 1), 0).astype(value.dtype)
+
+
+class AdaptiveStepState(NamedTuple):
+    """State of `adaptive_gradient_descent`: the previous iterate and gradient, the
+    last step $\\lambda_{k-1}$, the ratio
+    $\\theta_{k-1} = \\lambda_{k-1}/\\lambda_{k-2}$ and whether the last step was the
+    probe ($\\theta = \\infty$)."""
+
+    previous_params: PyTree[Array]
+    previous_grad: PyTree[Array]
+    step_size: Scalar
+    ratio: Scalar
+    after_probe: Bool[Array, ""]
+
+
+def adaptive_gradient_descent(probe: float = 1e-3) -> optax.GradientTransformation:
+    r"""Gradient descent with the adaptive step of Malitsky and Mishchenko (2020,
+    "Adaptive gradient descent without descent", ICML), as an optax transformation:
+
+    $\lambda_k = \min\big(\sqrt{1 + \theta_{k-1}}\,\lambda_{k-1},\;
+    \frac{\|x_k - x_{k-1}\|}{2\|g_k - g_{k-1}\|}\big)$,
+    $\theta_k = \lambda_k / \lambda_{k-1}$, $x_{k+1} = x_k - \lambda_k g_k$.
+
+    The second term is the inverse of a local curvature estimate of $F$ from two
+    successive gradients, so the step follows the scale of $F$: multiplying $F$ by $t$
+    divides every $\lambda_k$ by $t$ and leaves the iterates unchanged; the first term
+    bounds the growth of the step (by about the golden ratio per iteration once
+    $\theta$ has settled). No function values are needed, which suits hypergradients
+    computed at an approximate lower solution. For convex $F$ with a locally Lipschitz
+    gradient the iterates converge (the paper's theorem 1).
+
+    The first step is a probe moving $x$ by `probe` $\cdot \max(1, \|x_0\|)$ (so
+    $\theta_0 = \infty$ and $\lambda_1$ is the local estimate alone; if the gradient
+    did not change, $\lambda_1 = 2\lambda_0$); if the gradient is zero, the probe is
+    retried at the next step. When $x$ does not move, $\lambda$ is kept.
+    """
+
+    def init(params):
+        zeros = jtu.tree_map(jnp.zeros_like, params)
+        scalar = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(params)))
+        return AdaptiveStepState(zeros, zeros, scalar, scalar, jnp.array(False))
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("adaptive_gradient_descent needs `params` in `update`")
+        grad_norm = tree_norm(grads)
+        first = probe * jnp.maximum(tree_norm(params), 1) * inverse_or_zero(grad_norm)
+        moved = tree_norm(tree_sub(params, state.previous_params))
+        change = tree_norm(tree_sub(grads, state.previous_grad))
+        local = _ratio_or_inf(moved, 2 * change)
+        grown = jnp.where(
+            state.after_probe,
+            jnp.where(jnp.isfinite(local), jnp.inf, 2 * state.step_size),
+            jnp.sqrt(1 + state.ratio) * state.step_size,
+        )
+        adapted = jnp.where(moved > 0, jnp.minimum(grown, local), state.step_size)
+        started = state.step_size > 0
+        step = jnp.where(started, adapted, first).astype(grad_norm.dtype)
+        ratio = jnp.where(started, step * inverse_or_zero(state.step_size), 0)
+        updates = tree_scale(-step, grads)
+        new_state = AdaptiveStepState(
+            params, grads, step, ratio.astype(step.dtype), ~started
+        )
+        return updates, new_state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _ratio_or_inf(numerator: Scalar, denominator: Scalar) -> Scalar:
+    """`numerator / denominator`, or infinity where the denominator is not positive."""
+    ratio = numerator * inverse_or_zero(denominator)
+    return jnp.where(denominator > 0, ratio, jnp.inf)
+
+
+def default_inner_optimizer(
+    problem: Any, data: Any, step: Scalar
+) -> optax.GradientTransformation:
+    r"""The default inner steps of ImplicitDiff and Unrolled, of size `step` ($1/\hat L$
+    for a curvature estimate $\hat L$): `accelerated_descent` on deterministic data
+    without a set $Y$ (restarted at every outer step), plain gradient descent with
+    minibatches (momentum would accumulate their noise) or projections."""
+    if data.deterministic and problem.project_y is None:
+        return accelerated_descent(step)
+    return optax.sgd(step)
+
+
+def gradient_mapping_norm(problem, x, grad, step) -> Scalar:
+    r"""$\|\nabla F\|$, or with a set $X$ the gradient mapping
+    $\|x - P_X(x - \eta\nabla F)\| / \eta$ ($\eta$ the outer step, 1 when unknown)."""
+    if problem.project_x is None:
+        return tree_norm(grad)
+    dtype = jnp.result_type(*jtu.tree_leaves(grad))
+    step = jnp.asarray(1.0 if step is None else step, dtype)
+    step = jnp.where(step > 0, step, 1)
+    moved = apply_project_x(problem, tree_axpy(-step, grad, x))
+    return tree_norm(tree_sub(x, moved)) / step
+
+
+class AcceleratedState(NamedTuple):
+    """State of `accelerated_descent`: the last gradient-step point and the count."""
+
+    previous: PyTree[Array]
+    count: Int[Array, ""]
+
+
+def accelerated_descent(step_size: Scalar | float) -> optax.GradientTransformation:
+    r"""Nesterov's accelerated gradient method with the momentum schedule for convex
+    functions, as an optax transformation whose parameters are the extrapolated points
+    $z_k$ (where the gradient is taken):
+
+    $y_{k+1} = z_k - \eta\nabla g(z_k)$, $z_{k+1} = y_{k+1} + \frac{k}{k+3}(y_{k+1} -
+    y_k)$ (Nesterov 1983), with $\eta = $ `step_size` $\le 1/L$.
+
+    It needs no strong-convexity constant, and is a smooth map of its inputs, so
+    unrolled differentiation goes through it: after $K$ steps the error is
+    $O(L\|y_0 - y^*\|^2/K^2)$ for convex $g$ instead of gradient descent's $O(1/K)$.
+    """
+
+    def init(params):
+        return AcceleratedState(params, jnp.zeros((), jnp.int32))
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("accelerated_descent needs `params` in `update`")
+        step = tree_axpy(-step_size, grads, params)
+        k = state.count.astype(jnp.result_type(*jtu.tree_leaves(params)))
+        momentum = k / (k + 3)
+        extrapolated = tree_axpy(momentum, tree_sub(step, state.previous), step)
+        updates = tree_sub(extrapolated, params)
+        return updates, AcceleratedState(step, state.count + 1)
+
+    return optax.GradientTransformation(init, update)
