@@ -144,6 +144,7 @@ def secant_step(
     direction: PyTree[Array],
     first_lr: Scalar,
     first: Any,
+    reliable: Any = True,
 ) -> tuple[Scalar, SecantStep]:
     r"""The step size of adaptive gradient descent without descent (Malitsky and
     Mishchenko, ICML 2020) for the direction field $d$ at $x_k$:
@@ -155,7 +156,9 @@ def secant_step(
     grow by at most $\sqrt{1 + \theta}$ per step. Invariant to scaling the objective;
     meant for exact (deterministic) directions. `first_lr` is used when `first` is
     true ($\theta_0 = 1$); a step that cannot be measured (no move, or no change of
-    $d$) only grows the previous one.
+    $d$) only grows the previous one. When `reliable` is false (the caller knows that
+    $d_k$ is too inexact for its secant to mean anything, e.g. an inner solve that
+    lags behind), the previous step is halved instead.
     """
     moved = tree_norm(tree_sub(point, state.point))
     change = tree_norm(tree_sub(direction, state.direction))
@@ -163,6 +166,7 @@ def secant_step(
     measurable = (moved > 0) & (change > 0)
     secant = moved / (2 * jnp.where(measurable, change, jnp.ones_like(change)))
     lr = jnp.where(measurable, jnp.minimum(grown, secant), grown)
+    lr = jnp.where(reliable, lr, state.lr / 2)
     lr = jnp.where(first, first_lr, lr)
     ratio = jnp.where(first, jnp.ones_like(lr), lr / state.lr)
     lr = lax.stop_gradient(lr)

@@ -74,6 +74,14 @@ r"""Default $\lambda = 100\,L_f/L_g$: the lower level's curvature, weighted by t
 penalty, dominates the upper level's by a factor 100 (Penalty, VPBGD; F2SA starts at a
 tenth of it and grows)."""
 
+INNER_TOLERANCE = 0.5
+"""Largest relative error of the penalty term of $d_x$ (`_inner_solves_reliable`) at
+which the adaptive $x$ step may grow; above it the step is halved."""
+
+MAX_INNER_ROUNDS = 10
+"""With deterministic data and the adaptive $x$ step, the inner loops are run up to
+this many times per outer step until the inner solves are reliable."""
+
 FIRST_ITERATIONS = 20
 """Power iterations of each curvature estimate at the first step."""
 
@@ -229,6 +237,39 @@ def _storm(problem, state: _PenaltyState, batches, current, rule: _Rule, point):
     correction = [tree_sub(d, p) for d, p in zip(state.momentum.direction, previous)]
     directions = tuple(tree_axpy(weight, c, d) for c, d in zip(correction, current))
     return directions, _Momentum(direction=directions, point=point)
+
+
+def _inner_solves_reliable(problem, y, z, o: _Oracles, rule: _Rule):
+    r"""Whether the inner solves are accurate enough for the penalty term
+    $\lambda(\nabla_x g(x, y) - \nabla_x g(x, z))$ of $d_x$ to be trusted.
+
+    The term is about $\lambda\nabla^2_{xy} g\,(y - z)$ with $\|y_\sigma - z^*\|
+    \approx \|\Phi_g(y_\sigma)\|/\mu$; an error in $z$ is about
+    $\|\Phi_g(z)\|/\mu$ and one in $y$ about $\|\Phi_h(y)\|/\mu$ ($\Phi_g$,
+    $\Phi_h$: the (projected) gradients of $g$ and of $h = f/\lambda + g$). The
+    relative error $(\|\Phi_g(z)\| + \|\Phi_h(y)\|)/\|\Phi_g(y)\|$ does not depend
+    on the scales of $f$ and $g$; it must be at most `INNER_TOLERANCE`.
+    """
+    scale = _lower_residual(problem, y, o.g_y_y)
+    grad_h = tree_axpy(1 / rule.penalty, o.f_y, o.g_y_y)
+    error = _lower_residual(problem, y, grad_h) + _lower_residual(problem, z, o.g_z_y)
+    return error <= INNER_TOLERANCE * scale
+
+
+def _repeat_until_reliable(problem, inner_round, rule: _Rule, carry):
+    """Repeat `inner_round` (both inner loops and the oracles) while the inner solves
+    are not reliable, up to `MAX_INNER_ROUNDS` rounds in all."""
+
+    def unreliable(carry):
+        y, z, oracles, rounds = carry
+        reliable = _inner_solves_reliable(problem, y, z, oracles, rule)
+        return (rounds < MAX_INNER_ROUNDS) & ~reliable
+
+    def another(carry):
+        y, z, _, rounds = carry
+        return (*inner_round(y, z), rounds + 1)
+
+    return lax.while_loop(unreliable, another, carry)
 
 
 def _joint_step(problem, x, v, lr, direction, inner_steps: int):
@@ -404,9 +445,19 @@ class _AbstractValuePenalty(AbstractBilevelSolver):
         batches = _oracle_batches(data, oracle_key, state.step, self.coupled_samples)
         curvature, rule = self._estimate(problem, state, batches, needs)
         x, step = state.x, state.step
-        z = _value_steps(problem, x, state.z, data, z_key, rule.z_lr, z_steps, step)
-        y = _penalised_steps(problem, x, state.y, data, y_key, rule, y_steps, step)
-        oracles = _oracles(problem, x, y, z, batches)
+
+        def inner_round(y, z):  # the same keys every round: repeated only when the
+            # data are deterministic
+            z = _value_steps(problem, x, z, data, z_key, rule.z_lr, z_steps, step)
+            y = _penalised_steps(problem, x, y, data, y_key, rule, y_steps, step)
+            return y, z, _oracles(problem, x, y, z, batches)
+
+        y, z, oracles = inner_round(state.y, state.z)
+        rounds = jnp.array(1)
+        if needs.secant:  # repeat the inner loops until reliable
+            y, z, oracles, rounds = _repeat_until_reliable(
+                problem, inner_round, rule, (y, z, oracles, rounds)
+            )
         directions = _directions(oracles, rule.penalty)
         momentum = None
         if state.momentum is not None:
@@ -416,7 +467,8 @@ class _AbstractValuePenalty(AbstractBilevelSolver):
         d_x, d_y, d_z = directions
         x_lr, secant = rule.x_lr, state.secant
         if needs.secant:
-            x_lr, secant = secant_step(secant, x, d_x, x_lr, step == 0)
+            reliable = _inner_solves_reliable(problem, y, z, oracles, rule)
+            x_lr, secant = secant_step(secant, x, d_x, x_lr, step == 0, reliable)
         new_x = apply_project_x(problem, tree_axpy(-x_lr, d_x, x))
         new_y = _joint_step(problem, x, y, rule.y_lr, d_y, y_steps)
         new_z = _joint_step(problem, x, z, rule.z_lr, d_z, z_steps)
@@ -432,6 +484,7 @@ class _AbstractValuePenalty(AbstractBilevelSolver):
             "penalty_gap": oracles.g_y - oracles.g_z,
             "lambda": rule.penalty,
             "x_lr": jnp.asarray(x_lr, result_dtype(x)),
+            "inner_rounds": rounds,
         }
         new_state = _PenaltyState(
             new_x, new_y, new_z, momentum, step + 1, curvature, secant
