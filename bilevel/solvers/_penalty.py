@@ -23,7 +23,7 @@ may sit at any of its points.
 
 Defaults derived from the problem use curvature estimates (power iterations on
 Hessian-vector products, `bilevel/_stepsize.py`): $L_f = \|\nabla^2_{yy} f\|$ and
-$L_g = \|\nabla^2_{yy} g\|$ at the first step (20 iterations each), $L_g$ then tracked
+$L_g = \|\nabla^2_{yy} g\|$ at the first step (50 iterations each), $L_g$ then tracked
 at $(x_k, z_k)$ by one warm-started iteration per step, and where a rule needs it the
 joint curvature $L_J = \|\nabla^2_{(x, y)}(f + \lambda_k g)\|$ at $(x_k, y_k)$, tracked
 the same way. All are evaluated on the step's own batches. Multiplying $f$ by $t$ and
@@ -74,15 +74,16 @@ r"""Default $\lambda = 100\,L_f/L_g$: the lower level's curvature, weighted by t
 penalty, dominates the upper level's by a factor 100 (Penalty, VPBGD; F2SA starts at a
 tenth of it and grows)."""
 
-INNER_TOLERANCE = 0.5
-"""Largest relative error of the penalty term of $d_x$ (`_inner_solves_reliable`) at
-which the adaptive $x$ step may grow; above it the step is halved."""
+INNER_TOLERANCE = 0.1
+"""Largest estimated relative error of $d_x$ due to the inner solves
+(`_inner_solves_reliable`) at which the adaptive $x$ step may grow; above it the inner
+loops are repeated and, if that does not suffice, the step is halved."""
 
 MAX_INNER_ROUNDS = 10
 """With deterministic data and the adaptive $x$ step, the inner loops are run up to
 this many times per outer step until the inner solves are reliable."""
 
-FIRST_ITERATIONS = 20
+FIRST_ITERATIONS = 50
 """Power iterations of each curvature estimate at the first step."""
 
 
@@ -239,21 +240,29 @@ def _storm(problem, state: _PenaltyState, batches, current, rule: _Rule, point):
     return directions, _Momentum(direction=directions, point=point)
 
 
-def _inner_solves_reliable(problem, y, z, o: _Oracles, rule: _Rule):
-    r"""Whether the inner solves are accurate enough for the penalty term
-    $\lambda(\nabla_x g(x, y) - \nabla_x g(x, z))$ of $d_x$ to be trusted.
+def _inner_solves_reliable(problem, y, z, o: _Oracles, rule: _Rule, d_x):
+    r"""Whether the inner solves are accurate enough for $d_x$ to be trusted: its
+    estimated error is at most `INNER_TOLERANCE` $\|d_x\|$.
 
-    The term is about $\lambda\nabla^2_{xy} g\,(y - z)$ with $\|y_\sigma - z^*\|
-    \approx \|\Phi_g(y_\sigma)\|/\mu$; an error in $z$ is about
-    $\|\Phi_g(z)\|/\mu$ and one in $y$ about $\|\Phi_h(y)\|/\mu$ ($\Phi_g$,
-    $\Phi_h$: the (projected) gradients of $g$ and of $h = f/\lambda + g$). The
-    relative error $(\|\Phi_g(z)\| + \|\Phi_h(y)\|)/\|\Phi_g(y)\|$ does not depend
-    on the scales of $f$ and $g$; it must be at most `INNER_TOLERANCE`.
+    The penalty term $p = \lambda(\nabla_x g(x, y) - \nabla_x g(x, z))$ is about
+    $\lambda\nabla^2_{xy} g\,(y - z)$ with $\|y_\sigma - z^*\| \approx
+    \|\Phi_g(y_\sigma)\|/\mu$; an error in $z$ is about $\|\Phi_g(z)\|/\mu$ and one
+    in $y$ about $\|\Phi_h(y)\|/\mu$ ($\Phi_g$, $\Phi_h$: the (projected) gradients
+    of $g$ and of $h = f/\lambda + g$). So the error of $d_x$ is about
+    $\|p\|\,(\|\Phi_g(z)\| + \|\Phi_h(y)\|)/\|\Phi_g(y)\|$, which does not depend on
+    the scales of $f$ and $g$. Requiring it relative to $\|d_x\|$ tightens the inner
+    solves as $x$ converges (decreasing inner tolerances, as in HOAG), down to the
+    rounding error of $d_x$ itself.
     """
     scale = _lower_residual(problem, y, o.g_y_y)
     grad_h = tree_axpy(1 / rule.penalty, o.f_y, o.g_y_y)
     error = _lower_residual(problem, y, grad_h) + _lower_residual(problem, z, o.g_z_y)
-    return error <= INNER_TOLERANCE * scale
+    lam = rule.penalty
+    term = lam * tree_norm(tree_sub(o.g_y_x, o.g_z_x))
+    size = tree_norm(o.f_x) + lam * (tree_norm(o.g_y_x) + tree_norm(o.g_z_x))
+    rounding = 256 * jnp.finfo(scale.dtype).eps * size
+    target = INNER_TOLERANCE * jnp.maximum(tree_norm(d_x), rounding)
+    return term * error <= target * scale
 
 
 def _repeat_until_reliable(problem, inner_round, rule: _Rule, carry):
@@ -262,7 +271,8 @@ def _repeat_until_reliable(problem, inner_round, rule: _Rule, carry):
 
     def unreliable(carry):
         y, z, oracles, rounds = carry
-        reliable = _inner_solves_reliable(problem, y, z, oracles, rule)
+        d_x = _directions(oracles, rule.penalty)[0]
+        reliable = _inner_solves_reliable(problem, y, z, oracles, rule, d_x)
         return (rounds < MAX_INNER_ROUNDS) & ~reliable
 
     def another(carry):
@@ -467,7 +477,7 @@ class _AbstractValuePenalty(AbstractBilevelSolver):
         d_x, d_y, d_z = directions
         x_lr, secant = rule.x_lr, state.secant
         if needs.secant:
-            reliable = _inner_solves_reliable(problem, y, z, oracles, rule)
+            reliable = _inner_solves_reliable(problem, y, z, oracles, rule, d_x)
             x_lr, secant = secant_step(secant, x, d_x, x_lr, step == 0, reliable)
         new_x = apply_project_x(problem, tree_axpy(-x_lr, d_x, x))
         new_y = _joint_step(problem, x, y, rule.y_lr, d_y, y_steps)
