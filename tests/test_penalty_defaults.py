@@ -15,6 +15,12 @@ import pytest
 
 import bilevel as bl
 
+from ._penalty_problems import (
+    CARRIED_QUADRATIC as PROBLEM,
+    carried_data,
+    quadratic_constants as _constants,
+)
+
 
 DTYPES = [jnp.float64, jnp.float32]
 SOLVERS = {
@@ -38,33 +44,8 @@ BIAS_CONDITION_50 = 5e-2
 # scale and either dtype)
 
 
-def _constants(bench):
-    """Rows a_i, coupling B, target c of `bl.problems.quadratic` (lower_reg 1, upper_reg
-    0.1, the defaults), read off its functions by exact differentiation (g is bilinear
-    in (x, y) apart from the quadratic terms, f is quadratic)."""
-    rows = bench.data.lower
-    zero_x, zero_y = jnp.zeros(DIM_X), jnp.zeros(DIM_Y)
-    grad_y = jax.grad(bench.problem.lower, argnums=1)
-    coupling = -jax.jacfwd(grad_y, argnums=0)(zero_x, zero_y, rows)
-    target = -jax.grad(bench.problem.upper, argnums=1)(zero_x, zero_y, None)
-    return {"rows": rows, "coupling": coupling, "target": target}
-
-
-def _upper(x, y, batch):
-    return batch["t"] * (0.5 * jnp.sum((y - batch["target"]) ** 2) + 0.05 * x @ x)
-
-
-def _lower(x, y, batch):
-    fit = 0.5 * jnp.mean((batch["rows"] @ y) ** 2) + 0.5 * y @ y
-    return batch["s"] * (fit - y @ (batch["coupling"] @ x))
-
-
-PROBLEM = bl.BilevelProblem(_upper, _lower)
-
-
 def _batch(constants, s, t, dtype):
-    batch = {**constants, "s": s, "t": t}
-    return jax.tree_util.tree_map(lambda u: jnp.asarray(u, dtype), batch)
+    return carried_data(constants, dtype, s, t).upper
 
 
 def _quadratic(**kwargs):
@@ -90,10 +71,11 @@ def battery():
         scaled = _quadratic(lower_condition=kappa, lower_scale=s, upper_scale=t)
         batch = _batch(_constants(bench), s, t, jnp.float64)
         for mine, theirs, data in (
-            (_upper, scaled.problem.upper, None),
-            (_lower, scaled.problem.lower, scaled.data.lower),
+            (PROBLEM.upper, scaled.problem.upper, None),
+            (PROBLEM.lower, scaled.problem.lower, scaled.data.lower),
         ):
-            np.testing.assert_allclose(mine(x, y, batch), theirs(x, y, data), rtol=1e-12)
+            expected = theirs(x, y, data)
+            np.testing.assert_allclose(mine(x, y, batch), expected, rtol=1e-12)
     return cases
 
 
@@ -163,7 +145,7 @@ def test_default_penalty_follows_curvature(battery):
     bench, _, _ = battery[4]  # s = t = 1, condition 20
     constants = _constants(bench)
     # Dense float64 reference: L_f = ||grad_yy f|| = t, L_g = ||grad_yy g|| = 20 s.
-    hessian = jax.hessian(_lower, argnums=1)(
+    hessian = jax.hessian(PROBLEM.lower, argnums=1)(
         jnp.zeros(DIM_X), jnp.zeros(DIM_Y), _batch(constants, 1.0, 1.0, jnp.float64)
     )
     lower_curvature = float(np.linalg.eigvalsh(np.asarray(hessian))[-1])
