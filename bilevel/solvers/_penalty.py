@@ -136,8 +136,9 @@ class _Needs(NamedTuple):
     deterministic: bool  # the data's batches never change
     curvature: bool  # estimate L_f, L_g at the first step
     track_lower: bool  # and keep tracking L_g
-    joint: bool  # track L_J
-    secant: bool  # adaptive x step (Malitsky-Mishchenko)
+    joint: bool  # estimate L_J at the first step
+    track_joint: bool  # and keep tracking it
+    secant: bool  # adaptive x step (Malitsky-Mishchenko), starting from 1 / L_J
 
 
 class _Oracles(eqx.Module):
@@ -320,7 +321,7 @@ def _update_lower_curvature(
 
 
 def _update_joint_curvature(
-    problem, curvature: _Curvature, state: _PenaltyState, batches, penalty
+    problem, curvature: _Curvature, state: _PenaltyState, batches, penalty, tracked
 ) -> _Curvature:
     r"""$L_J = \|\nabla^2_{(x, y)}(f + \lambda_k g)\|$ at $(x_k, y_k)$."""
     upper_batch, lower_batch, _ = batches
@@ -333,7 +334,7 @@ def _update_joint_curvature(
     joint = continue_power_iteration(
         hessian_product(penalised, (state.x, state.y)),
         curvature.joint,
-        _iterations(state.step, True),
+        _iterations(state.step, tracked),
     )
     return eqx.tree_at(lambda c: c.joint, curvature, joint)
 
@@ -427,7 +428,7 @@ class _AbstractValuePenalty(AbstractBilevelSolver):
         penalty = self._penalty(state.step, curvature, dtype)
         if needs.joint:
             curvature = _update_joint_curvature(
-                problem, curvature, state, batches, penalty
+                problem, curvature, state, batches, penalty, needs.track_joint
             )
         return curvature, self._rule(state.step, penalty, curvature, needs, dtype)
 
@@ -627,7 +628,8 @@ class Penalty(_AbstractValuePenalty):
             deterministic=deterministic,
             curvature=any(v is None for v in derived),
             track_lower=self.z_lr is None or (self.y_lr is None and not self._single()),
-            joint=joint_x or joint_y,
+            joint=self.x_lr is None or joint_y,
+            track_joint=joint_x or joint_y,
             secant=secant,
         )
 
@@ -648,12 +650,10 @@ class Penalty(_AbstractValuePenalty):
     def _rule(self, step, penalty, curvature, needs, dtype) -> _Rule:
         sigma = self._sigma(step, curvature, dtype)
         eta = self.momentum if self._single() else 1.0
-        if self.x_lr is not None:
-            x_lr = _scalar(self.x_lr, dtype)
-        elif needs.secant:
-            x_lr = _penalised_lr(curvature, penalty)
-        else:
+        if self.x_lr is None:  # the adaptive step starts from it, too
             x_lr = 1 / curvature.joint.norm
+        else:
+            x_lr = _scalar(self.x_lr, dtype)
         if self.y_lr is not None:
             # beta acts on h_sigma = sigma f + g = sigma (f + lambda g)
             y_lr = _scalar(self.y_lr, dtype) * sigma
@@ -742,6 +742,7 @@ class VPBGD(_AbstractValuePenalty):
             curvature=any(v is None for v in derived),
             track_lower=self.z_lr is None,
             joint=self.x_lr is None,
+            track_joint=self.x_lr is None,
             secant=False,
         )
 
@@ -855,7 +856,8 @@ class F2SA(_AbstractValuePenalty):
             deterministic=deterministic,
             curvature=any(v is None for v in derived),
             track_lower=self.y_lr is None or self.z_lr is None,
-            joint=False,
+            joint=self.x_ratio is None,
+            track_joint=self.x_ratio is None and not deterministic,
             secant=self.x_ratio is None and deterministic,
         )
 
@@ -885,10 +887,15 @@ class F2SA(_AbstractValuePenalty):
             y_lr = _scalar(self.y_lr, dtype)
         y_lr = y_lr * t ** -_scalar(y_decay, dtype)
         z_lr = 1 / curvature.lower.norm if self.z_lr is None else self.z_lr
-        x_ratio = 1.0 if self.x_ratio is None else self.x_ratio
+        if self.x_ratio is None:
+            # t^-a / L_J(lambda_0), from the tracked L_J(lambda_k) ~ lambda_k L_gJ
+            base = self._base_penalty(curvature, dtype)
+            x_lr = t ** -_scalar(y_decay, dtype) * penalty / base / curvature.joint.norm
+        else:
+            x_lr = _scalar(self.x_ratio, dtype) * y_lr
         return _Rule(
             penalty=penalty,
-            x_lr=_scalar(x_ratio, dtype) * y_lr,
+            x_lr=x_lr,
             y_lr=y_lr,
             z_lr=_scalar(z_lr, dtype) * t ** -_scalar(z_decay, dtype),
             momentum=_scalar(1.0, dtype),
