@@ -243,3 +243,39 @@ def test_metric_contract(name, project_x, dtype):
             metrics[key_], value, rtol=rtol, atol=atol, err_msg=key_
         )
     assert set(bl.METRICS) <= set(metrics)
+
+
+# --------------------------------------------------------------------------------------
+# Defaults with minibatches
+
+
+STOCHASTIC_SOLVERS = {
+    **SOLVERS,
+    "penalty_single_loop": lambda: bl.solvers.Penalty(variant="single_loop"),
+}
+
+
+@pytest.mark.parametrize("name", list(STOCHASTIC_SOLVERS))
+def test_defaults_with_minibatches(name):
+    # The quadratic with 5 of its 20 lower rows per batch, drawn with replacement from
+    # the run's key; four seeds, and the median of the final relative gaps below 0.15
+    # (measured medians: 0.032 Penalty, 0.061 VPBGD, 0.022 F2SA, 0.0015 single loop;
+    # the former fixed defaults ended non-finite (Penalty) or at 0.49 (VPBGD)).
+    bench = bl.problems.quadratic(5, 10)
+    data = bl.Minibatch(
+        upper=None, lower=bench.data.lower, batch_size=5, sampling="with_replacement"
+    )
+    solver = STOCHASTIC_SOLVERS[name]()
+
+    @jax.jit
+    @jax.vmap
+    def final(key):
+        problem, x0, y0 = bench.problem, bench.x0, bench.y0
+        state, history = bl.run(problem, solver, x0, y0, data, 3000, key)
+        return solver.params(state)[0], jnp.all(history["finite"])
+
+    xs, finite = final(jr.split(jr.PRNGKey(0), 4))
+    assert bool(jnp.all(finite))
+    gaps = [_relative_gap(bench, x) for x in xs]
+    assert np.median(gaps) < 0.15, gaps
+    assert len(set(gaps)) == len(gaps)  # the seeds really differ

@@ -84,6 +84,15 @@ MAX_INNER_ROUNDS = 10
 this many times per outer step until the inner solves are reliable."""
 
 FIRST_ITERATIONS = 50
+
+NOISY_DECAY = 1 / 3
+r"""With minibatches the default $x$ step of Penalty's double loop and VPBGD's joint
+step decay as $(k + 1)^{-1/3}$: the noise of $y - z$ is amplified by $\lambda$ in
+$d_x$, so a constant step only reaches a noise floor."""
+
+PEAK_DECAY = 0.99
+"""Step sizes use the largest curvature estimate of the last ~100 steps: the running
+maximum decays by this factor per step."""
 """Power iterations of each curvature estimate at the first step."""
 
 
@@ -101,11 +110,14 @@ class _Momentum(eqx.Module):
 
 class _Curvature(eqx.Module):
     r"""Curvature estimates: $L_f$ (first step only), $L_g$ (tracked or first step
-    only), $L_J$ (tracked, when a rule uses it), and $L_f/L_g$ at the first step."""
+    only), $L_J$ (tracked, when a rule uses it), the recent peaks of the last two (what
+    the step sizes use), and $L_f/L_g$ at the first step."""
 
     upper: PowerIteration
     lower: PowerIteration
     joint: PowerIteration | None
+    lower_peak: Scalar
+    joint_peak: Scalar
     ratio: Scalar
 
 
@@ -317,7 +329,19 @@ def _update_lower_curvature(
     tiny = jnp.finfo(lower.norm.dtype).tiny
     first_ratio = upper.norm / jnp.maximum(lower.norm, tiny)
     ratio = jnp.where(first, first_ratio, curvature.ratio)
-    return _Curvature(upper, lower, curvature.joint, ratio)
+    peak = _recent_peak(first, lower.norm, curvature.lower_peak)
+    return eqx.tree_at(
+        lambda c: (c.upper, c.lower, c.lower_peak, c.ratio),
+        curvature,
+        (upper, lower, peak, ratio),
+    )
+
+
+def _recent_peak(first, norm, previous) -> Scalar:
+    """The largest recent estimate: `norm`, or the previous peak decayed by
+    `PEAK_DECAY` if larger. With minibatches each estimate is one batch's (and from
+    below), and a step must stay stable on the batches with more curvature too."""
+    return jnp.where(first, norm, jnp.maximum(norm, PEAK_DECAY * previous))
 
 
 def _update_joint_curvature(
@@ -336,13 +360,14 @@ def _update_joint_curvature(
         curvature.joint,
         _iterations(state.step, tracked),
     )
-    return eqx.tree_at(lambda c: c.joint, curvature, joint)
+    peak = _recent_peak(state.step == 0, joint.norm, curvature.joint_peak)
+    return eqx.tree_at(lambda c: (c.joint, c.joint_peak), curvature, (joint, peak))
 
 
 def _penalised_lr(curvature: _Curvature, penalty) -> Scalar:
     r"""$1/(L_f + \lambda L_g)$: the step for gradient descent on $f + \lambda g$ in
     $y$."""
-    return 1 / (curvature.upper.norm + penalty * curvature.lower.norm)
+    return 1 / (curvature.upper.norm + penalty * curvature.lower_peak)
 
 
 # --------------------------------------------------------------------------------------
@@ -408,9 +433,9 @@ class _AbstractValuePenalty(AbstractBilevelSolver):
             joint = None
             if any(n.joint for n in needs):
                 joint = start_power_iteration(joint_key, (x0, y0))
-            curvature = _Curvature(
-                upper, start_power_iteration(lower_key, y0), joint, upper.norm
-            )
+            zero = upper.norm
+            lower = start_power_iteration(lower_key, y0)
+            curvature = _Curvature(upper, lower, joint, zero, zero, zero)
         secant = start_secant_step(x0) if any(n.secant for n in needs) else None
         step = jnp.array(0)
         return _PenaltyState(x0, y0, y0, momentum, step, curvature, secant)
@@ -571,8 +596,11 @@ class Penalty(_AbstractValuePenalty):
     - $\sigma = L_g / (100 L_f)$ at the first step, i.e. $\lambda = 100 L_f/L_g$;
     - $\gamma = 1/L_g$ and $\beta = 1/(\sigma L_f + L_g)$, with the tracked $L_g$;
     - $\alpha$, double loop with deterministic data: the adaptive step of Malitsky and
-      Mishchenko on $d_x$ (`bilevel/_stepsize.py`, `secant_step`), starting from
-      $1/(L_f + \lambda L_g)$; otherwise (single loop, or minibatches) $1/L_J$, the
+      Mishchenko (ICML 2020) on $d_k$ (`bilevel/_stepsize.py`, `secant_step`),
+      starting from $1/L_J$; the inner loops are repeated (up to
+      `MAX_INNER_ROUNDS` rounds) until the estimated error of $d_k$ due to the inner
+      solves is below `INNER_TOLERANCE` $\|d_k\|$, and the step is halved when
+      they still are not; otherwise (single loop, or minibatches) $1/L_J$, the
       worst-case $\Theta(\sigma)$ step; the single loop's $y$ step is $1/L_J$ too.
 
     With stochastic data, each inner step draws fresh batches (the $y$ and $z$ loops
@@ -585,7 +613,8 @@ class Penalty(_AbstractValuePenalty):
     penalised variable $y$ ($\|\nabla_y g\|$, or the projected-gradient residual with
     `project_y`), which is $\sigma_k\|\nabla_y f\|$ at $y_\sigma$: it shrinks like
     $\sigma$, not to 0; `value_residual`, the same at $z$; `penalty_gap`
-    $g(x_k, y) - g(x_k, z)$; `lambda` $= 1/\sigma_k$; `x_lr` $\alpha_k$.
+    $g(x_k, y) - g(x_k, z)$; `lambda` $= 1/\sigma_k$; `x_lr` $\alpha_k$;
+    `inner_rounds`, the rounds of inner loops the step used.
     """
 
     variant: str = choice("double_loop", ("double_loop", "single_loop"))
@@ -651,17 +680,19 @@ class Penalty(_AbstractValuePenalty):
         sigma = self._sigma(step, curvature, dtype)
         eta = self.momentum if self._single() else 1.0
         if self.x_lr is None:  # the adaptive step starts from it, too
-            x_lr = 1 / curvature.joint.norm
+            x_lr = 1 / curvature.joint_peak
+            if not (needs.deterministic or self._single()):  # noise: decay
+                x_lr = x_lr * (step + 1).astype(dtype) ** -NOISY_DECAY
         else:
             x_lr = _scalar(self.x_lr, dtype)
         if self.y_lr is not None:
             # beta acts on h_sigma = sigma f + g = sigma (f + lambda g)
             y_lr = _scalar(self.y_lr, dtype) * sigma
         elif self._single():
-            y_lr = 1 / curvature.joint.norm
+            y_lr = 1 / curvature.joint_peak
         else:
             y_lr = _penalised_lr(curvature, penalty)
-        z_lr = 1 / curvature.lower.norm if self.z_lr is None else self.z_lr
+        z_lr = 1 / curvature.lower_peak if self.z_lr is None else self.z_lr
         return _Rule(
             penalty=penalty,
             x_lr=x_lr,
@@ -719,7 +750,8 @@ class VPBGD(_AbstractValuePenalty):
     $\|\Phi(x_k, y_k)\|$ at the penalised variable, which is $\|\nabla_y f\|/\gamma_k$
     at a stationary point of $F_\gamma$: it shrinks like $1/\gamma$, not to 0;
     `value_residual`, the same at $z$; `penalty_gap` $g(x_k, y_k) - g(x_k, z)$;
-    `lambda` $= \gamma_k$; `x_lr` $\alpha$ (times the scaling, if any).
+    `lambda` $= \gamma_k$; `x_lr` $\alpha$ (times the scaling, if any);
+    `inner_rounds` (always 1).
     """
 
     penalty: float | None = positive(None, optional=True)
@@ -759,9 +791,14 @@ class VPBGD(_AbstractValuePenalty):
 
     def _rule(self, step, penalty, curvature, needs, dtype) -> _Rule:
         scale = 1 / jnp.maximum(penalty, 1) if self.scale_by_penalty else 1
-        x_lr = 1 / curvature.joint.norm if self.x_lr is None else self.x_lr
+        if self.x_lr is None:
+            x_lr = 1 / curvature.joint_peak
+            if not needs.deterministic:  # noise: decay (see Penalty)
+                x_lr = x_lr * (step + 1).astype(dtype) ** -NOISY_DECAY
+        else:
+            x_lr = self.x_lr
         y_lr = x_lr if self.y_lr is None else self.y_lr
-        z_lr = 1 / curvature.lower.norm if self.z_lr is None else self.z_lr
+        z_lr = 1 / curvature.lower_peak if self.z_lr is None else self.z_lr
         return _Rule(
             penalty=penalty,
             x_lr=_scalar(x_lr, dtype) * scale,
@@ -820,10 +857,11 @@ class F2SA(_AbstractValuePenalty):
     [`bilevel.solvers.Penalty`][]): $\lambda_0 = 10 L_f/L_g$ at the first step;
     $c_\alpha = 1/(L_f + \lambda_0 L_g)$ and $c_\gamma = 1/L_g$ with the tracked $L_g$
     (so $\alpha_k(L_f + \lambda_k L_g) \le 1$ for $a \ge b$). With minibatches the
-    paper's $(a, c) = (5/7, 4/7)$ and $\xi = 1$. With deterministic data there is no
-    noise to average: $a = b$ (constant $\alpha_k\lambda_k$), $c = 0$, and the $x$
-    step is the adaptive step of Malitsky and Mishchenko on $d_x$ (starting from
-    $\alpha_0$), i.e. $\xi$ is chosen each step.
+    paper's $(a, c) = (5/7, 4/7)$ and the $x$ step $t^{-a}/L_J(\lambda_0)$, i.e.
+    $\xi = 1/(c_\alpha L_J)$. With deterministic data there is no noise to average:
+    $a = b$ (constant $\alpha_k\lambda_k$), $c = 0$, and the $x$ step is the adaptive
+    step of [`bilevel.solvers.Penalty`][] (from $1/L_J$, inner loops repeated until
+    reliable), i.e. $\xi$ is chosen each step.
 
     **Metrics** each step (minibatch estimates with stochastic data): `upper_loss`
     $f(x_k, y)$; `grad_norm` $\|d_x\|$, the gradient of $\mathcal{L}_{\lambda_k}$ in
@@ -832,7 +870,7 @@ class F2SA(_AbstractValuePenalty):
     $\|\nabla_y f\|/\lambda_k$ at the minimiser of $\mathcal{L}_{\lambda_k}(x_k,
     \cdot)$: it shrinks like $1/\lambda_k$, not to 0; `value_residual`, the same at
     $z$; `penalty_gap` $g(x_k, y) - g(x_k, z)$; `lambda` $= \lambda_k$; `x_lr`
-    $\xi\alpha_k$.
+    $\xi\alpha_k$; `inner_rounds`, the rounds of inner loops the step used.
     """
 
     penalty: float | None = positive(None, optional=True)
@@ -886,11 +924,11 @@ class F2SA(_AbstractValuePenalty):
         else:
             y_lr = _scalar(self.y_lr, dtype)
         y_lr = y_lr * t ** -_scalar(y_decay, dtype)
-        z_lr = 1 / curvature.lower.norm if self.z_lr is None else self.z_lr
+        z_lr = 1 / curvature.lower_peak if self.z_lr is None else self.z_lr
         if self.x_ratio is None:
             # t^-a / L_J(lambda_0), from the tracked L_J(lambda_k) ~ lambda_k L_gJ
             base = self._base_penalty(curvature, dtype)
-            x_lr = t ** -_scalar(y_decay, dtype) * penalty / base / curvature.joint.norm
+            x_lr = t ** -_scalar(y_decay, dtype) * penalty / base / curvature.joint_peak
         else:
             x_lr = _scalar(self.x_ratio, dtype) * y_lr
         return _Rule(
