@@ -600,8 +600,11 @@ class Penalty(_AbstractValuePenalty):
       starting from $1/L_J$; the inner loops are repeated (up to
       `MAX_INNER_ROUNDS` rounds) until the estimated error of $d_k$ due to the inner
       solves is below `INNER_TOLERANCE` $\|d_k\|$, and the step is halved when
-      they still are not; otherwise (single loop, or minibatches) $1/L_J$, the
-      worst-case $\Theta(\sigma)$ step; the single loop's $y$ step is $1/L_J$ too.
+      they still are not; single loop: $1/L_J$, the worst-case $\Theta(\sigma)$
+      step (its $y$ step too); double loop with minibatches: $(k + 1)^{-1/3}/L_J$
+      (`NOISY_DECAY`).
+
+    Step sizes use the recent peak of each tracked estimate (`PEAK_DECAY`).
 
     With stochastic data, each inner step draws fresh batches (the $y$ and $z$ loops
     independently of each other), and the $x$ step draws its own.
@@ -740,7 +743,8 @@ class VPBGD(_AbstractValuePenalty):
     **Defaults** (curvature estimates on the step's batches, see
     [`bilevel.solvers.Penalty`][]): $\gamma = 100 L_f/L_g$ at the first step;
     $\alpha = 1/L_J$ with $L_J = \|\nabla^2_{(x,y)}(f + \gamma_k g)\|$ tracked (the
-    theory's $1/L_\gamma$); $\beta = 1/L_g$ tracked. Progress in $x$ is then
+    theory's $1/L_\gamma$; times $(k + 1)^{-1/3}$ with minibatches); $\beta = 1/L_g$
+    tracked. Progress in $x$ is then
     $O(\mu_F/(\gamma L_g))$ per step, so V-PBGD is slow when the hyper-objective is
     ill-conditioned (see the solver's page for measured numbers).
 
