@@ -328,19 +328,6 @@ def _baseline(bench):
     return float(values[bench.baseline] if bench.baseline else values[bench.metric])
 
 
-def _without_identity_condition(bench):
-    """Drop an `optimality` that is just grad_y g: `has_custom_condition` compares the
-    functions by identity, which `jit` does not preserve (reported upstream)."""
-    problem = bench.problem
-    if problem.optimality is None or problem.has_custom_condition:
-        return bench
-    plain = bl.BilevelProblem(
-        problem.upper, problem.lower, project_x=problem.project_x,
-        project_y=problem.project_y,
-    )
-    return eqx.tree_at(lambda b: b.problem, bench, plain)
-
-
 def _deterministic_pool(bench):
     """iMAML's task pool as full-batch data (the same batches, flagged
     deterministic)."""
@@ -376,7 +363,7 @@ def defaults_row(label, bench, solver_name, steps):
 def defaults_table(steps, problems):
     rows = []
     for name in problems:
-        bench = _without_identity_condition(bl.problems.make(name))
+        bench = bl.problems.make(name)
         cases = [(name, bench)]
         if name == "imaml":
             cases.append(("imaml (pool as FullBatch)", _deterministic_pool(bench)))
