@@ -9,6 +9,7 @@ iterations), so they cost a handful of gradient evaluations.
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -286,3 +287,99 @@ def accelerated_descent(step_size: Scalar | float) -> optax.GradientTransformati
         return updates, AcceleratedState(step, state.count + 1)
 
     return optax.GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------------------
+# penalty family (Penalty, VPBGD, F2SA): tracked curvature and adaptive outer steps
+
+
+class PowerIteration(eqx.Module):
+    """A warm-started power iteration: the current estimate of $\\|A\\|_2$ and the unit
+    vector it came from, carried in a solver state so that a slowly changing operator
+    is tracked with one product per step."""
+
+    norm: Scalar
+    vector: PyTree[Array]
+
+
+def start_power_iteration(key: PRNGKeyArray, like: PyTree[Array]) -> PowerIteration:
+    """A random unit start vector shaped like `like` and the estimate 0."""
+    vector = random_direction(key, like)
+    zero = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(like)))
+    return PowerIteration(zero, vector)
+
+
+def continue_power_iteration(
+    matvec: Callable[[PyTree], PyTree], estimate: PowerIteration, num_iters: Any
+) -> PowerIteration:
+    """`num_iters` more power iterations from `estimate` (a traced count is allowed:
+    under `jax.vmap` all runs share the count, so no run pays for another's)."""
+
+    def iterate(_, current: PowerIteration) -> PowerIteration:
+        image = matvec(current.vector)
+        norm = tree_norm(image)
+        divisor = jnp.where(norm > 0, norm, jnp.ones_like(norm))
+        return PowerIteration(norm, tree_scale(1 / divisor, image))
+
+    result = lax.fori_loop(0, num_iters, iterate, estimate)
+    return lax.stop_gradient(result)
+
+
+def hessian_product(
+    fn: Callable[[PyTree], Scalar], point: PyTree[Array]
+) -> Callable[[PyTree], PyTree]:
+    r"""$v \mapsto \nabla^2 \mathrm{fn}(\text{point})\, v$ (forward over reverse)."""
+    grad = jax.grad(fn)
+    return lambda v: jax.jvp(grad, (point,), (v,))[1]
+
+
+class SecantStep(eqx.Module):
+    """State of the adaptive step of Malitsky and Mishchenko: the last step size, the
+    ratio of the last two, and the last point and direction."""
+
+    lr: Scalar
+    ratio: Scalar
+    point: PyTree[Array]
+    direction: PyTree[Array]
+
+
+def start_secant_step(point: PyTree[Array]) -> SecantStep:
+    """Before the first step: no previous point (its fields are placeholders)."""
+    zero = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(point)))
+    zeros = jtu.tree_map(jnp.zeros_like, point)
+    return SecantStep(zero, jnp.ones_like(zero), point, zeros)
+
+
+def secant_step(
+    state: SecantStep,
+    point: PyTree[Array],
+    direction: PyTree[Array],
+    first_lr: Scalar,
+    first: Any,
+    reliable: Any = True,
+) -> tuple[Scalar, SecantStep]:
+    r"""The step size of adaptive gradient descent without descent (Malitsky and
+    Mishchenko, ICML 2020) for the direction field $d$ at $x_k$:
+
+    $\alpha_k = \min\big(\sqrt{1 + \theta_{k-1}}\,\alpha_{k-1},\;
+    \|x_k - x_{k-1}\| / (2\|d_k - d_{k-1}\|)\big)$, $\theta_k = \alpha_k/\alpha_{k-1}$,
+
+    i.e. half the inverse of the local curvature seen along the last step, allowed to
+    grow by at most $\sqrt{1 + \theta}$ per step. Invariant to scaling the objective;
+    meant for exact (deterministic) directions. `first_lr` is used when `first` is
+    true ($\theta_0 = 1$); a step that cannot be measured (no move, or no change of
+    $d$) only grows the previous one. When `reliable` is false (the caller knows that
+    $d_k$ is too inexact for its secant to mean anything, e.g. an inner solve that
+    lags behind), the previous step is halved instead.
+    """
+    moved = tree_norm(tree_sub(point, state.point))
+    change = tree_norm(tree_sub(direction, state.direction))
+    grown = jnp.sqrt(1 + state.ratio) * state.lr
+    measurable = (moved > 0) & (change > 0)
+    secant = moved / (2 * jnp.where(measurable, change, jnp.ones_like(change)))
+    lr = jnp.where(measurable, jnp.minimum(grown, secant), grown)
+    lr = jnp.where(reliable, lr, state.lr / 2)
+    lr = jnp.where(first, first_lr, lr)
+    ratio = jnp.where(first, jnp.ones_like(lr), lr / state.lr)
+    lr = lax.stop_gradient(lr)
+    return lr, SecantStep(lr, lax.stop_gradient(ratio), point, direction)
