@@ -18,6 +18,9 @@ import numpy as np
 import bilevel as bl
 
 
+if __name__ == "__main__":  # before any array below is built
+    jax.config.update("jax_enable_x64", True)
+
 FIXTURE = pathlib.Path(__file__).with_name("lbo_histories.npz")
 NUM_STEPS = 25
 
@@ -241,7 +244,6 @@ def assert_reproduces(name: str, metrics: tuple[str, ...] = ("upper_loss",)) -> 
 
 
 if __name__ == "__main__":
-    jax.config.update("jax_enable_x64", True)
     arrays = {}
     for case in CASES:
         for key, value in record(case).items():
