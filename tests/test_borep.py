@@ -10,6 +10,8 @@ import pytest
 
 import bilevel as bl
 
+from .data import lbo_histories
+
 from .helpers import central_difference, relative_error
 
 
@@ -360,3 +362,12 @@ def test_bad_inputs():
     ):
         with pytest.raises(ValueError, match=match):
             bl.problems.hyper_representation(**kwargs)
+
+
+# --- the refactoring changed nothing (issue 20) ----------------------------------------
+@pytest.mark.parametrize(
+    "case", [c for c in lbo_histories.CASES if c.startswith("borep")]
+)
+def test_reproduces_recorded_trajectory(case):
+    # Trajectories recorded before the refactoring, every hyperparameter explicit.
+    lbo_histories.assert_reproduces(case)

@@ -14,6 +14,8 @@ import pytest
 import scipy.optimize
 
 import bilevel as bl
+
+from .data import lbo_histories
 from bilevel.problems._svm import squared_hinge_argmin
 
 from .helpers import central_difference, relative_error
@@ -208,8 +210,8 @@ def test_danskin_gradients_match_finite_differences(getkey):
     @jax.jit
     def solver_pieces(*args):
         return (
-            solver.value_function_grad(problem, *args),
-            solver.saddle_step(problem, *args),
+            solver._value_function_grad(problem, *args),
+            solver._saddle_step(problem, *args),
         )
 
     (got_value, (g_x, g_y, g_z)), (new_theta, new_lam) = solver_pieces(
@@ -499,3 +501,12 @@ def test_svm_bad_arguments():
         bl.problems.svm_hpo(flip_fraction=0.5)
     with pytest.raises(ValueError, match="log_weight_init"):
         bl.problems.svm_hpo(log_weight_init=5.0)
+
+
+# --- the refactoring changed nothing (issue 20) ----------------------------------------
+@pytest.mark.parametrize(
+    "case", [c for c in lbo_histories.CASES if c.startswith("lvhba")]
+)
+def test_reproduces_recorded_trajectory(case):
+    # Trajectories recorded before the refactoring, every hyperparameter explicit.
+    lbo_histories.assert_reproduces(case)

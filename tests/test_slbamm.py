@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import bilevel as bl
+
+from .data import lbo_histories
 from bilevel.solvers._slbamm import linearise
 
 from .helpers import relative_error
@@ -301,3 +303,12 @@ def test_bad_problem():
         solver.init(multi, x0, jnp.zeros((2, 2)), jr.PRNGKey(0))
     with pytest.raises(TypeError, match="floating-point"):
         solver.init(TOY, x0, jnp.zeros(2, jnp.int32), jr.PRNGKey(0))
+
+
+# --- the refactoring changed nothing (issue 20) ----------------------------------------
+@pytest.mark.parametrize(
+    "case", [c for c in lbo_histories.CASES if c.startswith("slbamm")]
+)
+def test_reproduces_recorded_trajectory(case):
+    # Trajectories recorded before the refactoring, every hyperparameter explicit.
+    lbo_histories.assert_reproduces(case)

@@ -18,10 +18,18 @@ from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
 from .._data import AbstractData, as_data
 from .._inner import inner_steps
-from .._linear import condition_tags, jacobian_operator, jacobian_transpose_operator
-from .._misc import tree_axpy, tree_norm, tree_scale, tree_sub
+from .._misc import tree_axpy, tree_norm, tree_project_ball, tree_scale, tree_sub
+from .._oracles import oracles
 from .._problem import BilevelProblem, apply_project_x, apply_project_y
-from .._solver import AbstractBilevelSolver
+from .._solver import (
+    AbstractBilevelSolver,
+    Bounds,
+    choice,
+    count,
+    hyperparameter,
+    nonnegative,
+    positive,
+)
 
 
 # Lower-update branches selected at each step by `lax.switch`.
@@ -137,38 +145,29 @@ class BOREP(AbstractBilevelSolver):
         {"single_block", "project_x", "project_y", "optimality", "stochastic"}
     )
 
-    eta: float = 1e-2
-    beta: float = 0.9
-    nu: float = 1e-2
-    inner_lr: float = 1e-3
-    period: int = eqx.field(static=True, default=2)
-    inner_steps: int = eqx.field(static=True, default=3)
-    refine_epochs: int = eqx.field(static=True, default=3)
-    z_radius: float | None = None
-    refine_steps: int = eqx.field(static=True, default=10)
-    refine_lr: float | None = None
-    eps: float = 1e-10
-    order: Literal["lower_first", "hvp_first"] = eqx.field(
-        static=True, default="lower_first"
+    eta: float = positive(1e-2)
+    beta: float = hyperparameter(0.9, Bounds(0.0, 1.0, high_open=True))
+    nu: float = positive(1e-2)
+    inner_lr: float = positive(1e-3)
+    period: int = count(2)
+    inner_steps: int = count(3)
+    refine_epochs: int = count(3, minimum=0)
+    z_radius: float | None = positive(None, optional=True)
+    refine_steps: int = count(10)
+    refine_lr: float | None = positive(None, optional=True)
+    eps: float = nonnegative(1e-10)
+    order: Literal["lower_first", "hvp_first"] = choice(
+        "lower_first", ("lower_first", "hvp_first")
     )
     normalize: bool = eqx.field(static=True, default=True)
     independent_batches: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
-        for name, low in (("period", 1), ("inner_steps", 1), ("refine_epochs", 0),
-                          ("refine_steps", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"BOREP: `{name}` must be an int >= {low}, got {value!r}")
-        for name in ("eta", "nu", "inner_lr", "refine_lr", "z_radius"):
-            _check_positive(name, getattr(self, name))
-        _check_nonnegative("eps", self.eps)
-        if _is_concrete(self.beta) and not 0.0 <= float(self.beta) < 1.0:
-            raise ValueError(f"BOREP: `beta` must lie in [0, 1), got {self.beta!r}")
-        if self.order not in ("lower_first", "hvp_first"):
-            raise ValueError(
-                f"BOREP: `order` must be 'lower_first' or 'hvp_first', got {self.order!r}"
-            )
+        for name in ("normalize", "independent_batches"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"BOREP: `{name}` must be a bool, got {getattr(self, name)!r}"
+                )
 
     def _init(self, problem, x0, y0, key):
         return _BOREPState(
@@ -193,20 +192,19 @@ class BOREP(AbstractBilevelSolver):
             if self.independent_batches
             else hvp_batch
         )
-        if self.order == "hvp_first":
-            phi, hz = _condition_and_product(problem, x, state.y, hvp_batch, state.z)
-            y = self._update_lower(problem, x, state.y, data, lower_key, k, branch)
-        else:
-            y = self._update_lower(problem, x, state.y, data, lower_key, k, branch)
-            phi, hz = _condition_and_product(problem, x, y, hvp_batch, state.z)
-        loss, (grad_x, grad_y) = jax.value_and_grad(problem.upper, argnums=(0, 1))(
-            x, y, upper_batch
+        y = self._update_lower(problem, x, state.y, data, lower_key, k, branch)
+        # f and its gradients at the updated y; Phi and the Hessian-vector product at
+        # the y the chosen order asks for (for "hvp_first", the one before the update).
+        at_y = oracles(problem, x, y, state.z, upper_batch, hvp_batch)
+        at_hvp = (
+            oracles(problem, x, state.y, state.z, upper_batch, hvp_batch)
+            if self.order == "hvp_first"
+            else at_y
         )
-        z_grad = tree_sub(hz, grad_y)
-        z = _project_ball(tree_axpy(-self.nu, z_grad, state.z), self.z_radius)
-        _, cross_vjp = jax.vjp(lambda x_: problem.condition(x_, y, cross_batch), x)
-        (cross,) = cross_vjp(z)
-        h = tree_sub(grad_x, cross)
+        z_grad = tree_sub(at_hvp.hvp, at_y.upper_grad_y)
+        z = tree_project_ball(tree_axpy(-self.nu, z_grad, state.z), self.z_radius)
+        cross = oracles(problem, x, y, z, upper_batch, cross_batch).cross
+        h = tree_sub(at_y.upper_grad_x, cross)
         momentum = jtu.tree_map(
             lambda m, g: self.beta * m + (1 - self.beta) * g, state.momentum, h
         )
@@ -214,9 +212,9 @@ class BOREP(AbstractBilevelSolver):
         scale = self.eta / (momentum_norm + self.eps) if self.normalize else self.eta
         new_x = apply_project_x(problem, tree_axpy(-scale, momentum, x))
         metrics = {
-            "upper_loss": loss,
+            "upper_loss": at_y.upper_loss,
             "grad_norm": tree_norm(h),
-            "lower_residual": tree_norm(phi),
+            "lower_residual": tree_norm(at_hvp.lower_grad),
             "linear_residual": tree_norm(z_grad),
             "momentum_norm": momentum_norm,
             "lower_updated": (branch != _FROZEN).astype(jnp.int32),
@@ -241,11 +239,11 @@ class BOREP(AbstractBilevelSolver):
         def initial(y):
             if self.refine_epochs == 0:
                 return periodic(y)
-            return self.refine(problem, x, y, data, key)
+            return self._refine(problem, x, y, data, key)
 
         return lax.switch(branch, (initial, periodic, lambda y: y), y)
 
-    def refine(
+    def _refine(
         self,
         problem: BilevelProblem,
         x: PyTree[Array],
@@ -262,7 +260,14 @@ class BOREP(AbstractBilevelSolver):
         for epoch in range(self.refine_epochs):
             num = self.refine_steps * 2**epoch
             y = _averaged_sgd(
-                problem, x, y, data, jr.fold_in(key, epoch), lr / 2**epoch, num, first_draw
+                problem,
+                x,
+                y,
+                data,
+                jr.fold_in(key, epoch),
+                lr / 2**epoch,
+                num,
+                first_draw,
             )
             first_draw += num
         return y
@@ -275,47 +280,12 @@ def _averaged_sgd(
 
     def body(t, carry):
         y, total = carry
-        batch = data.lower_batch(jr.fold_in(key, t), first_draw + t, stream=_REFINE_STREAM)
+        batch = data.lower_batch(
+            jr.fold_in(key, t), first_draw + t, stream=_REFINE_STREAM
+        )
         grad = jax.grad(problem.lower, argnums=1)(x, y, batch)
         y = apply_project_y(problem, x, tree_axpy(-lr, grad, y))
         return y, jtu.tree_map(jnp.add, total, y)
 
     _, total = lax.fori_loop(0, num, body, (y, jtu.tree_map(jnp.zeros_like, y)))
     return tree_scale(1 / num, total)
-
-
-def _condition_and_product(problem, x, y, batch, z) -> tuple[PyTree[Array], PyTree[Array]]:
-    r"""$\Phi(x, y)$ and $\partial_y\Phi(x, y)^\top z$: forward-over-reverse (a JVP)
-    when $\partial_y\Phi$ is declared symmetric, a VJP otherwise."""
-    condition = problem.condition
-    if condition.symmetric:
-        tags = condition_tags(condition)
-        phi, operator = jacobian_operator(condition, x, y, (batch,), tags)
-    else:
-        phi, operator = jacobian_transpose_operator(condition, x, y, (batch,))
-    return phi, operator.mv(z)
-
-
-def _project_ball(tree: PyTree[Array], radius) -> PyTree[Array]:
-    """Euclidean projection of the whole pytree onto $\\{\\|z\\| \\le R\\}$ (identity
-    for `radius=None`)."""
-    if radius is None:
-        return tree
-    norm = tree_norm(tree)
-    safe_norm = jnp.maximum(norm, jnp.finfo(norm.dtype).tiny)
-    return tree_scale(jnp.minimum(1.0, radius / safe_norm), tree)
-
-
-def _is_concrete(value) -> bool:
-    return value is not None and not isinstance(value, jax.core.Tracer)
-
-
-def _check_positive(name: str, value) -> None:
-    if _is_concrete(value) and not float(value) > 0:
-        raise ValueError(f"BOREP: `{name}` must be positive, got {value!r}")
-
-
-def _check_nonnegative(name: str, value) -> None:
-    if _is_concrete(value) and not float(value) >= 0:
-        raise ValueError(f"BOREP: `{name}` must be >= 0, got {value!r}")
-

@@ -1,7 +1,6 @@
 r"""LV-HBA: a Hessian-free single-loop method for bilevel problems whose lower level has
 constraints $h(x, y) \le 0$ coupling both levels (Yao, Yu, Zeng, Zhang, ICLR 2024)."""
 
-import math
 from typing import Any, ClassVar
 
 import equinox as eqx
@@ -14,7 +13,13 @@ from jaxtyping import Array, Float, Int, PyTree, Scalar
 from .._data import as_data
 from .._misc import tree_axpy, tree_dot, tree_norm, tree_scale, tree_sub
 from .._problem import BilevelProblem, apply_project_x, apply_project_y
-from .._solver import AbstractBilevelSolver
+from .._solver import (
+    AbstractBilevelSolver,
+    Bounds,
+    hyperparameter,
+    nonnegative,
+    positive,
+)
 
 
 class _LVHBAState(eqx.Module):
@@ -24,22 +29,6 @@ class _LVHBAState(eqx.Module):
     theta: PyTree[Array]
     lam: Float[Array, " l"]
     step: Int[Array, ""]
-
-
-def _check_positive(name: str, value, *, allow_zero=False, allow_inf=False) -> None:
-    """`value > 0` (or `>= 0`), finite unless `allow_inf`; tracers are not checked."""
-    if isinstance(value, jax.core.Tracer):
-        return
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        message = f"LVHBA: `{name}` must be a real number, got {value!r}"
-        raise ValueError(message) from None
-    ok = number >= 0 if allow_zero else number > 0
-    if not ok or math.isnan(number) or (math.isinf(number) and not allow_inf):
-        bound = ">= 0" if allow_zero else "> 0"
-        extra = " (inf allowed)" if allow_inf else " and finite"
-        raise ValueError(f"LVHBA: `{name}` must be {bound}{extra}, got {value!r}")
 
 
 def _dtype_of(tree: PyTree[Array]):
@@ -113,7 +102,7 @@ class LVHBA(AbstractBilevelSolver):
        - \nabla_x g(x^k, \theta^{k+1})^\top \lambda^{k+1}$,
        $d_y = \nabla_y F/c_k + \nabla_y f(x^k, y^k) - (y^k - \theta^{k+1})/\gamma_1$ and
        $d_z = (z^k - \lambda^{k+1})/\gamma_2$: the Danskin gradients of $v_\gamma$ with
-       $(\theta^{k+1}, \lambda^{k+1})$ held constant (see `value_function_grad`).
+       $(\theta^{k+1}, \lambda^{k+1})$ held constant (see `_value_function_grad`).
 
     Hessian-free: only gradients of $F$, $f$ and vector-Jacobian products of $g$. The
     penalty is $c_k = \underline{c}\,(k+1)^p$ and $Z = [0, r]^l$. With no constraints
@@ -190,41 +179,36 @@ class LVHBA(AbstractBilevelSolver):
         {"single_block", "project_x", "project_y", "lower_constraints", "stochastic"}
     )
 
-    alpha: float = 0.005
-    beta: float = 0.002
-    eta: float = 0.03
-    gamma1: float = 10.0
-    gamma2: float = 10.0
-    c0: float = 1.0
-    p: float = 0.3
-    r: float = 1.0
-    multiplier_init: float = 0.0
+    alpha: float = positive(0.005)
+    beta: float = positive(0.002)
+    eta: float = positive(0.03)
+    gamma1: float = positive(10.0)
+    gamma2: float = positive(10.0)
+    c0: float = positive(1.0)
+    p: float = nonnegative(0.3)
+    r: float = eqx.field(default=1.0)
+    multiplier_init: float = hyperparameter(0.0, Bounds())
     equality: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
-        for name in ("alpha", "beta", "eta", "gamma1", "gamma2", "c0"):
-            _check_positive(name, getattr(self, name))
-        _check_positive("p", self.p, allow_zero=True)
-        _check_positive("r", self.r, allow_inf=True)
-        if not isinstance(self.multiplier_init, jax.core.Tracer) and not math.isfinite(
-            float(self.multiplier_init)
-        ):
-            raise ValueError("LVHBA: `multiplier_init` must be finite")
+        # `r` may be infinite (Z = R^l_+), which the declared bounds do not express.
+        if not isinstance(self.r, jax.core.Tracer) and not float(self.r) > 0:
+            raise ValueError(f"LVHBA: `r` must be > 0 (inf allowed), got {self.r!r}")
         if not isinstance(self.equality, bool):
             raise ValueError(f"LVHBA: `equality` must be a bool, got {self.equality!r}")
 
-    # -- pieces of the update, public so they can be checked and reused ---------------
+    # -- pieces of the update -----------------------------------------------------------
 
-    def penalty(self, step: Int[Array, ""], dtype) -> Scalar:
+    def _penalty(self, step: Int[Array, ""], dtype) -> Scalar:
         """$c_k = c_0 (k+1)^p$."""
         return self.c0 * jnp.asarray(step + 1, dtype) ** self.p
 
-    def project_multiplier(self, lam: Float[Array, " l"]) -> Float[Array, " l"]:
+    def _project_multiplier(self, lam: Float[Array, " l"]) -> Float[Array, " l"]:
         """$P_Z$: clip onto $[0, r]^l$ ($[-r, r]^l$ with `equality`)."""
         low = -self.r if self.equality else 0.0
         return jnp.clip(lam, low, self.r)
 
-    def value_function_grad(
+    def _value_function_grad(
         self,
         problem: BilevelProblem,
         x: PyTree[Array],
@@ -259,7 +243,7 @@ class LVHBA(AbstractBilevelSolver):
         grad_y = tree_scale(1 / self.gamma1, diff_y)
         return value, (grad_x, grad_y, diff_z / self.gamma2)
 
-    def saddle_step(
+    def _saddle_step(
         self,
         problem: BilevelProblem,
         x: PyTree[Array],
@@ -282,7 +266,7 @@ class LVHBA(AbstractBilevelSolver):
         d_theta = tree_axpy(1 / self.gamma1, tree_sub(theta, y), grad_theta)
         d_lam = (lam - z) / self.gamma2 - h_theta
         new_theta = apply_project_y(problem, x, tree_axpy(-self.eta, d_theta, theta))
-        return new_theta, self.project_multiplier(lam - self.eta * d_lam)
+        return new_theta, self._project_multiplier(lam - self.eta * d_lam)
 
     # -- the solver interface ----------------------------------------------------------
 
@@ -312,9 +296,14 @@ class LVHBA(AbstractBilevelSolver):
             num = 0
         _check_projection(problem, x0, y0)
         x, y = _project_joint(problem, x0, y0)
-        start = self.project_multiplier(jnp.full((num,), self.multiplier_init, dtype))
+        start = self._project_multiplier(jnp.full((num,), self.multiplier_init, dtype))
         return _LVHBAState(
-            x=x, y=y, z=start, theta=apply_project_y(problem, x, y), lam=start, step=jnp.array(0)
+            x=x,
+            y=y,
+            z=start,
+            theta=apply_project_y(problem, x, y),
+            lam=start,
+            step=jnp.array(0),
         )
 
     def _step(self, problem, state, data, key):
@@ -323,9 +312,9 @@ class LVHBA(AbstractBilevelSolver):
         upper_batch = data.upper_batch(upper_key, state.step)
         lower_batch = data.lower_batch(lower_key, state.step)
         x, y, z = state.x, state.y, state.z
-        c_k = self.penalty(state.step, _dtype_of(y))
+        c_k = self._penalty(state.step, _dtype_of(y))
 
-        theta, lam = self.saddle_step(
+        theta, lam = self._saddle_step(
             problem, x, y, z, state.theta, state.lam, lower_batch
         )
 
@@ -337,7 +326,7 @@ class LVHBA(AbstractBilevelSolver):
         (_, (upper, lower)), (grad_x, grad_y) = jax.value_and_grad(
             merit, argnums=(0, 1), has_aux=True
         )(x, y)
-        value, (v_x, v_y, v_z) = self.value_function_grad(
+        value, (v_x, v_y, v_z) = self._value_function_grad(
             problem, x, y, z, theta, lam, lower_batch
         )
         new_x, new_y = _project_joint(
@@ -345,7 +334,7 @@ class LVHBA(AbstractBilevelSolver):
             tree_axpy(-self.alpha, tree_sub(grad_x, v_x), x),
             tree_axpy(-self.alpha, tree_sub(grad_y, v_y), y),
         )
-        new_z = self.project_multiplier(z + self.beta * v_z)
+        new_z = self._project_multiplier(z + self.beta * v_z)
 
         h_now = _constraints(problem, y)(x, y)
         violation = h_now if self.equality else jnp.maximum(h_now, 0)

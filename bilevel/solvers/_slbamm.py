@@ -12,9 +12,16 @@ from jaxtyping import Array, Int, PyTree, Scalar
 
 from .._data import as_data
 from .._linear import result_dtype
-from .._misc import tree_axpy, tree_norm, tree_sub
+from .._misc import tree_axpy, tree_dot, tree_norm, tree_sub
 from .._problem import BilevelProblem, apply_project_x
-from .._solver import AbstractBilevelSolver
+from .._solver import (
+    AbstractBilevelSolver,
+    Bounds,
+    choice,
+    hyperparameter,
+    nonnegative,
+    positive,
+)
 
 
 Strategy = Literal["s1", "s2", "s3"]
@@ -29,21 +36,6 @@ class _SLBAMMState(eqx.Module):
     y: PyTree[Array]
     v: PyTree[Array]
     step: Int[Array, ""]
-
-
-
-def _dot(a: PyTree[Array], b: PyTree[Array], dtype) -> Scalar:
-    """Inner product of two pytrees, accumulated in `dtype`. (`bilevel._misc.tree_dot`
-    starts its sum from a default-dtype zero, which strict promotion rejects for
-    float32 leaves under x64.)"""
-    pairs = zip(jtu.tree_leaves(a), jtu.tree_leaves(b))
-    return sum((jnp.vdot(u, v).astype(dtype) for u, v in pairs), jnp.zeros((), dtype))
-
-
-def _is_number(value: Any) -> bool:
-    """True for a concrete Python real scalar (tracers and arrays are skipped,
-    so a solver whose hyperparameters are vmapped is not rejected)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class _Linearisation(eqx.Module):
@@ -192,44 +184,22 @@ class SLBAMM(AbstractBilevelSolver):
         {"single_block", "project_x", "stochastic"}
     )
 
-    s: float = 0.1
-    mu0: float = 0.9
-    p: float = 10.0
-    tau: float = 1 / 40
-    strategy: Strategy = eqx.field(static=True, default="s3")
-    v_step: VStep = eqx.field(static=True, default="line_search")
+    s: float = positive(0.1)
+    mu0: float = hyperparameter(0.9, Bounds(0.0, 1.0, high_open=True))
+    p: float = positive(10.0)
+    tau: float = nonnegative(1 / 40)
+    strategy: Strategy = choice("s3", tuple(_MU_POWERS))
+    v_step: VStep = choice("line_search", ("line_search", "fixed"))
     sequential: bool = eqx.field(static=True, default=False)
-    eta_max: float = 100.0
-    x_lr: float | None = None
+    eta_max: float = positive(100.0)
+    x_lr: float | None = positive(None, optional=True)
 
     def __check_init__(self):
-        if self.strategy not in _MU_POWERS:
-            raise ValueError(
-                f"SLBAMM: `strategy` must be 's1', 's2' or 's3', got {self.strategy!r}"
-            )
-        if self.v_step not in ("line_search", "fixed"):
-            raise ValueError(
-                "SLBAMM: `v_step` must be 'line_search' or 'fixed', got "
-                f"{self.v_step!r}"
-            )
         if not isinstance(self.sequential, bool):
             raise ValueError(
                 f"SLBAMM: `sequential` must be a bool, got {self.sequential!r}"
             )
-        checks = (
-            ("s", self.s, lambda u: u > 0, "> 0"),
-            ("mu0", self.mu0, lambda u: 0 <= u < 1, "in [0, 1)"),
-            ("p", self.p, lambda u: u > 0, "> 0"),
-            ("tau", self.tau, lambda u: u >= 0, ">= 0"),
-            ("eta_max", self.eta_max, lambda u: u > 0, "> 0"),
-            ("x_lr", self.x_lr, lambda u: u > 0, "> 0 or None"),
-        )
-        for name, value, ok, requirement in checks:
-            if _is_number(value) and not ok(value):
-                raise ValueError(
-                    f"SLBAMM: `{name}` must be {requirement}, got {value!r}"
-                )
-        if _is_number(self.mu0) and self.mu0 == 0:
+        if isinstance(self.mu0, int | float) and self.mu0 == 0:
             if self.x_lr is None:
                 raise ValueError(
                     "SLBAMM: `mu0=0` makes the strategy's x step mu_k^q * s zero; give "
@@ -241,7 +211,7 @@ class SLBAMM(AbstractBilevelSolver):
                     f"{self.strategy!r} zero; use strategy='s3' or v_step='line_search'"
                 )
 
-    def schedule(self, step: Int[Array, ""], dtype) -> tuple[Scalar, Scalar, Scalar]:
+    def _schedule(self, step: Int[Array, ""], dtype) -> tuple[Scalar, Scalar, Scalar]:
         r"""$(\mu_k, \eta_k, \alpha_k)$ at step $k$ = `step`, in `dtype`
         ($\eta_k$ is the fixed $v$ step of the strategy)."""
         kappa = jnp.asarray(step + 1, dtype)
@@ -266,11 +236,11 @@ class SLBAMM(AbstractBilevelSolver):
             eta = fixed_eta
         else:
             _, h_residual = lin.pullback(residual)
-            dtype = fixed_eta.dtype
-            curvature = _dot(residual, h_residual, dtype)
-            positive = curvature > 0
-            ratio = _dot(residual, residual, dtype) / jnp.where(positive, curvature, 1)
-            eta = jnp.where(positive, jnp.minimum(ratio, self.eta_max), 0).astype(dtype)
+            curvature = tree_dot(residual, h_residual)
+            convex = curvature > 0
+            ratio = tree_dot(residual, residual) / jnp.where(convex, curvature, 1)
+            eta = jnp.where(convex, jnp.minimum(ratio, self.eta_max), 0)
+            eta = eta.astype(fixed_eta.dtype)
         return tree_axpy(-eta, residual, v), eta
 
     def _step(self, problem, state, data, key):
@@ -279,7 +249,7 @@ class SLBAMM(AbstractBilevelSolver):
         upper_batch = data.upper_batch(upper_key, state.step)
         lower_batch = data.lower_batch(lower_key, state.step)
         x, y, v = state.x, state.y, state.v
-        mu, fixed_eta, alpha = self.schedule(state.step, result_dtype(y))
+        mu, fixed_eta, alpha = self._schedule(state.step, result_dtype(y))
 
         if self.sequential:
             gradient = averaged_gradient(problem, mu, upper_batch, lower_batch)

@@ -147,25 +147,51 @@ def _moreau_box():
 # --- configurations: every hyperparameter explicit ----------------------------------------
 def _slbamm(**options):
     base = dict(
-        s=0.3, mu0=0.8, p=3.0, tau=0.2, strategy="s3", v_step="line_search",
-        sequential=False, eta_max=50.0, x_lr=None,
+        s=0.3,
+        mu0=0.8,
+        p=3.0,
+        tau=0.2,
+        strategy="s3",
+        v_step="line_search",
+        sequential=False,
+        eta_max=50.0,
+        x_lr=None,
     )
     return bl.solvers.SLBAMM(**{**base, **options})
 
 
 def _borep(**options):
     base = dict(
-        eta=0.1, beta=0.8, nu=0.2, inner_lr=0.1, period=3, inner_steps=2,
-        refine_epochs=2, z_radius=None, refine_steps=3, refine_lr=0.2, eps=1e-10,
-        order="lower_first", normalize=True, independent_batches=True,
+        eta=0.1,
+        beta=0.8,
+        nu=0.2,
+        inner_lr=0.1,
+        period=3,
+        inner_steps=2,
+        refine_epochs=2,
+        z_radius=None,
+        refine_steps=3,
+        refine_lr=0.2,
+        eps=1e-10,
+        order="lower_first",
+        normalize=True,
+        independent_batches=True,
     )
     return bl.solvers.BOREP(**{**base, **options})
 
 
 def _lvhba(**options):
     base = dict(
-        alpha=0.05, beta=0.03, eta=0.07, gamma1=2.0, gamma2=3.0, c0=0.5, p=0.4, r=2.0,
-        multiplier_init=0.5, equality=False,
+        alpha=0.05,
+        beta=0.03,
+        eta=0.07,
+        gamma1=2.0,
+        gamma2=3.0,
+        c0=0.5,
+        p=0.4,
+        r=2.0,
+        multiplier_init=0.5,
+        equality=False,
     )
     return bl.solvers.LVHBA(**{**base, **options})
 
@@ -173,7 +199,8 @@ def _lvhba(**options):
 CASES = {
     "slbamm_jacobi": (_smooth, lambda: _slbamm()),
     "slbamm_sequential_s2": (
-        _smooth, lambda: _slbamm(strategy="s2", sequential=True, eta_max=0.5)
+        _smooth,
+        lambda: _slbamm(strategy="s2", sequential=True, eta_max=0.5),
     ),
     "slbamm_fixed_s1_x_lr": (
         _stochastic_quadratic,
@@ -183,15 +210,21 @@ CASES = {
     "borep_options": (
         _quartic,
         lambda: _borep(
-            period=2, inner_steps=3, refine_epochs=0, z_radius=0.05, order="hvp_first",
-            independent_batches=False, normalize=False,
+            period=2,
+            inner_steps=3,
+            refine_epochs=0,
+            z_radius=0.05,
+            order="hvp_first",
+            independent_batches=False,
+            normalize=False,
         ),
     ),
     "borep_projected": (lambda: _quartic(project_y=True), lambda: _borep(z_radius=2.0)),
     "borep_stochastic": (_stochastic_quadratic, lambda: _borep(period=2)),
     "lvhba_inequality": (lambda: _coupled_toy("inequality"), lambda: _lvhba()),
     "lvhba_equality": (
-        lambda: _coupled_toy("equality"), lambda: _lvhba(equality=True, r=3.0)
+        lambda: _coupled_toy("equality"),
+        lambda: _lvhba(equality=True, r=3.0),
     ),
     "lvhba_moreau_box": (_moreau_box, lambda: _lvhba(r=float("inf"))),
     "lvhba_stochastic": (_stochastic_quadratic, lambda: _lvhba(alpha=0.1, eta=0.2)),
@@ -227,7 +260,9 @@ def load(name: str) -> dict[str, np.ndarray]:
     """The recorded trajectory of case `name`."""
     with np.load(FIXTURE) as stored:
         prefix = name + "/"
-        return {k[len(prefix):]: stored[k] for k in stored.files if k.startswith(prefix)}
+        return {
+            k[len(prefix) :]: stored[k] for k in stored.files if k.startswith(prefix)
+        }
 
 
 def assert_reproduces(name: str, metrics: tuple[str, ...] = ("upper_loss",)) -> None:
