@@ -25,7 +25,7 @@ FIXTURE = pathlib.Path(__file__).with_name("lbo_histories.npz")
 NUM_STEPS = 25
 
 
-# --- problems ---------------------------------------------------------------------------
+# --- problems -------------------------------------------------------------------------
 def _smooth_upper(x, y, batch):
     return 0.5 * jnp.sum((y - batch["A"] @ x) ** 2) + 0.1 * jnp.sum(
         jnp.logaddexp(0.0, x * y[:3])
@@ -144,7 +144,7 @@ def _moreau_box():
     return problem, jnp.array([1.0, -2.0]), jnp.array([0.1, 0.9, -0.3]), None
 
 
-# --- configurations: every hyperparameter explicit ----------------------------------------
+# --- configurations: every hyperparameter explicit ------------------------------------
 def _slbamm(**options):
     base = dict(
         s=0.3,
@@ -155,7 +155,8 @@ def _slbamm(**options):
         v_step="line_search",
         sequential=False,
         eta_max=50.0,
-        x_lr=None,
+        x_lr="strategy",  # before the refactoring: x_lr=None
+        upper_weight=1.0,  # added since: the paper's averaging
     )
     return bl.solvers.SLBAMM(**{**base, **options})
 
