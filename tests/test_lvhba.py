@@ -198,7 +198,11 @@ def _value_function(problem, x, y, z):
 
 def test_danskin_gradients_match_finite_differences(getkey):
     problem = _danskin_problem()
-    solver = bl.solvers.LVHBA(gamma1=GAMMA1, gamma2=GAMMA2, r=float("inf"))
+    solver = bl.solvers.LVHBA(
+        alpha=0.1, beta=0.1, eta=0.1, gamma1=GAMMA1, gamma2=GAMMA2, c0=1.0,
+        r=float("inf"),
+    )
+    settings = solver._fixed_settings()
     x, y = jnp.array([0.4, -0.2]), jnp.array([1.5, 1.0, -1.0])
     z = jnp.array([0.5, -0.5])
     value_function = jax.jit(lambda *v: _value_function(problem, *v))
@@ -210,8 +214,8 @@ def test_danskin_gradients_match_finite_differences(getkey):
     @jax.jit
     def solver_pieces(*args):
         return (
-            solver._value_function_grad(problem, *args),
-            solver._saddle_step(problem, *args),
+            solver._value_function_grad(settings, problem, *args),
+            solver._saddle_step(settings, problem, *args),
         )
 
     (got_value, (g_x, g_y, g_z)), (new_theta, new_lam) = solver_pieces(

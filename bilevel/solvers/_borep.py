@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import optax
-from jaxtyping import Array, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
 
 from .._data import AbstractData, as_data
 from .._inner import inner_steps
+from .._linear import result_dtype
 from .._misc import tree_axpy, tree_norm, tree_project_ball, tree_scale, tree_sub
 from .._oracles import oracles
 from .._problem import BilevelProblem, apply_project_x, apply_project_y
@@ -30,6 +31,7 @@ from .._solver import (
     nonnegative,
     positive,
 )
+from .._stepsize import hessian_norm, lower_curvature
 
 
 # Lower-update branches selected at each step by `lax.switch`.
@@ -38,12 +40,21 @@ _INITIAL, _PERIODIC, _FROZEN = 0, 1, 2
 _SGD_STREAM, _HVP_STREAM, _CROSS_STREAM, _REFINE_STREAM = 0, 1, 2, 3
 
 
+class _Steps(eqx.Module):
+    """The lower SGD step, the $z$ step and the first refinement step in use."""
+
+    inner_lr: Scalar
+    nu: Scalar
+    refine_lr: Scalar
+
+
 class _BOREPState(eqx.Module):
     x: PyTree[Array]
     y: PyTree[Array]
     z: PyTree[Array]
     momentum: PyTree[Array]
     step: Int[Array, ""]
+    steps: _Steps | None
 
 
 class BOREP(AbstractBilevelSolver):
@@ -147,8 +158,8 @@ class BOREP(AbstractBilevelSolver):
 
     eta: float = positive(1e-2)
     beta: float = hyperparameter(0.9, Bounds(0.0, 1.0, high_open=True))
-    nu: float = positive(1e-2)
-    inner_lr: float = positive(1e-3)
+    nu: float | None = positive(None, optional=True)
+    inner_lr: float | None = positive(None, optional=True)
     period: int = count(2)
     inner_steps: int = count(3)
     refine_epochs: int = count(3, minimum=0)
@@ -161,6 +172,7 @@ class BOREP(AbstractBilevelSolver):
     )
     normalize: bool = eqx.field(static=True, default=True)
     independent_batches: bool = eqx.field(static=True, default=True)
+    curvature_every: int = count(100)
 
     def __check_init__(self):
         for name in ("normalize", "independent_batches"):
@@ -170,12 +182,49 @@ class BOREP(AbstractBilevelSolver):
                 )
 
     def _init(self, problem, x0, y0, key):
+        steps = None
+        if self.nu is None or self.inner_lr is None:
+            zero = jnp.zeros((), result_dtype(y0))
+            steps = _Steps(zero, zero, zero)
         return _BOREPState(
             x=x0,
             y=y0,
             z=jtu.tree_map(jnp.zeros_like, y0),
             momentum=jtu.tree_map(jnp.zeros_like, x0),
             step=jnp.array(0),
+            steps=steps,
+        )
+
+    def _derive_steps(self, problem, x, y, batch, key, safety) -> _Steps:
+        r"""$\gamma = c/L_g$ and $\nu = c/\|\partial_y\Phi\|$ from power iterations at
+        $(x_k, y_k)$ on one lower batch ($c = 1$ for deterministic data, $1/2$ for
+        minibatches); explicit values win."""
+        lower_key, condition_key = jr.split(key)
+        if self.inner_lr is None:
+            lower_fn = lambda v: problem.lower(x, v, batch)  # noqa: E731
+            inner_lr = safety / hessian_norm(lower_fn, y, lower_key)
+        else:
+            inner_lr = jnp.asarray(self.inner_lr, result_dtype(y))
+        if self.nu is None:
+            nu = safety / lower_curvature(problem, x, y, batch, condition_key)
+        else:
+            nu = jnp.asarray(self.nu, result_dtype(y))
+        refine_lr = inner_lr if self.refine_lr is None else self.refine_lr
+        return _Steps(inner_lr, nu, jnp.asarray(refine_lr, inner_lr.dtype))
+
+    def _current_steps(self, problem, state, data, hvp_batch, key) -> _Steps:
+        """The steps of this iteration: derived at step 0 and every `curvature_every`
+        steps when not given."""
+        if state.steps is None:
+            refine_lr = self.inner_lr if self.refine_lr is None else self.refine_lr
+            return _Steps(self.inner_lr, self.nu, refine_lr)
+        safety = 1.0 if data.deterministic else 0.5
+        return lax.cond(
+            state.step % self.curvature_every == 0,
+            lambda: self._derive_steps(
+                problem, state.x, state.y, hvp_batch, jr.fold_in(key, 1), safety
+            ),
+            lambda: state.steps,
         )
 
     def _step(self, problem, state, data, key):
@@ -192,7 +241,8 @@ class BOREP(AbstractBilevelSolver):
             if self.independent_batches
             else hvp_batch
         )
-        y = self._update_lower(problem, x, state.y, data, lower_key, k, branch)
+        steps = self._current_steps(problem, state, data, hvp_batch, key)
+        y = self._update_lower(problem, x, state.y, data, lower_key, k, branch, steps)
         # f and its gradients at the updated y; Phi and the Hessian-vector product at
         # the y the chosen order asks for (for "hvp_first", the one before the update).
         at_y = oracles(problem, x, y, state.z, upper_batch, hvp_batch)
@@ -202,7 +252,7 @@ class BOREP(AbstractBilevelSolver):
             else at_y
         )
         z_grad = tree_sub(at_hvp.hvp, at_y.upper_grad_y)
-        z = tree_project_ball(tree_axpy(-self.nu, z_grad, state.z), self.z_radius)
+        z = tree_project_ball(tree_axpy(-steps.nu, z_grad, state.z), self.z_radius)
         cross = oracles(problem, x, y, z, upper_batch, cross_batch).cross
         h = tree_sub(at_y.upper_grad_x, cross)
         momentum = jtu.tree_map(
@@ -219,17 +269,18 @@ class BOREP(AbstractBilevelSolver):
             "momentum_norm": momentum_norm,
             "lower_updated": (branch != _FROZEN).astype(jnp.int32),
         }
-        return _BOREPState(new_x, y, z, momentum, k + 1), metrics
+        new_steps = None if state.steps is None else steps
+        return _BOREPState(new_x, y, z, momentum, k + 1, new_steps), metrics
 
     def _params(self, state):
         return state.x, state.y
 
-    def _update_lower(self, problem, x, y, data, key, k, branch):
+    def _update_lower(self, problem, x, y, data, key, k, branch, steps):
         """$y_k$ from $y_{k-1}$: refinement at step 0, $N$ SGD steps at period starts,
         unchanged otherwise."""
 
         def periodic(y):
-            sgd = optax.sgd(self.inner_lr)
+            sgd = optax.sgd(steps.inner_lr)
             first_draw = (k // self.period) * self.inner_steps
             y, _ = inner_steps(
                 problem, sgd, x, y, sgd.init(y), data, key, self.inner_steps, first_draw
@@ -239,7 +290,7 @@ class BOREP(AbstractBilevelSolver):
         def initial(y):
             if self.refine_epochs == 0:
                 return periodic(y)
-            return self._refine(problem, x, y, data, key)
+            return self._refine(problem, x, y, data, key, steps.refine_lr)
 
         return lax.switch(branch, (initial, periodic, lambda y: y), y)
 
@@ -250,12 +301,12 @@ class BOREP(AbstractBilevelSolver):
         y: PyTree[Array],
         data: AbstractData,
         key: PRNGKeyArray,
+        lr: Scalar,
     ) -> PyTree[Array]:
         r"""Epoch-SGD (Algorithm 3): `refine_epochs` epochs of projected SGD on
         $g(x, \cdot)$, epoch $e$ with $T_1 2^{e-1}$ steps of size $\gamma_1/2^{e-1}$,
         each epoch restarted from the previous epoch's average iterate. Lower batches
         come from stream 3, draws numbered consecutively from 0."""
-        lr = self.inner_lr if self.refine_lr is None else self.refine_lr
         first_draw = 0
         for epoch in range(self.refine_epochs):
             num = self.refine_steps * 2**epoch

@@ -1,10 +1,12 @@
 r"""LV-HBA: a Hessian-free single-loop method for bilevel problems whose lower level has
 constraints $h(x, y) \le 0$ coupling both levels (Yao, Yu, Zeng, Zhang, ICLR 2024)."""
 
+import math
 from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
@@ -16,10 +18,24 @@ from .._problem import BilevelProblem, apply_project_x, apply_project_y
 from .._solver import (
     AbstractBilevelSolver,
     Bounds,
+    count,
     hyperparameter,
     nonnegative,
     positive,
 )
+from .._stepsize import hessian_norm, jacobian_norm
+
+
+class _Settings(eqx.Module):
+    r"""The parameters of one step: the reformulation's $\gamma_1, \gamma_2, c_0$ and the
+    step sizes $\alpha, \beta, \eta$."""
+
+    alpha: Scalar
+    beta: Scalar
+    eta: Scalar
+    gamma1: Scalar
+    gamma2: Scalar
+    c0: Scalar
 
 
 class _LVHBAState(eqx.Module):
@@ -29,6 +45,7 @@ class _LVHBAState(eqx.Module):
     theta: PyTree[Array]
     lam: Float[Array, " l"]
     step: Int[Array, ""]
+    settings: _Settings | None
 
 
 def _dtype_of(tree: PyTree[Array]):
@@ -179,16 +196,17 @@ class LVHBA(AbstractBilevelSolver):
         {"single_block", "project_x", "project_y", "lower_constraints", "stochastic"}
     )
 
-    alpha: float = positive(0.005)
-    beta: float = positive(0.002)
-    eta: float = positive(0.03)
-    gamma1: float = positive(10.0)
-    gamma2: float = positive(10.0)
-    c0: float = positive(1.0)
+    alpha: float | None = positive(None, optional=True)
+    beta: float | None = positive(None, optional=True)
+    eta: float | None = positive(None, optional=True)
+    gamma1: float | None = positive(None, optional=True)
+    gamma2: float | None = positive(None, optional=True)
+    c0: float | None = positive(None, optional=True)
     p: float = nonnegative(0.3)
-    r: float = eqx.field(default=1.0)
+    r: float = eqx.field(default=math.inf)
     multiplier_init: float = hyperparameter(0.0, Bounds())
     equality: bool = eqx.field(static=True, default=False)
+    curvature_every: int = count(100)
 
     def __check_init__(self):
         # `r` may be infinite (Z = R^l_+), which the declared bounds do not express.
@@ -199,9 +217,84 @@ class LVHBA(AbstractBilevelSolver):
 
     # -- pieces of the update -----------------------------------------------------------
 
-    def _penalty(self, step: Int[Array, ""], dtype) -> Scalar:
+    def _penalty(self, settings: _Settings, step: Int[Array, ""], dtype) -> Scalar:
         """$c_k = c_0 (k+1)^p$."""
-        return self.c0 * jnp.asarray(step + 1, dtype) ** self.p
+        return settings.c0 * jnp.asarray(step + 1, dtype) ** self.p
+
+    def _fixed_settings(self) -> _Settings:
+        """The settings when every one is given."""
+        names = ("alpha", "beta", "eta", "gamma1", "gamma2", "c0")
+        return _Settings(*(getattr(self, name) for name in names))
+
+    def _derives(self) -> bool:
+        return any(
+            getattr(self, name) is None
+            for name in ("alpha", "beta", "eta", "gamma1", "gamma2", "c0")
+        )
+
+    def _derive(self, problem, x, y, upper_batch, lower_batch, key, old, first, safety):
+        r"""Settings from curvature estimates at $(x, y)$ (explicit values win; the
+        reformulation's $\gamma_1, \gamma_2, c_0$ are fixed at step 0, the steps
+        follow the estimates):
+
+        - $\gamma_1 = 1/L_f$ with $L_f = \|\nabla^2_{yy} f\|$: the proximal term
+          weighs like $f$;
+        - $\gamma_2 = L_\theta/C^2$ with $L_\theta = L_f + 1/\gamma_1$ and
+          $C = \|\nabla_y g\|$ (no constraints: 1): the multiplier block of
+          $L_\gamma$ is as curved as the coupling makes it;
+        - $\eta = c/(L_\theta + 1/\gamma_2 + C)$, below the inverse Lipschitz
+          constant of the descent-ascent field;
+        - $c_0 = L_F/L_f$ (joint Hessians in $(x, y)$, at least $10^{-6}$): $F/c_0$
+          and $f$ start with the same curvature, whatever the scales of $F$ and $f$;
+        - $\alpha = c/(2 L)$ with $L = \|\nabla^2(F/c_0 + f)\| + \|\nabla^2 f\| +
+          2/\gamma_1$, a bound on the curvature of the merit $F/c_0 + f - v_\gamma$
+          in $(x, y)$;
+        - $\beta = c\,\gamma_2/2$: $z$ moves half way to $\lambda$ per step.
+
+        $c = 1$ for deterministic data, $1/2$ for minibatches.
+        """
+        keys = jr.split(key, 4)
+        dtype = _dtype_of(y)
+
+        def joint_norm(fn, key):
+            return hessian_norm(lambda xy: fn(*xy), (x, y), key)
+
+        lower_y = hessian_norm(lambda v: problem.lower(x, v, lower_batch), y, keys[0])
+        lower_xy = joint_norm(lambda u, v: problem.lower(u, v, lower_batch), keys[1])
+        upper_xy = joint_norm(lambda u, v: problem.upper(u, v, upper_batch), keys[2])
+        if problem.lower_constraints is None:
+            coupling = jnp.zeros((), dtype)
+        else:
+            h = problem.lower_constraints
+            coupling = jacobian_norm(lambda v: h(x, v), y, keys[3])
+        tiny = jnp.finfo(dtype).tiny
+
+        def pick(name, derived, keep):
+            value = getattr(self, name)
+            if value is not None:
+                return jnp.asarray(value, dtype)
+            return jnp.where(first, derived, keep)
+
+        gamma1 = pick("gamma1", 1 / jnp.maximum(lower_y, tiny), old.gamma1)
+        curvature = lower_y + 1 / gamma1
+        gamma2_derived = jnp.where(
+            coupling > 0, curvature / jnp.maximum(coupling, tiny) ** 2, 1.0
+        )
+        gamma2 = pick("gamma2", gamma2_derived, old.gamma2)
+        c0_derived = jnp.maximum(upper_xy, 1e-6 * lower_xy) / jnp.maximum(lower_xy, tiny)
+        c0 = pick("c0", c0_derived, old.c0)
+        eta = safety / (curvature + 1 / gamma2 + coupling)
+        merit = joint_norm(
+            lambda u, v: problem.upper(u, v, upper_batch) / c0
+            + problem.lower(u, v, lower_batch),
+            keys[2],
+        )
+        alpha = safety / (2 * (merit + lower_xy + 2 / gamma1))
+        beta = safety * gamma2 / 2
+        return _Settings(
+            pick("alpha", alpha, alpha), pick("beta", beta, beta),
+            pick("eta", eta, eta), gamma1, gamma2, c0,
+        )
 
     def _project_multiplier(self, lam: Float[Array, " l"]) -> Float[Array, " l"]:
         """$P_Z$: clip onto $[0, r]^l$ ($[-r, r]^l$ with `equality`)."""
@@ -210,6 +303,7 @@ class LVHBA(AbstractBilevelSolver):
 
     def _value_function_grad(
         self,
+        settings: _Settings,
         problem: BilevelProblem,
         x: PyTree[Array],
         y: PyTree[Array],
@@ -237,14 +331,15 @@ class LVHBA(AbstractBilevelSolver):
         diff_z = lam - z
         value = (
             value
-            + tree_dot(diff_y, diff_y) / (2 * self.gamma1)
-            - jnp.dot(diff_z, diff_z) / (2 * self.gamma2)
+            + tree_dot(diff_y, diff_y) / (2 * settings.gamma1)
+            - jnp.dot(diff_z, diff_z) / (2 * settings.gamma2)
         )
-        grad_y = tree_scale(1 / self.gamma1, diff_y)
-        return value, (grad_x, grad_y, diff_z / self.gamma2)
+        grad_y = tree_scale(1 / settings.gamma1, diff_y)
+        return value, (grad_x, grad_y, diff_z / settings.gamma2)
 
     def _saddle_step(
         self,
+        settings: _Settings,
         problem: BilevelProblem,
         x: PyTree[Array],
         y: PyTree[Array],
@@ -263,10 +358,11 @@ class LVHBA(AbstractBilevelSolver):
             return problem.lower(x, theta_, batch) + jnp.dot(lam, values), values
 
         grad_theta, h_theta = jax.grad(lagrangian, has_aux=True)(theta)
-        d_theta = tree_axpy(1 / self.gamma1, tree_sub(theta, y), grad_theta)
-        d_lam = (lam - z) / self.gamma2 - h_theta
-        new_theta = apply_project_y(problem, x, tree_axpy(-self.eta, d_theta, theta))
-        return new_theta, self._project_multiplier(lam - self.eta * d_lam)
+        d_theta = tree_axpy(1 / settings.gamma1, tree_sub(theta, y), grad_theta)
+        d_lam = (lam - z) / settings.gamma2 - h_theta
+        eta = settings.eta
+        new_theta = apply_project_y(problem, x, tree_axpy(-eta, d_theta, theta))
+        return new_theta, self._project_multiplier(lam - eta * d_lam)
 
     # -- the solver interface ----------------------------------------------------------
 
@@ -297,6 +393,9 @@ class LVHBA(AbstractBilevelSolver):
         _check_projection(problem, x0, y0)
         x, y = _project_joint(problem, x0, y0)
         start = self._project_multiplier(jnp.full((num,), self.multiplier_init, dtype))
+        settings = None
+        if self._derives():
+            settings = _Settings(*[jnp.ones((), _dtype_of(y0))] * 6)
         return _LVHBAState(
             x=x,
             y=y,
@@ -304,6 +403,7 @@ class LVHBA(AbstractBilevelSolver):
             theta=apply_project_y(problem, x, y),
             lam=start,
             step=jnp.array(0),
+            settings=settings,
         )
 
     def _step(self, problem, state, data, key):
@@ -312,10 +412,24 @@ class LVHBA(AbstractBilevelSolver):
         upper_batch = data.upper_batch(upper_key, state.step)
         lower_batch = data.lower_batch(lower_key, state.step)
         x, y, z = state.x, state.y, state.z
-        c_k = self._penalty(state.step, _dtype_of(y))
+        settings = state.settings
+        if settings is None:
+            settings = self._fixed_settings()
+        else:
+            safety = 1.0 if data.deterministic else 0.5
+            first = state.step == 0
+            settings = lax.cond(
+                state.step % self.curvature_every == 0,
+                lambda: self._derive(
+                    problem, x, y, upper_batch, lower_batch, jr.fold_in(key, 1),
+                    settings, first, safety,
+                ),
+                lambda: settings,
+            )
+        c_k = self._penalty(settings, state.step, _dtype_of(y))
 
         theta, lam = self._saddle_step(
-            problem, x, y, z, state.theta, state.lam, lower_batch
+            settings, problem, x, y, z, state.theta, state.lam, lower_batch
         )
 
         def merit(x_, y_):
@@ -327,35 +441,54 @@ class LVHBA(AbstractBilevelSolver):
             merit, argnums=(0, 1), has_aux=True
         )(x, y)
         value, (v_x, v_y, v_z) = self._value_function_grad(
-            problem, x, y, z, theta, lam, lower_batch
+            settings, problem, x, y, z, theta, lam, lower_batch
         )
+        alpha, beta = settings.alpha, settings.beta
         new_x, new_y = _project_joint(
             problem,
-            tree_axpy(-self.alpha, tree_sub(grad_x, v_x), x),
-            tree_axpy(-self.alpha, tree_sub(grad_y, v_y), y),
+            tree_axpy(-alpha, tree_sub(grad_x, v_x), x),
+            tree_axpy(-alpha, tree_sub(grad_y, v_y), y),
         )
-        new_z = self._project_multiplier(z + self.beta * v_z)
+        new_z = self._project_multiplier(z + beta * v_z)
 
         h_now = _constraints(problem, y)(x, y)
         violation = h_now if self.equality else jnp.maximum(h_now, 0)
+        x_mapping = tree_scale(1 / alpha, tree_sub(x, new_x))
         mapping = (
-            tree_scale(1 / self.alpha, tree_sub(x, new_x)),
-            tree_scale(1 / self.alpha, tree_sub(y, new_y)),
-            (z - new_z) / self.beta,
+            x_mapping,
+            tree_scale(1 / alpha, tree_sub(y, new_y)),
+            (z - new_z) / beta,
         )
         saddle = (tree_sub(state.theta, theta), state.lam - lam)
         gap = lower - value
         metrics = {
             "upper_loss": upper,
-            "grad_norm": tree_norm(mapping),
-            "lower_residual": jnp.abs(gap),
+            "grad_norm": tree_norm(x_mapping),
+            "lower_residual": _lower_residual(problem, x, y, lower_batch, settings),
+            "merit_mapping": tree_norm(mapping),
             "value_gap": gap,
             "constraint_violation": tree_norm(violation),
-            "saddle_residual": tree_norm(saddle) / self.eta,
+            "saddle_residual": tree_norm(saddle) / settings.eta,
             "penalty": c_k,
         }
-        new_state = _LVHBAState(new_x, new_y, new_z, theta, lam, state.step + 1)
+        kept = None if state.settings is None else settings
+        new_state = _LVHBAState(new_x, new_y, new_z, theta, lam, state.step + 1, kept)
         return new_state, metrics
 
     def _params(self, state):
         return state.x, state.y
+
+
+def _lower_residual(problem, x, y, batch, settings: _Settings) -> Scalar:
+    r"""$\|\Phi(x, y)\|$ for the problem's optimality condition; with coupled
+    constraints, the projected-gradient residual
+    $\|y - P(y - \gamma_1\nabla_y f(x, y))\|/\gamma_1$, where $P$ is the $y$ part of
+    `project_feasible` at $(x, \cdot)$ (the projection onto $\{y \in Y : g(x, y) \le
+    0\}$ when `project_feasible` keeps $x$ in place, as for constraints that do not
+    restrict $x$); zero at a solution of the lower level."""
+    if problem.lower_constraints is None:
+        return tree_norm(problem.condition(x, y, batch))
+    grad = jax.grad(problem.lower, argnums=1)(x, y, batch)
+    step = settings.gamma1
+    _, projected = problem.project_feasible(x, tree_axpy(-step, grad, y))
+    return tree_norm(tree_sub(y, projected)) / step
