@@ -237,8 +237,10 @@ class LVHBA(AbstractBilevelSolver):
         reformulation's $\gamma_1, \gamma_2, c_0$ are fixed at step 0, the steps
         follow the estimates):
 
-        - $\gamma_1 = 1/L_f$ with $L_f = \|\nabla^2_{yy} f\|$: the proximal term
-          weighs like $f$;
+        - $\gamma_1 = 10/L_f$ with $L_f = \|\nabla^2_{yy} f\|$: then $f - v_\gamma$ is
+          at least half of $f - \min f$ along every direction of curvature above
+          $L_f/10$ (for a quadratic, $\gamma\lambda/(1 + \gamma\lambda)$ of it along an
+          eigenvalue $\lambda$);
         - $\gamma_2 = L_\theta/C^2$ with $L_\theta = L_f + 1/\gamma_1$ and
           $C = \|\nabla_y g\|$ (no constraints: 1): the multiplier block of
           $L_\gamma$ is as curved as the coupling makes it;
@@ -246,9 +248,11 @@ class LVHBA(AbstractBilevelSolver):
           constant of the descent-ascent field;
         - $c_0 = L_F/L_f$ (joint Hessians in $(x, y)$, at least $10^{-6}$): $F/c_0$
           and $f$ start with the same curvature, whatever the scales of $F$ and $f$;
-        - $\alpha = c/(2 L)$ with $L = \|\nabla^2(F/c_0 + f)\| + \|\nabla^2 f\| +
-          2/\gamma_1$, a bound on the curvature of the merit $F/c_0 + f - v_\gamma$
-          in $(x, y)$;
+        - $\alpha = \min(c/(2 L), \eta/2)$ with $L = \|\nabla^2(F/c_0 + f)\| +
+          \|\nabla^2 f\| + 2/\gamma_1$, a bound on the curvature of the merit
+          $F/c_0 + f - v_\gamma$ in $(x, y)$; below $\eta$, because along directions
+          where $f$ is flat $y$ moves away from $\theta$ at rate $\alpha/\gamma_1$ while
+          $\theta$ follows at rate $\eta/\gamma_1$;
         - $\beta = c\,\gamma_2/2$: $z$ moves half way to $\lambda$ per step.
 
         $c = 1$ for deterministic data, $1/2$ for minibatches.
@@ -275,7 +279,7 @@ class LVHBA(AbstractBilevelSolver):
                 return jnp.asarray(value, dtype)
             return jnp.where(first, derived, keep)
 
-        gamma1 = pick("gamma1", 1 / jnp.maximum(lower_y, tiny), old.gamma1)
+        gamma1 = pick("gamma1", 10 / jnp.maximum(lower_y, tiny), old.gamma1)
         curvature = lower_y + 1 / gamma1
         gamma2_derived = jnp.where(
             coupling > 0, curvature / jnp.maximum(coupling, tiny) ** 2, 1.0
@@ -289,7 +293,7 @@ class LVHBA(AbstractBilevelSolver):
             + problem.lower(u, v, lower_batch),
             keys[2],
         )
-        alpha = safety / (2 * (merit + lower_xy + 2 / gamma1))
+        alpha = jnp.minimum(safety / (2 * (merit + lower_xy + 2 / gamma1)), eta / 2)
         beta = safety * gamma2 / 2
         return _Settings(
             pick("alpha", alpha, alpha), pick("beta", beta, beta),
