@@ -23,14 +23,16 @@ from .._solver import (
     nonnegative,
     positive,
 )
-from .._stepsize import hessian_norm, jacobian_norm
+from .._stepsize import hessian_norm, hyper_curvature, jacobian_norm, spectrum_bounds
 
 
 class _Settings(eqx.Module):
-    r"""The parameters of one step: the reformulation's $\gamma_1, \gamma_2, c_0$ and the
-    step sizes $\alpha, \beta, \eta$."""
+    r"""The parameters of one step: the reformulation's $\gamma_1, \gamma_2, c_0$, the
+    step sizes $\alpha, \beta, \eta$, and `x_rate`: the $x$ step is
+    $\max(\alpha, c_k\,$`x_rate`$)$ (`x_rate` = 0: the $x$ step is $\alpha$)."""
 
     alpha: Scalar
+    x_rate: Scalar
     beta: Scalar
     eta: Scalar
     gamma1: Scalar
@@ -197,6 +199,7 @@ class LVHBA(AbstractBilevelSolver):
     )
 
     alpha: float | None = positive(None, optional=True)
+    x_lr: float | None = positive(None, optional=True)
     beta: float | None = positive(None, optional=True)
     eta: float | None = positive(None, optional=True)
     gamma1: float | None = positive(None, optional=True)
@@ -223,8 +226,14 @@ class LVHBA(AbstractBilevelSolver):
 
     def _fixed_settings(self) -> _Settings:
         """The settings when every one is given."""
-        names = ("alpha", "beta", "eta", "gamma1", "gamma2", "c0")
-        return _Settings(*(getattr(self, name) for name in names))
+        names = ("beta", "eta", "gamma1", "gamma2", "c0")
+        return _Settings(self.alpha, 0.0, *(getattr(self, name) for name in names))
+
+    def _x_step(self, settings: _Settings, c_k: Scalar) -> Scalar:
+        r"""The step of $x$: `x_lr`, or $\max(\alpha, c_k\,$`x_rate`$)$."""
+        if self.x_lr is not None:
+            return jnp.asarray(self.x_lr, c_k.dtype)
+        return jnp.maximum(settings.alpha, c_k * settings.x_rate)
 
     def _derives(self) -> bool:
         return any(
@@ -295,10 +304,34 @@ class LVHBA(AbstractBilevelSolver):
         )
         alpha = jnp.minimum(safety / (2 * (merit + lower_xy + 2 / gamma1)), eta / 2)
         beta = safety * gamma2 / 2
+        x_rate = jnp.zeros((), dtype)
+        if self.alpha is None and problem.lower_constraints is None:
+            x_rate = self._reduced_rate(problem, x, y, upper_batch, lower_batch, key)
+            x_rate = jnp.where(first, safety * x_rate, old.x_rate)
         return _Settings(
-            pick("alpha", alpha, alpha), pick("beta", beta, beta),
+            pick("alpha", alpha, alpha), x_rate, pick("beta", beta, beta),
             pick("eta", eta, eta), gamma1, gamma2, c0,
         )
+
+    def _reduced_rate(self, problem, x, y, upper_batch, lower_batch, key) -> Scalar:
+        r"""$1/(2\kappa L_\Phi)$: a step on the hyper-objective $\Phi$ of curvature
+        $L_\Phi$ ([`bilevel._stepsize.hyper_curvature`]), slowed by the condition
+        number $\kappa$ of $\nabla^2_{yy} f$ so that $y$ and $\theta$ can follow. Near
+        the lower solution the $x$ part of the merit's gradient is
+        $\nabla\Phi/c_k$, hence the $x$ step $c_k/(2\kappa L_\Phi)$ (zero for a
+        merely convex lower level, where $\kappa$ is taken as $10^6$)."""
+        spectrum_key, hyper_key = jr.split(jr.fold_in(key, 2))
+
+        def gradient(x_, y_):
+            return jax.grad(problem.lower, argnums=1)(x_, y_, lower_batch)
+
+        _, hvp = jax.linearize(lambda v: gradient(x, v), y)
+        largest, smallest = spectrum_bounds(hvp, y, spectrum_key)
+        condition = largest / jnp.maximum(smallest, 1e-6 * largest)
+        hyper = hyper_curvature(
+            lambda x_, y_: problem.upper(x_, y_, upper_batch), gradient, x, y, hyper_key
+        )
+        return 1 / (2 * jnp.maximum(condition * hyper, jnp.finfo(hyper.dtype).tiny))
 
     def _project_multiplier(self, lam: Float[Array, " l"]) -> Float[Array, " l"]:
         """$P_Z$: clip onto $[0, r]^l$ ($[-r, r]^l$ with `equality`)."""
@@ -399,7 +432,7 @@ class LVHBA(AbstractBilevelSolver):
         start = self._project_multiplier(jnp.full((num,), self.multiplier_init, dtype))
         settings = None
         if self._derives():
-            settings = _Settings(*[jnp.ones((), _dtype_of(y0))] * 6)
+            settings = _Settings(*[jnp.ones((), _dtype_of(y0))] * 7)
         return _LVHBAState(
             x=x,
             y=y,
@@ -448,16 +481,17 @@ class LVHBA(AbstractBilevelSolver):
             settings, problem, x, y, z, theta, lam, lower_batch
         )
         alpha, beta = settings.alpha, settings.beta
+        alpha_x = self._x_step(settings, c_k)
         new_x, new_y = _project_joint(
             problem,
-            tree_axpy(-alpha, tree_sub(grad_x, v_x), x),
+            tree_axpy(-alpha_x, tree_sub(grad_x, v_x), x),
             tree_axpy(-alpha, tree_sub(grad_y, v_y), y),
         )
         new_z = self._project_multiplier(z + beta * v_z)
 
         h_now = _constraints(problem, y)(x, y)
         violation = h_now if self.equality else jnp.maximum(h_now, 0)
-        x_mapping = tree_scale(1 / alpha, tree_sub(x, new_x))
+        x_mapping = tree_scale(1 / alpha_x, tree_sub(x, new_x))
         mapping = (
             x_mapping,
             tree_scale(1 / alpha, tree_sub(y, new_y)),
