@@ -381,3 +381,47 @@ def test_scale_battery_defaults():
     scale_battery.check_scaled_problem()
     gaps, finite = scale_battery.relative_gaps(bl.solvers.BOREP())
     scale_battery.assert_steady_progress(gaps, finite, final=5e-2)
+
+
+# --- metric contract and derived steps ---------------------------------------------------
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_metrics_and_derived_steps(dtype):
+    # One default step on the quartic problem with a box X active at x0. Independent
+    # dense references (jax.hessian in float64) for: the derived steps
+    # gamma = nu = 1/||d^2_yy g(x0, y0)|| (20 power iterations of a spectrum with
+    # ratio <= 0.8 between its two largest eigenvalues: rtol 1e-3); grad_norm, the
+    # gradient mapping of h = grad_x f - (d_x grad_y g)^T z_1 = x^3 + B^T z_1 at the step
+    # tau = eta / ||m_1|| the momentum is applied with; lower_residual = ||grad_y g||
+    # and upper_loss at the refined y. Rounding only otherwise: rtol 1e-10 in float64,
+    # 1e-4 in float32 (a few hundred float32 operations at condition ~4).
+    def lower(x, y, batch):  # quartic_lower with its constants in the variables' dtype
+        a, b = A.astype(y.dtype), B.astype(y.dtype)
+        return 0.5 * y @ a @ y + 0.25 * ALPHA * jnp.sum(y**4) - y @ (b @ x)
+
+    def upper(x, y, batch):
+        return 0.5 * jnp.sum((y - C.astype(y.dtype)) ** 2) + 0.25 * jnp.sum(x**4)
+
+    box = lambda x: jnp.clip(x, -1.5, 1.5)  # noqa: E731
+    problem = bl.BilevelProblem(upper, lower, project_x=box)
+    x0, y0 = X0.astype(dtype), Y0.astype(dtype)
+    solver = bl.solvers.BOREP()
+    state = solver.init(problem, x0, y0, jr.PRNGKey(0))
+    state, metrics = eqx.filter_jit(solver.step)(problem, state, None, jr.PRNGKey(1))
+    wide = lambda u: np.asarray(u, np.float64)  # noqa: E731
+    x, y, z = wide(x0), wide(state.y), wide(state.z)
+    lower_curvature = np.linalg.eigvalsh(
+        jax.hessian(quartic_lower, argnums=1)(x, wide(y0), None)
+    )[-1]
+    rtol = 1e-10 if dtype == jnp.float64 else 1e-4
+    for name in ("inner_lr", "nu"):
+        assert metrics[name].dtype == dtype
+        np.testing.assert_allclose(metrics[name], 1 / lower_curvature, rtol=1e-3)
+    h = x**3 + np.asarray(B).T @ z
+    m = (1 - solver.beta) * h
+    tau = solver.eta / (np.linalg.norm(m) + solver.eps)
+    mapping = (x - np.clip(x - tau * h, -1.5, 1.5)) / tau
+    assert not np.allclose(mapping, h)  # the box is active
+    np.testing.assert_allclose(metrics["grad_norm"], np.linalg.norm(mapping), rtol=rtol)
+    grad_g = jax.grad(quartic_lower, argnums=1)(x, y, None)
+    np.testing.assert_allclose(metrics["lower_residual"], np.linalg.norm(grad_g), rtol=rtol)
+    np.testing.assert_allclose(metrics["upper_loss"], quartic_upper(x, y, None), rtol=rtol)

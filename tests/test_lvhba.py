@@ -6,6 +6,7 @@ independently computed value function, a plain numpy transcription of the update
 (1.3), KKT certificates and scipy's SLSQP for the polyhedral projection.
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -535,3 +536,54 @@ def test_scale_battery_defaults():
     scale_battery.check_scaled_problem()
     gaps, finite = scale_battery.relative_gaps(bl.solvers.LVHBA())
     scale_battery.assert_steady_progress(gaps, finite, final=0.2)
+
+
+# --- metric contract ------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_metrics_follow_the_contract(dtype):
+    # One step of the coupled toy (n = 3, inequality form) and of a box-constrained
+    # unconstrained-level case, explicit settings. Independent NumPy references:
+    # grad_norm is the x part of the projected gradient mapping (x_k - x_{k+1})/alpha;
+    # lower_residual the optimality residual of y_k: with coupled constraints
+    # ||y - P(y - gamma1 grad_y f)|| / gamma1 with P the y part of the projection onto
+    # {1'x + 1'y >= 0} at x (closed form), without them ||y - clip(y - grad_y f)||
+    # (the problem's projected-gradient condition). Rounding only: rtol 1e-12 in
+    # float64, 1e-5 in float32.
+    rtol = 1e-12 if dtype == jnp.float64 else 1e-5
+    solver = bl.solvers.LVHBA(**HYPER)
+    step = eqx.filter_jit(solver.step)
+
+    n = 3
+    problem = toy_problem(n, "inequality")
+    x0 = jnp.array([0.5, -1.0, 0.2], dtype)
+    y0 = jnp.array([-1.0, 0.3, -0.5, 0.1, -0.9, 0.4], dtype)
+    state = solver.init(problem, x0, y0, jr.PRNGKey(0))
+    new, metrics = step(problem, state, None, jr.PRNGKey(1))
+    x, y, new_x = (np.asarray(u, np.float64) for u in (state.x, state.y, new.x))
+    np.testing.assert_allclose(
+        metrics["grad_norm"], np.linalg.norm(x - new_x) / HYPER["alpha"], rtol=rtol
+    )
+    moved = y - HYPER["gamma1"] * np.concatenate([y[:n] - x, np.ones(n)])
+    shift = min(x.sum() + moved.sum(), 0.0) / (3 * n)
+    residual = np.linalg.norm(y - (moved - shift)) / HYPER["gamma1"]
+    assert residual > 0.1
+    np.testing.assert_allclose(metrics["lower_residual"], residual, rtol=rtol)
+
+    q = np.array([[2.0, 0.3], [0.3, 1.5]])
+    box = bl.BilevelProblem(
+        lambda x, y, _: 0.5 * jnp.sum((y - 0.3) ** 2) + 0.05 * x @ x,
+        lambda x, y, _: 0.5 * y @ (jnp.asarray(q, y.dtype) @ y) - x @ y,
+        project_y=lambda y: jnp.clip(y, -0.6, 0.6),
+    )
+    x0, y0 = jnp.array([1.0, -2.0], dtype), jnp.array([0.5, -0.1], dtype)
+    state = solver.init(box, x0, y0, jr.PRNGKey(0))
+    new, metrics = step(box, state, None, jr.PRNGKey(1))
+    x, y, new_x = (np.asarray(u, np.float64) for u in (state.x, state.y, new.x))
+    np.testing.assert_allclose(
+        metrics["grad_norm"], np.linalg.norm(x - new_x) / HYPER["alpha"], rtol=rtol
+    )
+    residual = y - np.clip(y - (q @ y - x), -0.6, 0.6)
+    np.testing.assert_allclose(
+        metrics["lower_residual"], np.linalg.norm(residual), rtol=rtol
+    )
+    assert metrics["grad_norm"].dtype == metrics["lower_residual"].dtype == dtype

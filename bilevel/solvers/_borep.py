@@ -261,13 +261,22 @@ class BOREP(AbstractBilevelSolver):
         momentum_norm = tree_norm(momentum)
         scale = self.eta / (momentum_norm + self.eps) if self.normalize else self.eta
         new_x = apply_project_x(problem, tree_axpy(-scale, momentum, x))
+        if problem.project_x is None:
+            mapping = h
+        else:  # the gradient mapping of h, at the step the momentum is applied with
+            mapping = tree_scale(
+                1 / scale,
+                tree_sub(x, apply_project_x(problem, tree_axpy(-scale, h, x))),
+            )
         metrics = {
             "upper_loss": at_y.upper_loss,
-            "grad_norm": tree_norm(h),
+            "grad_norm": tree_norm(mapping),
             "lower_residual": tree_norm(at_hvp.lower_grad),
             "linear_residual": tree_norm(z_grad),
             "momentum_norm": momentum_norm,
             "lower_updated": (branch != _FROZEN).astype(jnp.int32),
+            "inner_lr": jnp.asarray(steps.inner_lr, at_y.upper_loss.dtype),
+            "nu": jnp.asarray(steps.nu, at_y.upper_loss.dtype),
         }
         new_steps = None if state.steps is None else steps
         return _BOREPState(new_x, y, z, momentum, k + 1, new_steps), metrics

@@ -294,12 +294,15 @@ class LVHBA(AbstractBilevelSolver):
             coupling > 0, curvature / jnp.maximum(coupling, tiny) ** 2, 1.0
         )
         gamma2 = pick("gamma2", gamma2_derived, old.gamma2)
-        c0_derived = jnp.maximum(upper_xy, 1e-6 * lower_xy) / jnp.maximum(lower_xy, tiny)
+        c0_derived = jnp.maximum(upper_xy, 1e-6 * lower_xy) / jnp.maximum(
+            lower_xy, tiny
+        )
         c0 = pick("c0", c0_derived, old.c0)
         eta = safety / (curvature + 1 / gamma2 + coupling)
         merit = joint_norm(
-            lambda u, v: problem.upper(u, v, upper_batch) / c0
-            + problem.lower(u, v, lower_batch),
+            lambda u, v: (
+                problem.upper(u, v, upper_batch) / c0 + problem.lower(u, v, lower_batch)
+            ),
             keys[2],
         )
         alpha = jnp.minimum(safety / (2 * (merit + lower_xy + 2 / gamma1)), eta / 2)
@@ -309,8 +312,13 @@ class LVHBA(AbstractBilevelSolver):
             x_rate = self._reduced_rate(problem, x, y, upper_batch, lower_batch, key)
             x_rate = jnp.where(first, safety * x_rate, old.x_rate)
         return _Settings(
-            pick("alpha", alpha, alpha), x_rate, pick("beta", beta, beta),
-            pick("eta", eta, eta), gamma1, gamma2, c0,
+            pick("alpha", alpha, alpha),
+            x_rate,
+            pick("beta", beta, beta),
+            pick("eta", eta, eta),
+            gamma1,
+            gamma2,
+            c0,
         )
 
     def _reduced_rate(self, problem, x, y, upper_batch, lower_batch, key) -> Scalar:
@@ -458,8 +466,15 @@ class LVHBA(AbstractBilevelSolver):
             settings = lax.cond(
                 state.step % self.curvature_every == 0,
                 lambda: self._derive(
-                    problem, x, y, upper_batch, lower_batch, jr.fold_in(key, 1),
-                    settings, first, safety,
+                    problem,
+                    x,
+                    y,
+                    upper_batch,
+                    lower_batch,
+                    jr.fold_in(key, 1),
+                    settings,
+                    first,
+                    safety,
                 ),
                 lambda: settings,
             )
@@ -508,6 +523,9 @@ class LVHBA(AbstractBilevelSolver):
             "constraint_violation": tree_norm(violation),
             "saddle_residual": tree_norm(saddle) / settings.eta,
             "penalty": c_k,
+            "x_step": jnp.asarray(alpha_x, c_k.dtype),
+            "alpha": jnp.asarray(alpha, c_k.dtype),
+            "eta": jnp.asarray(settings.eta, c_k.dtype),
         }
         kept = None if state.settings is None else settings
         new_state = _LVHBAState(new_x, new_y, new_z, theta, lam, state.step + 1, kept)

@@ -252,8 +252,12 @@ class SLBAMM(AbstractBilevelSolver):
             _, hvp = jax.linearize(jax.grad(fn), y)
             return spectrum_bounds(hvp, y, key)
 
-        upper, upper_min = spectrum(lambda v: problem.upper(x, v, upper_batch), upper_key)
-        lower, lower_min = spectrum(lambda v: problem.lower(x, v, lower_batch), lower_key)
+        upper, upper_min = spectrum(
+            lambda v: problem.upper(x, v, upper_batch), upper_key
+        )
+        lower, lower_min = spectrum(
+            lambda v: problem.lower(x, v, lower_batch), lower_key
+        )
         curvatures = eqx.tree_at(
             lambda c: (c.upper, c.upper_min, c.lower, c.lower_min),
             state.curvatures,
@@ -421,4 +425,6 @@ def _track(curvatures: _Curvatures, lin: _Linearisation) -> _Curvatures:
     direction = jtu.tree_map(
         lambda new, old: jnp.where(norm > 0, new, old), direction, curvatures.direction
     )
-    return eqx.tree_at(lambda c: (c.tracked, c.direction), curvatures, (norm, direction))
+    return eqx.tree_at(
+        lambda c: (c.tracked, c.direction), curvatures, (norm, direction)
+    )
