@@ -76,7 +76,7 @@ def lower_curvature(
     return jnp.sqrt(operator_norm(lambda v: vjp(jvp(v))[0], y, key, num_iters))
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # SLBAMM / BOREP / LVHBA
 
 
@@ -133,9 +133,9 @@ def hyper_curvature(
     num_iters: int = 10,
     max_steps: int = 50,
 ) -> Scalar:
-    r"""Estimate of the curvature $L_\Phi = \|\nabla^2\Phi(x)\|_2$ of the hyper-objective
-    $\Phi(x) = F(x, y^*(x))$, $G(x, y^*(x)) = 0$ (`upper` $= F$, `gradient` $= G$, the
-    gradient in $y$ of a convex lower objective), from $(x, y)$.
+    r"""Estimate of the curvature $L_\Phi = \|\nabla^2\Phi(x)\|_2$ of the
+    hyper-objective $\Phi(x) = F(x, y^*(x))$, $G(x, y^*(x)) = 0$ (`upper` $= F$,
+    `gradient` $= G$, the gradient in $y$ of a convex lower objective), from $(x, y)$.
 
     It is taken at the Newton point $\hat y = y - (\partial_y G)^{-1} G(x, y)$, which is
     $y^*(x)$ when $G$ is affine in $y$ and closer to it than $y$ otherwise (at an
@@ -150,7 +150,8 @@ def hyper_curvature(
     conjugate-gradient solves with $\partial_y G$ (at most `max_steps` Hessian-vector
     products each, relative tolerance $10^{-3}$: an estimate, not a certificate), so
     $\partial_y G$ must be symmetric positive semidefinite and nonsingular on the range
-    of $\partial_x G$ and of $\nabla_y F$.
+    of $\partial_x G$ and of $\nabla_y F$ (a direction of non-positive curvature ends a
+    solve early).
     """
 
     def solver_at(y):

@@ -323,7 +323,7 @@ class LVHBA(AbstractBilevelSolver):
 
     def _reduced_rate(self, problem, x, y, upper_batch, lower_batch, key) -> Scalar:
         r"""$1/(2\kappa L_\Phi)$: a step on the hyper-objective $\Phi$ of curvature
-        $L_\Phi$ ([`bilevel._stepsize.hyper_curvature`]), slowed by the condition
+        $L_\Phi$ (`hyper_curvature`), slowed by the condition
         number $\kappa$ of $\nabla^2_{yy} f$ so that $y$ and $\theta$ can follow. Near
         the lower solution the $x$ part of the merit's gradient is
         $\nabla\Phi/c_k$, hence the $x$ step $c_k/(2\kappa L_\Phi)$ (zero for a

@@ -129,10 +129,10 @@ class SLBAMM(AbstractBilevelSolver):
     `upper`, $f$ its `lower`.)
 
     It replaces $f$ by the averaged objective
-    $\varphi_\mu(x, y) = \mu F(x, y) + (1 - \mu) f(x, y)$, $\mu_k = \mu_0/(k+1)^{1/p}$,
-    whose Hessian in $y$ is positive definite when $F(x, \cdot)$ is strongly convex,
-    and takes one step per iteration on each equation of the KKT system of
-    $\min F$ s.t. $\nabla_y\varphi_\mu = 0$ with multiplier $v$:
+    $\varphi_\mu(x, y) = \mu\omega F(x, y) + (1 - \mu) f(x, y)$,
+    $\mu_k = \mu_0/(k+1)^{1/p}$, whose Hessian in $y$ is positive definite when
+    $F(x, \cdot)$ is strongly convex, and takes one step per iteration on each equation
+    of the KKT system of $\min F$ s.t. $\nabla_y\varphi_\mu = 0$ with multiplier $v$:
 
     - $y^{k+1} = y^k - s\,\nabla_y\varphi_{\mu_k}(x^k, y^k)$;
     - $r^k = H_k v^k - \nabla_y F(x^k, y^k)$ with $H_k = \nabla^2_{yy}\varphi_{\mu_k}$,
@@ -141,58 +141,85 @@ class SLBAMM(AbstractBilevelSolver):
       \nabla^2_{xy}\varphi_{\mu_k}(x^k, y^k)\, v^k]\big)$, where
       $\nabla^2_{xy}\varphi\, v = \nabla_x\langle\nabla_y\varphi, v\rangle$.
 
-    All three updates read $(x^k, y^k, v^k)$ (Jacobi form, as the authors' code); with
-    `sequential=True` they run Gauss-Seidel style: $y^{k+1}$ first, then $v^{k+1}$ and
-    the $x$ step at $(x^k, y^{k+1})$, the $x$ step using $v^{k+1}$. $v^0 = 0$.
+    With `sequential=False` all three updates read $(x^k, y^k, v^k)$ (Jacobi form, as
+    the authors' code); with `sequential=True` (default) they run Gauss-Seidel style:
+    $y^{k+1}$ first, then $v^{k+1}$ and the $x$ step at $(x^k, y^{k+1})$, the $x$ step
+    using $v^{k+1}$. $v^0 = 0$. The paper's weight is $\omega = 1$.
 
-    Step sizes, with $\kappa_k = k + 1$ (strategies of the paper, as implemented in the
-    authors' BOAT toolbox):
+    With `v_step="line_search"` (default, as the authors' merely convex script),
+    $\eta_k = \|r^k\|^2 / \langle r^k, H_k r^k\rangle$, the exact minimiser of
+    $\frac12 v^\top H_k v - \nabla_y F^\top v$ along $-r^k$, clipped to
+    $[0, \eta_{\max}]$ (zero for non-positive curvature), so a Hessian that is not
+    positive definite cannot blow the multiplier up. With `v_step="fixed"` and with
+    `x_lr="strategy"`, $\eta_k$ and $\alpha_k$ follow one of the paper's strategies
+    (as implemented in the authors' BOAT toolbox), $\kappa_k = k + 1$:
 
-    | strategy | $\eta_k$ (`v_step="fixed"`) | $\alpha_k$ |
+    | strategy | $\eta_k$ (`v_step="fixed"`) | $\alpha_k$ (`x_lr="strategy"`) |
     |---|---|---|
     | `"s1"` | $\kappa_k^{-\tau/2}\mu_k^2 s$ | $\kappa_k^{-3\tau/2}\mu_k^7 s$ |
     | `"s2"` | $\kappa_k^{-\tau/2}\mu_k s$ | $\kappa_k^{-3\tau/2}\mu_k^5 s$ |
     | `"s3"` | $\kappa_k^{-\tau/2} s$ | $\kappa_k^{-3\tau/2}\mu_k^3 s$ |
 
-    With `v_step="line_search"` (default, as the authors' merely-convex script),
-    $\eta_k = \|r^k\|^2 / \langle r^k, H_k r^k\rangle$, the exact minimiser of
-    $\frac12 v^\top H_k v - \nabla_y F^\top v$ along $-r^k$, clipped to
-    $[0, \eta_{\max}]$ (zero for non-positive curvature), so a Hessian that is not
-    positive definite cannot blow the multiplier up.
+    **Default steps, from the problem** (an explicit value always wins). At step 0,
+    power iterations on Hessian-vector products give the largest and smallest
+    eigenvalues $L_F, m_F$ of $\nabla^2_{yy}F$ and $L_f, m_f$ of $\nabla^2_{yy} f$, and
+    `hyper_curvature` (in `bilevel._stepsize`) the curvature $L_\Phi$ of the averaged
+    problem's hyper-objective. Then, with $c = 1$ for deterministic data and $1/2$ for
+    minibatches:
 
-    Each step costs one gradient of $F$ and $f$, and one VJP of
-    $\nabla_y\varphi_\mu$ pulled back once or twice (three times with
-    `sequential=True`, plus a second gradient); no Hessian is formed and there is no
-    inner loop.
+    - $\omega = L_f/L_F$: $\mu$ is the share of $F$ in the curvature of
+      $\varphi_\mu$, whatever the scales of $F$ and $f$;
+    - $s_k = c/\max(\mu_k\omega L_F + (1 - \mu_k) L_f, \hat L_k)$, where $\hat L_k$
+      follows the curvature of $\varphi_{\mu_k}$ by one warm-started power iteration
+      per step (a curvature that grows, e.g. with a weight decay $e^{x}$, shrinks the
+      step);
+    - $\alpha_k = c/(2\kappa_k L_\Phi)$ with $\kappa_k = (\mu_k\omega L_F +
+      (1-\mu_k)L_f)/(\mu_k\omega m_F + (1-\mu_k)m_f)$: a safe step on the
+      hyper-objective, slowed by the number of steps $y$ and $v$ need to follow a move
+      of $x$; for a merely convex lower level ($m_f = 0$) it shrinks like $\mu_k$, the
+      coupling of the paper's strategies;
+    - $\eta_{\max} = 10^3 s_k$.
+
+    Multiplying $f$ by $s$ or $F$ by $t$ leaves the iterates $x^k, y^k$ unchanged (up to
+    rounding). Each step costs one gradient of $F$ and $f$, and one VJP of
+    $\nabla_y\varphi_\mu$ pulled back twice (Jacobi with a fixed $v$ step: once;
+    Gauss-Seidel: three times, plus a second gradient; one more for the curvature
+    tracking when $s$ is derived); no Hessian is formed and there is no inner loop.
 
     **Arguments:**
 
-    - `s`: lower-level step $s$ (default 0.1).
-    - `mu0`: $\mu_0 \in [0, 1)$ (default 0.9). $\mu_0 = 0$ turns the averaging off (no
-      averaging is needed for a strongly convex lower level); it needs `x_lr`.
-    - `p`: $p > 0$ in $\mu_k = \mu_0/(k+1)^{1/p}$ (default 10).
-    - `tau`: $\tau \ge 0$ in the step decays (default 1/40).
-    - `strategy`: `"s1"`, `"s2"` or `"s3"` (default, the authors' merely convex script).
+    - `s`: lower-level step $s$ (default: derived).
+    - `mu0`: $\mu_0 \in [0, 1)$ (default 0.5). $\mu_0 = 0$ turns the averaging off (no
+      averaging is needed for a strongly convex lower level, which then converges
+      without the $O(\mu_k)$ bias).
+    - `p`: $p > 0$ in $\mu_k = \mu_0/(k+1)^{1/p}$ (default 1.5: the averaging bias of a
+      strongly convex problem decays like $k^{-2/3}$; the paper's scripts use 10).
+    - `upper_weight`: $\omega$ (default: derived; 1 is the paper's averaging).
+    - `tau`: $\tau \ge 0$ in the step decays of the table and of an explicit `x_lr`
+      (default 1/40).
+    - `strategy`: `"s1"`, `"s2"` or `"s3"` (default).
     - `v_step`: `"line_search"` (default) or `"fixed"` ($\eta_k$ from the table).
-    - `sequential`: Gauss-Seidel instead of Jacobi updates (default False).
-    - `eta_max`: upper clip of the line-searched $\eta_k$ (default 100).
-    - `x_lr`: if given, $\alpha_k = \kappa_k^{-3\tau/2}\,$`x_lr` replaces the strategy's
-      $\mu_k$-scaled $x$ step (default None).
+    - `sequential`: Gauss-Seidel (default) or Jacobi updates.
+    - `eta_max`: upper clip of the line-searched $\eta_k$ (default: derived).
+    - `x_lr`: `None` (default, derived), a number ($\alpha_k =
+      \kappa_k^{-3\tau/2}\,$`x_lr`) or `"strategy"` (the table).
 
-    Metrics, at the point the multiplier and $x$ steps read: `upper_loss` $F$,
-    `grad_norm` $\|\nabla_x F - \nabla^2_{xy}\varphi_\mu v\|$, `lower_residual`
-    $\|\nabla_y f\|$, `averaged_residual` $\|\nabla_y\varphi_\mu\|$,
-    `multiplier_residual` $\|H v - \nabla_y F\|$, `x_residual` the norm of the projected
-    $x$ gradient $x - P_X(x - [\nabla_x F - \nabla^2_{xy}\varphi_\mu v])$,
-    `kkt_residual` the sum of the last three, and `mu`, `eta`, `alpha`.
+    Metrics, at the point the multiplier and $x$ steps read: `upper_loss` $F$;
+    `grad_norm`, the norm of the hypergradient estimate $d = \nabla_x F -
+    \nabla^2_{xy}\varphi_\mu v$ ($\|(x - P_X(x - \alpha_k d))/\alpha_k\|$ with a set
+    $X$); `lower_residual` $\|\nabla_y f\|$; `averaged_residual`
+    $\|\nabla_y\varphi_\mu\|$; `multiplier_residual` $\|H v - \nabla_y F\|$;
+    `kkt_residual`, the sum of the last three and `grad_norm`; and `mu`, `lower_step`
+    ($s_k$), `eta`, `alpha`.
 
     !!! info "Deviations"
         - $\mu_k$ really decays: the authors' merely convex script freezes the averaging
           weight at 0.1 (a default argument bound at definition time).
-        - `x_lr` and $\mu_0 = 0$ are additions: with the table's $\alpha_k \propto
-          \mu_k^3$, a strongly convex lower level would need $\mu_k \to 0$ to remove
-          the averaging bias, which stops $x$; the authors' strongly convex script also
-          uses a $\mu$-free $x$ step.
+        - The weight $\omega$, the derived steps, $\mu_0 = 0$ and Gauss-Seidel updates
+          by default are additions. The paper's $\alpha_k \propto \mu_k^3$ stops $x$ as
+          $\mu_k \to 0$, which a strongly convex lower level does not need; with the
+          derived $\alpha_k$ and Jacobi updates a merely convex toy diverged (the $x$
+          step reads a multiplier one step old), with Gauss-Seidel it converges.
         - The problem's `optimality` is not used: the method needs $\nabla_y f$ itself.
           Lower-level projections and constraints are rejected at `init`.
 
@@ -245,7 +272,7 @@ class SLBAMM(AbstractBilevelSolver):
     def _estimate(self, problem, x, y, upper_batch, lower_batch, key, state):
         r"""At step 0: the spectra of $\nabla^2_{yy} F$ and $\nabla^2_{yy} f$ (power
         iterations) and, unless `x_lr` is given, the curvature $L_\Phi$ of the averaged
-        problem's hyper-objective ([`bilevel._stepsize.hyper_curvature`])."""
+        problem's hyper-objective (`hyper_curvature`)."""
         upper_key, lower_key, hyper_key = jr.split(key, 3)
 
         def spectrum(fn, key):
