@@ -115,7 +115,7 @@ class LVHBA(AbstractBilevelSolver):
        $d_\theta = \nabla_\theta f(x^k, \theta^k) + \nabla_\theta g(x^k, \theta^k)^\top
        \lambda^k + (\theta^k - y^k)/\gamma_1$ and
        $d_\lambda = -g(x^k, \theta^k) + (\lambda^k - z^k)/\gamma_2$;
-    2. $(x^{k+1}, y^{k+1}) = \mathrm{Proj}_C(x^k - \alpha d_x, y^k - \alpha d_y)$,
+    2. $(x^{k+1}, y^{k+1}) = \mathrm{Proj}_C(x^k - \alpha_x d_x, y^k - \alpha d_y)$,
        $z^{k+1} = P_Z(z^k - \beta d_z)$, where
        $d_x = \nabla_x F/c_k + \nabla_x f(x^k, y^k) - \nabla_x f(x^k, \theta^{k+1})
        - \nabla_x g(x^k, \theta^{k+1})^\top \lambda^{k+1}$,
@@ -123,14 +123,33 @@ class LVHBA(AbstractBilevelSolver):
        $d_z = (z^k - \lambda^{k+1})/\gamma_2$: the Danskin gradients of $v_\gamma$ with
        $(\theta^{k+1}, \lambda^{k+1})$ held constant (see `_value_function_grad`).
 
-    Hessian-free: only gradients of $F$, $f$ and vector-Jacobian products of $g$. The
-    penalty is $c_k = \underline{c}\,(k+1)^p$ and $Z = [0, r]^l$. With no constraints
-    ($l = 0$), $v_\gamma$ is the Moreau envelope of $f(x, \cdot)$ and this is a
-    single-loop Moreau-envelope method. The initial $(x^0, y^0)$ is projected onto $C$;
-    $\theta^0 = P_Y(y^0)$ and $\lambda^0 = z^0 = P_Z(\text{multiplier\_init})$.
+    Hessian-free: only gradients of $F$, $f$ and vector-Jacobian products of $g$ (the
+    default step sizes add Hessian-vector products, see below). The penalty is
+    $c_k = c_0(k+1)^p$ and $Z = [0, r]^l$. With no constraints ($l = 0$), $v_\gamma$ is
+    the Moreau envelope of $f(x, \cdot)$ and this is a single-loop Moreau-envelope
+    method. The initial $(x^0, y^0)$ is projected onto $C$; $\theta^0 = P_Y(y^0)$ and
+    $\lambda^0 = z^0 = P_Z(\text{multiplier\_init})$. The paper uses one step
+    $\alpha_x = \alpha$ for $(x, y)$.
 
     Each step draws one upper batch (for $F$) and one lower batch (for every evaluation
     of $f$ in that step, so $f(x, y) - f(x, \theta)$ uses the same sample).
+
+    **Default settings, from the problem** (explicit values win). At step 0 and every
+    `curvature_every` steps, power iterations on Hessian-vector products at
+    $(x^k, y^k)$ estimate $L_f = \|\nabla^2_{yy} f\|$, the joint curvatures of $F$ and
+    $f$ in $(x, y)$, and $C = \|\nabla_y g\|$; then (reasons on the solver's docs page,
+    $c = 1$ for deterministic data, $1/2$ for minibatches):
+    $\gamma_1 = 10/L_f$, $\gamma_2 = L_\theta/C^2$ with $L_\theta = L_f + 1/\gamma_1$,
+    $c_0 = L_F/L_f$ (joint curvatures), all three fixed at step 0;
+    $\eta = c/(L_\theta + 1/\gamma_2 + C)$; $\alpha = \min(c/(2L), \eta/2)$ with $L$ a
+    bound on the merit's curvature; $\beta = c\gamma_2/2$. Without coupled
+    constraints, $\alpha_x = \max(\alpha, c_k\,c/(2\kappa L_\Phi))$, from the curvature
+    $L_\Phi$ of the hyper-objective and the condition number $\kappa$ of
+    $\nabla^2_{yy} f$ (near the lower solution $d_x \approx \nabla\Phi/c_k$);
+    otherwise $\alpha_x = \alpha$. Multiplying $f$ by $s$ or $F$ by $t$ leaves the
+    iterates unchanged (up to rounding). The penalty's $O(1/c_k)$ bias makes the method
+    slow on strongly convex problems (tests' scale battery: 8% of the initial
+    hyper-objective gap left after 2000 steps).
 
     !!! warning "The $\gamma$ and $c_k$ conventions"
         `gamma1`, `gamma2` are the paper's $\gamma$: the proximal terms are
@@ -139,39 +158,48 @@ class LVHBA(AbstractBilevelSolver):
         for $\gamma_1 = 10$); convert with `gamma1 = 1 / gama1`. Those scripts also put
         a weight $w_k = (k+1)^{-p}$ on $\nabla F$: that is $1/c_k$ with `c0 = 1`.
 
-    **Arguments:**
+    **Arguments** (default: derived, unless stated):
 
-    - `alpha`: step size $\alpha$ of the $(x, y)$ update (default 0.005).
-    - `beta`: step size $\beta$ of the anchor $z$ (default 0.002).
-    - `eta`: step size $\eta$ of the saddle trackers $(\theta, \lambda)$ (default 0.03).
-    - `gamma1`, `gamma2`: proximal parameters $\gamma_1, \gamma_2 > 0$ (default 10);
+    - `alpha`: step $\alpha$ of $y$ (and of $x$ unless `x_lr` is given).
+    - `x_lr`: step $\alpha_x$ of $x$ (default: `alpha` if it is given, else derived).
+    - `beta`: step $\beta$ of the anchor $z$.
+    - `eta`: step $\eta$ of the saddle trackers $(\theta, \lambda)$.
+    - `gamma1`, `gamma2`: proximal parameters $\gamma_1, \gamma_2 > 0$;
       $L_\gamma$ must be strongly convex in $\theta$, i.e. $\gamma_1 < 1/\rho_f$ for a
       $\rho_f$-weakly convex $f$ (any $\gamma_1$ for convex $f$).
-    - `c0`, `p`: penalty schedule $c_k = c_0 (k+1)^p$ (defaults 1 and 0.3; the theory
-      asks $p \in (0, 1/2)$, its best rate is at $p = 1/4$). A small $c_0$ (heavy
-      weight on $F$ early) is what makes the official toy script diverge.
-    - `r`: multiplier box $Z = [0, r]^l$ (default 1; `math.inf` for $\mathbb{R}^l_+$).
-      Choose $r$ a little above the expected multipliers: a wide box slows or
-      destabilises the method (spec pitfall 1).
+    - `c0`, `p`: penalty schedule $c_k = c_0 (k+1)^p$ ($p$ default 0.3, the authors';
+      the theory asks $p \in (0, 1/2)$, its best rate is at $p = 1/4$). With the
+      authors' steps, a small $c_0$ (heavy weight on $F$ early) made their toy script
+      diverge.
+    - `r`: multiplier box $Z = [0, r]^l$ (default `math.inf`: $\mathbb{R}^l_+$). With
+      the authors' steps a wide box made their toy diverge; with the derived steps the
+      same toy converges without one.
     - `equality`: read every `lower_constraints` as an equality $g(x, y) = 0$; the
       multipliers then live in $[-r, r]^l$ and `project_feasible` must project onto
       $\{g = 0\}$. (Equivalently, and within the `h <= 0` contract, pass the pair
       $(g, -g)$.)
     - `multiplier_init`: initial value of every entry of $\lambda$ and $z$ (default 0),
       clipped into $Z$.
+    - `curvature_every`: steps between two curvature estimates (default 100).
 
-    Metrics: `upper_loss` $F(x^k, y^k)$; `grad_norm`, the norm of the projected
-    gradient mapping $((x^k - x^{k+1})/\alpha, (y^k - y^{k+1})/\alpha,
-    (z^k - z^{k+1})/\beta)$; `value_gap` $f(x^k, y^k) - L_\gamma(\theta^{k+1},
-    \lambda^{k+1}; x^k, y^k, z^k) \approx f - v_\gamma \ge 0$; `lower_residual`, its
-    absolute value; `constraint_violation` $\|\max(g(x^k, y^k), 0)\|$ ($\|g\|$ with
-    `equality`); `saddle_residual` $\|(\theta^k - \theta^{k+1},
-    \lambda^k - \lambda^{k+1})\|/\eta$; `penalty` $c_k$.
+    Metrics: `upper_loss` $F(x^k, y^k)$; `grad_norm`, the $x$ part of the projected
+    gradient mapping, $\|(x^k - x^{k+1})/\alpha_x\|$ (the penalised hypergradient);
+    `lower_residual`, the optimality residual of $y^k$: $\|\Phi(x^k, y^k)\|$ for the
+    problem's condition, or with coupled constraints the projected-gradient residual
+    $\|y - P(y - \gamma_1\nabla_y f)\|/\gamma_1$, $P$ the $y$ part of
+    `project_feasible` at $x^k$ (the projection onto $\{y \in Y : g(x^k, y) \le 0\}$
+    when `project_feasible` leaves $x$ in place); `merit_mapping`, the norm of the whole
+    mapping $((x^k - x^{k+1})/\alpha_x, (y^k - y^{k+1})/\alpha, (z^k - z^{k+1})/\beta)$;
+    `value_gap` $f(x^k, y^k) - L_\gamma(\theta^{k+1}, \lambda^{k+1}; x^k, y^k, z^k)
+    \approx f - v_\gamma \ge 0$; `constraint_violation` $\|\max(g(x^k, y^k), 0)\|$
+    ($\|g\|$ with `equality`); `saddle_residual` $\|(\theta^k - \theta^{k+1},
+    \lambda^k - \lambda^{k+1})\|/\eta$; `penalty` $c_k$; and the steps `x_step`,
+    `alpha`, `eta`.
 
     A problem with `lower_constraints` must give `project_feasible` (checked at
     `init`); $\theta$ is projected with `project_y`.
 
-    !!! tip "Choosing the steps (observed on the spec's toys and `svm_hpo`)"
+    !!! tip "Choosing the steps by hand"
         - Keep $\eta > \alpha$. Along directions where $f(x, \cdot)$ is flat, the
           $y$-step pushes $y$ away from $\theta$ at rate $\alpha/\gamma_1$ while
           $\theta$ follows at rate $\eta/\gamma_1$; with $\eta \le \alpha$,
@@ -179,8 +207,8 @@ class LVHBA(AbstractBilevelSolver):
         - The descent-ascent step needs roughly $\eta \lesssim (1/\gamma_1 + 1/\gamma_2)
           / \|\nabla_\theta g\|^2$: many coupled constraints (a large Jacobian) call for
           a small $\gamma_2$ or a small $\eta$.
-        - The default $r = 1$ suits multipliers of order one; with $r = \infty$ the
-          spec's equality toy diverges.
+        - Where $f$ is flat (linear in part of $y$), a small $\gamma_1$ makes
+          $f - v_\gamma$ flat too: the penalty then cannot move $y$ there.
 
     ??? cite "References"
         ```bibtex
@@ -218,7 +246,7 @@ class LVHBA(AbstractBilevelSolver):
         if not isinstance(self.equality, bool):
             raise ValueError(f"LVHBA: `equality` must be a bool, got {self.equality!r}")
 
-    # -- pieces of the update -----------------------------------------------------------
+    # -- pieces of the update ----------------------------------------------------------
 
     def _penalty(self, settings: _Settings, step: Int[Array, ""], dtype) -> Scalar:
         """$c_k = c_0 (k+1)^p$."""
