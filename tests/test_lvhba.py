@@ -15,10 +15,9 @@ import pytest
 import scipy.optimize
 
 import bilevel as bl
-
-from .data import lbo_histories, scale_battery
 from bilevel.problems._svm import squared_hinge_argmin
 
+from .data import lbo_histories, scale_battery
 from .helpers import central_difference, relative_error
 
 
@@ -144,8 +143,15 @@ def test_aipod_toy_lower_gap():
     # p=0.45 instead of c_k=(k+1)^0.3) because |y - y*(x)| carries an O(|grad F|/c_k)
     # bias: the 1e-3 oracle needs c_k ~ 1e3 within the test's 5000 steps.
     solver = bl.solvers.LVHBA(
-        alpha=0.02, beta=0.001, eta=0.1, gamma1=1.0, gamma2=1.0, c0=30.0, p=0.45,
-        r=float("inf"), equality=True,
+        alpha=0.02,
+        beta=0.001,
+        eta=0.1,
+        gamma1=1.0,
+        gamma2=1.0,
+        c0=30.0,
+        p=0.45,
+        r=float("inf"),
+        equality=True,
     )
     start = 10 * jnp.ones(n)
     state, history = bl.run(problem, solver, start, start, None, 5000)
@@ -211,7 +217,12 @@ def _value_function(problem, x, y, z):
 def test_danskin_gradients_match_finite_differences(getkey):
     problem = _danskin_problem()
     solver = bl.solvers.LVHBA(
-        alpha=0.1, beta=0.1, eta=0.1, gamma1=GAMMA1, gamma2=GAMMA2, c0=1.0,
+        alpha=0.1,
+        beta=0.1,
+        eta=0.1,
+        gamma1=GAMMA1,
+        gamma2=GAMMA2,
+        c0=1.0,
         r=float("inf"),
     )
     settings = solver._fixed_settings()
@@ -255,7 +266,14 @@ def test_danskin_gradients_match_finite_differences(getkey):
 
 
 HYPER = dict(
-    alpha=0.05, beta=0.03, eta=0.07, gamma1=2.0, gamma2=3.0, c0=0.5, p=0.4, r=2.0,
+    alpha=0.05,
+    beta=0.03,
+    eta=0.07,
+    gamma1=2.0,
+    gamma2=3.0,
+    c0=0.5,
+    p=0.4,
+    r=2.0,
     multiplier_init=0.5,
 )
 
@@ -309,8 +327,14 @@ def _toy_reference(n, x0, y0, steps):
         return x - shift, y - shift
 
     return _reference_run(
-        _toy_grads(n), proj_c, lambda t: t, lambda m: np.clip(m, 0, HYPER["r"]),
-        x0, y0, 1, steps,
+        _toy_grads(n),
+        proj_c,
+        lambda t: t,
+        lambda m: np.clip(m, 0, HYPER["r"]),
+        x0,
+        y0,
+        1,
+        steps,
     )
 
 
@@ -341,8 +365,14 @@ def _moreau_case():
 
     def reference(x0, y0, steps):
         return _reference_run(
-            grads, lambda x, y: (np.clip(x, -0.5, 0.5), np.clip(y, -0.6, 0.6)),
-            lambda t: np.clip(t, -0.6, 0.6), lambda m: m, x0, y0, 0, steps,
+            grads,
+            lambda x, y: (np.clip(x, -0.5, 0.5), np.clip(y, -0.6, 0.6)),
+            lambda t: np.clip(t, -0.6, 0.6),
+            lambda m: m,
+            x0,
+            y0,
+            0,
+            steps,
         )
 
     return problem, np.array([1.0, -2.0]), np.array([0.1, 0.9, -0.3]), reference
@@ -377,7 +407,8 @@ def test_update_matches_numpy_reference(case):
 def test_constraints_without_projection_rejected():
     upper, lower = _toy_objectives(2)
     problem = bl.BilevelProblem(
-        upper, lower,
+        upper,
+        lower,
         lower_constraints=lambda x, y: (jnp.sum(x) + jnp.sum(y)).reshape(1),
         project_y=lambda y: y,  # passes the problem's own check, not LVHBA's
     )
@@ -393,7 +424,9 @@ def test_constraints_without_projection_rejected():
 def test_wrong_constraint_shape_rejected(constraints):
     upper, lower = _toy_objectives(2)
     problem = bl.BilevelProblem(
-        upper, lower, lower_constraints=constraints,
+        upper,
+        lower,
+        lower_constraints=constraints,
         project_feasible=lambda x, y: (x, y),
     )
     with pytest.raises(ValueError, match="1-D array"):
@@ -403,7 +436,8 @@ def test_wrong_constraint_shape_rejected(constraints):
 def test_wrong_projection_output_rejected():
     upper, lower = _toy_objectives(2)
     problem = bl.BilevelProblem(
-        upper, lower,
+        upper,
+        lower,
         lower_constraints=lambda x, y: (jnp.sum(x) + jnp.sum(y)).reshape(1),
         project_feasible=lambda x, y: jnp.concatenate([x, y]),  # not an (x, y) pair
     )
@@ -470,7 +504,10 @@ def test_svm_projection_kkt_and_slsqp(small_svm):
     z0 = np.asarray(jnp.concatenate([v0, y["xi"]]))
     ineq = np.asarray(jnp.concatenate([rows, jnp.eye(num)], axis=1))
     ref = scipy.optimize.minimize(
-        lambda u: 0.5 * np.sum((u - z0) ** 2), z0, jac=lambda u: u - z0, method="SLSQP",
+        lambda u: 0.5 * np.sum((u - z0) ** 2),
+        z0,
+        jac=lambda u: u - z0,
+        method="SLSQP",
         constraints=[
             {"type": "ineq", "fun": lambda u: ineq @ u - 1, "jac": lambda u: ineq}
         ],
@@ -519,7 +556,7 @@ def test_svm_bad_arguments():
         bl.problems.svm_hpo(log_weight_init=5.0)
 
 
-# --- the refactoring changed nothing (issue 20) ----------------------------------------
+# --- the refactoring changed nothing (issue 20) ---------------------------------------
 @pytest.mark.parametrize(
     "case", [c for c in lbo_histories.CASES if c.startswith("lvhba")]
 )
@@ -528,11 +565,12 @@ def test_reproduces_recorded_trajectory(case):
     lbo_histories.assert_reproduces(case)
 
 
-# --- the scale battery (issue 14) --------------------------------------------------------
+# --- the scale battery (issue 14) -----------------------------------------------------
 def test_scale_battery_defaults():
     # quadratic(lower_condition=20, lower_scale=s, upper_scale=t), six pairs (s, t) from
     # {0.02, 1, 50}^2 with the four extremes, 2000 steps of the defaults: finite, steady
-    # progress, the same at every scale; last gap < 0.2 (measured 0.081: the O(1/c_k) bias of the penalty).
+    # progress, the same at every scale; last gap < 0.2 (measured 0.081: the O(1/c_k)
+    # bias of the penalty).
     scale_battery.check_scaled_problem()
     gaps, finite = scale_battery.relative_gaps(bl.solvers.LVHBA())
     scale_battery.assert_steady_progress(gaps, finite, final=0.2)

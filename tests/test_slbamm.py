@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 import bilevel as bl
-
-from .data import lbo_histories, scale_battery
 from bilevel.solvers._slbamm import linearise
 
+from .data import lbo_histories, scale_battery
 from .helpers import relative_error
 
 
@@ -37,8 +36,14 @@ TOY_Y0 = (jnp.full(N, 0.01), jnp.full(N, 0.01))
 # The authors' merely convex script (spec 2.3): s = 0.1, mu0 = 0.9, p = 10, tau = 1/40,
 # the strategy's x steps, Jacobi updates, plain averaging.
 PAPER = dict(
-    s=0.1, mu0=0.9, p=10.0, tau=1 / 40, x_lr="strategy", upper_weight=1.0,
-    sequential=False, eta_max=100.0,
+    s=0.1,
+    mu0=0.9,
+    p=10.0,
+    tau=1 / 40,
+    x_lr="strategy",
+    upper_weight=1.0,
+    sequential=False,
+    eta_max=100.0,
 )
 
 
@@ -219,8 +224,12 @@ def reference_step(x, y, v, k, upper, lower, solver):
     mapping = jnp.linalg.norm((x - new_x) / alpha)
     lower_residual = jnp.linalg.norm(jax.grad(smooth_lower, argnums=1)(x, at, lower))
     metrics = {
-        "mu": mu, "eta": eta, "alpha": alpha, "upper_loss": smooth_upper(x, at, upper),
-        "grad_norm": mapping, "lower_residual": lower_residual,
+        "mu": mu,
+        "eta": eta,
+        "alpha": alpha,
+        "upper_loss": smooth_upper(x, at, upper),
+        "grad_norm": mapping,
+        "lower_residual": lower_residual,
         "kkt_residual": averaged + multiplier + mapping,
     }
     return new_x, new_y, new_v, metrics
@@ -245,8 +254,14 @@ def test_step_matches_dense_reference(options, dtype):
     upper, lower = jax.tree.map(lambda u: u.astype(dtype), _smooth_data())
     problem = bl.BilevelProblem(smooth_upper, smooth_lower, project_x=_clip_x)
     base = dict(
-        mu0=0.8, p=3.0, tau=0.2, s=0.3, x_lr="strategy", upper_weight=1.0,
-        eta_max=100.0, sequential=False,
+        mu0=0.8,
+        p=3.0,
+        tau=0.2,
+        s=0.3,
+        x_lr="strategy",
+        upper_weight=1.0,
+        eta_max=100.0,
+        sequential=False,
     )
     solver = bl.solvers.SLBAMM(**{**base, **options})
     x = jnp.array([0.5, -0.2, -0.5], dtype)
@@ -255,7 +270,9 @@ def test_step_matches_dense_reference(options, dtype):
     state = solver.init(problem, x, y, jr.PRNGKey(0))
     state = eqx.tree_at(lambda s: (s.v, s.step), state, (v, jnp.array(5)))
     data = bl.FullBatch(upper=upper, lower=lower)
-    new_state, metrics = eqx.filter_jit(solver.step)(problem, state, data, jr.PRNGKey(1))
+    new_state, metrics = eqx.filter_jit(solver.step)(
+        problem, state, data, jr.PRNGKey(1)
+    )
     wide = jax.tree.map(lambda u: u.astype(jnp.float64), (x, y, v, upper, lower))
     reference = eqx.filter_jit(reference_step)
     new_x, new_y, new_v, expected = reference(*wide[:3], 5, *wide[3:], solver)
@@ -336,7 +353,7 @@ def test_bad_problem():
         solver.init(TOY, x0, jnp.zeros(2, jnp.int32), jr.PRNGKey(0))
 
 
-# --- the refactoring changed nothing (issue 20) ----------------------------------------
+# --- the refactoring changed nothing (issue 20) ---------------------------------------
 @pytest.mark.parametrize(
     "case", [c for c in lbo_histories.CASES if c.startswith("slbamm")]
 )
@@ -345,11 +362,12 @@ def test_reproduces_recorded_trajectory(case):
     lbo_histories.assert_reproduces(case)
 
 
-# --- the scale battery (issue 14) --------------------------------------------------------
+# --- the scale battery (issue 14) -----------------------------------------------------
 def test_scale_battery_defaults():
     # quadratic(lower_condition=20, lower_scale=s, upper_scale=t), six pairs (s, t) from
     # {0.02, 1, 50}^2 with the four extremes, 2000 steps of the defaults: finite, steady
-    # progress, the same at every scale; last gap < 1e-3 (measured 3.5e-4 at every scale).
+    # progress, the same at every scale; last gap < 1e-3 (measured 3.5e-4 at every
+    # scale).
     scale_battery.check_scaled_problem()
     gaps, finite = scale_battery.relative_gaps(bl.solvers.SLBAMM())
     scale_battery.assert_steady_progress(gaps, finite, final=1e-3)

@@ -20,7 +20,14 @@ import bilevel as bl
 
 SCALES = (0.02, 1.0, 50.0)
 # Six of the nine pairs, the four extremes among them.
-PAIRS = ((0.02, 0.02), (0.02, 50.0), (50.0, 0.02), (50.0, 50.0), (1.0, 1.0), (0.02, 1.0))
+PAIRS = (
+    (0.02, 0.02),
+    (0.02, 50.0),
+    (50.0, 0.02),
+    (50.0, 50.0),
+    (1.0, 1.0),
+    (0.02, 1.0),
+)
 ALL_PAIRS = tuple(itertools.product(SCALES, SCALES))
 
 
@@ -56,7 +63,8 @@ def check_scaled_problem(pair=(50.0, 0.02)) -> None:
     problem = scaled_problem(base)
     x, y = jnp.linspace(-1.0, 1.0, 5), jnp.linspace(0.5, -0.5, 10)
     np.testing.assert_allclose(
-        problem.lower(x, y, data), bench.problem.lower(x, y, bench.data.lower),
+        problem.lower(x, y, data),
+        bench.problem.lower(x, y, bench.data.lower),
         rtol=1e-12,
     )
     np.testing.assert_allclose(
@@ -64,7 +72,9 @@ def check_scaled_problem(pair=(50.0, 0.02)) -> None:
     )
 
 
-def relative_gaps(solver, num_steps=2000, log_every=100, pairs=PAIRS, dtype=jnp.float64):
+def relative_gaps(
+    solver, num_steps=2000, log_every=100, pairs=PAIRS, dtype=jnp.float64
+):
     """`(gaps, finite)`: for every pair, the hyper-objective gap
     $(\\Phi(x_k) - \\Phi^*)/(\\Phi(x_0) - \\Phi^*)$ after every `log_every` steps, and
     whether every state stayed finite."""
@@ -86,7 +96,9 @@ def relative_gaps(solver, num_steps=2000, log_every=100, pairs=PAIRS, dtype=jnp.
             finite = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(y))
             return state, (x, finite)
 
-        keys = jr.split(jr.PRNGKey(1), num_steps).reshape(num_steps // log_every, log_every, -1)
+        keys = jr.split(jr.PRNGKey(1), num_steps).reshape(
+            num_steps // log_every, log_every, -1
+        )
         return jax.lax.scan(chunk, state, keys)[1]
 
     scales = jnp.asarray(pairs, dtype)
