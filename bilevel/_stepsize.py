@@ -18,7 +18,7 @@ import jax.tree_util as jtu
 import optax
 from jaxtyping import Array, Bool, Int, PRNGKeyArray, PyTree, Scalar
 
-from ._misc import tree_axpy, tree_norm, tree_scale, tree_sub
+from ._misc import tree_axpy, tree_dot, tree_norm, tree_scale, tree_sub
 from ._problem import apply_project_x
 
 
@@ -383,3 +383,134 @@ def secant_step(
     ratio = jnp.where(first, jnp.ones_like(lr), lr / state.lr)
     lr = lax.stop_gradient(lr)
     return lr, SecantStep(lr, lax.stop_gradient(ratio), point, direction)
+
+
+# --------------------------------------------------------------------------------------
+# SLBAMM / BOREP / LVHBA
+
+
+def hessian_norm(
+    fn: Callable[[PyTree[Array]], Scalar],
+    primals: PyTree[Array],
+    key: PRNGKeyArray,
+    num_iters: int = 20,
+) -> Scalar:
+    r"""Power-iteration estimate of $\|\nabla^2 \mathrm{fn}(\mathrm{primals})\|_2$ for a
+    scalar function of one pytree (forward-over-reverse Hessian-vector products)."""
+    _, hvp = jax.linearize(jax.grad(fn), primals)
+    return operator_norm(hvp, primals, key, num_iters)
+
+
+def spectrum_bounds(
+    matvec: Callable[[PyTree], PyTree],
+    like: PyTree[Array],
+    key: PRNGKeyArray,
+    num_iters: int = 20,
+) -> tuple[Scalar, Scalar]:
+    r"""Estimates of the largest and smallest eigenvalues $L$ and $m$ of a symmetric
+    positive semidefinite operator: $L$ by power iteration, then $m = L -
+    \|L I - A\|_2$ by power iteration on the shifted operator. Both approach from the
+    inside of the spectrum ($L$ from below, $m$ from above), so $L/m$ underestimates
+    the condition number when the iterations have not converged."""
+    first, second = jr.split(key)
+    largest = operator_norm(matvec, like, first, num_iters)
+    shifted = operator_norm(
+        lambda v: tree_sub(tree_scale(largest, v), matvec(v)), like, second, num_iters
+    )
+    return largest, jnp.maximum(largest - shifted, 0)
+
+
+def jacobian_norm(
+    fn: Callable[[PyTree[Array]], PyTree[Array]],
+    primals: PyTree[Array],
+    key: PRNGKeyArray,
+    num_iters: int = 20,
+) -> Scalar:
+    r"""Power-iteration estimate of $\|\partial\,\mathrm{fn}(\mathrm{primals})\|_2$, the
+    largest singular value of the Jacobian, as $\sqrt{\|J^\top J\|_2}$."""
+    _, jvp = jax.linearize(fn, primals)
+    vjp = jax.linear_transpose(jvp, primals)
+    return jnp.sqrt(operator_norm(lambda v: vjp(jvp(v))[0], primals, key, num_iters))
+
+
+def hyper_curvature(
+    upper: Callable[[PyTree[Array], PyTree[Array]], Scalar],
+    gradient: Callable[[PyTree[Array], PyTree[Array]], PyTree[Array]],
+    x: PyTree[Array],
+    y: PyTree[Array],
+    key: PRNGKeyArray,
+    num_iters: int = 10,
+    max_steps: int = 50,
+) -> Scalar:
+    r"""Estimate of the curvature $L_\Phi = \|\nabla^2\Phi(x)\|_2$ of the
+    hyper-objective $\Phi(x) = F(x, y^*(x))$, $G(x, y^*(x)) = 0$ (`upper` $= F$,
+    `gradient` $= G$, the gradient in $y$ of a convex lower objective), from $(x, y)$.
+
+    It is taken at the Newton point $\hat y = y - (\partial_y G)^{-1} G(x, y)$, which is
+    $y^*(x)$ when $G$ is affine in $y$ and closer to it than $y$ otherwise (at an
+    arbitrary $y$ the sensitivity of $y^*$ can vanish, e.g. $y = 0$ for a weight decay
+    $e^x y$). With the sensitivity $J = -(\partial_y G)^{-1}\partial_x G$ of $y^*$ at
+    $(x, \hat y)$ and the adjoint $v = (\partial_y G)^{-1}\nabla_y F$, the Hessian of
+    $\Phi$ is the reduced Hessian of the Lagrangian $\mathcal L = F - \langle G,
+    v\rangle$,
+    $\nabla^2\Phi = \begin{pmatrix} I \\ J \end{pmatrix}^\top \nabla^2\mathcal L
+    \begin{pmatrix} I \\ J \end{pmatrix}$ (exact at $\hat y = y^*(x)$), whose norm
+    is estimated by `num_iters` power iterations. Each product takes two
+    conjugate-gradient solves with $\partial_y G$ (at most `max_steps` Hessian-vector
+    products each, relative tolerance $10^{-3}$: an estimate, not a certificate), so
+    $\partial_y G$ must be symmetric positive semidefinite and nonsingular on the range
+    of $\partial_x G$ and of $\nabla_y F$ (a direction of non-positive curvature ends a
+    solve early).
+    """
+
+    def solver_at(y):
+        residual, hvp = jax.linearize(lambda v: gradient(x, v), y)
+        return residual, lambda rhs: _conjugate_gradient(hvp, rhs, max_steps)
+
+    residual, solve = solver_at(y)
+    y = tree_sub(y, solve(residual))
+    _, solve = solver_at(y)
+    _, cross = jax.linearize(lambda u: gradient(u, y), x)
+    cross_t = jax.linear_transpose(cross, x)
+    adjoint = solve(jax.grad(upper, argnums=1)(x, y))
+
+    def lagrangian(xy):
+        return upper(*xy) - tree_dot(gradient(*xy), adjoint)
+
+    _, upper_hvp = jax.linearize(jax.grad(lagrangian), (x, y))
+
+    def gauss_newton(w):
+        direction = (w, tree_scale(-1.0, solve(cross(w))))
+        h_x, h_y = upper_hvp(direction)
+        (back,) = cross_t(solve(h_y))
+        return tree_sub(h_x, back)
+
+    return operator_norm(gauss_newton, x, key, num_iters)
+
+
+def _conjugate_gradient(matvec, rhs: PyTree[Array], max_steps: int) -> PyTree[Array]:
+    r"""Conjugate gradients for $A u = b$ from $u = 0$, until $\|b - Au\| \le 10^{-3}
+    \|b\|$, `max_steps`, or a direction of non-positive curvature. (lineax's CG declares
+    a breakdown when $p^\top A p < 100\, n\, \epsilon\, \|r\|^2$, an absolute test
+    that a large float32 system of small curvature fails.)"""
+
+    def cond(carry):
+        _, _, _, rr, k = carry
+        return (k < max_steps) & (rr > 1e-6 * rr0)
+
+    def body(carry):
+        u, r, p, rr, k = carry
+        ap = matvec(p)
+        curvature = tree_dot(p, ap)
+        alpha = jnp.where(curvature > 0, rr / jnp.where(curvature > 0, curvature, 1), 0)
+        u = tree_axpy(alpha, p, u)
+        r = tree_axpy(-alpha, ap, r)
+        rr_new = tree_dot(r, r)
+        beta = rr_new / jnp.where(rr > 0, rr, 1)
+        k = jnp.where(curvature > 0, k + 1, max_steps)
+        return u, r, tree_axpy(beta, p, r), rr_new, k
+
+    rr0 = tree_dot(rhs, rhs)
+    zeros = jtu.tree_map(jnp.zeros_like, rhs)
+    u, *_ = lax.while_loop(cond, body, (zeros, rhs, rhs, rr0, 0))
+    return u
