@@ -424,6 +424,74 @@ def test_t5_stochastic_estimate_approaches_newton_ift(t5_reference):
 
 
 # ---------------------------------------------------------------------------------------
+# Recorded histories: every metric of every step and the final (x, y) of BSVRB v1 and v2
+# with explicit hyperparameters on T3 (per-block rows) and T5 (a shared pool), recorded
+# before the estimator/sampler refactor of issue 20 (metric names mapped to the current
+# contract: the old `grad_norm` |z| is `direction_norm`, the old `hypergradient_norm`
+# |G_t| is `grad_norm`). Regenerate with `python -m tests.test_bsvrb` only after a
+# deliberate change of behaviour.
+
+HISTORY_FILE = pathlib.Path(__file__).parent / "data" / "bsvrb_histories.json"
+HISTORY_STEPS = 15
+_T3_FIELDS = dict(eta=0.2, beta=0.7, alpha=0.6, gamma=0.8, tau=0.2, tau_v=0.3)
+_T5_FIELDS = dict(eta=0.5, beta=0.5, alpha=0.3, gamma=1.5, tau=1.0, tau_v=0.8)
+HISTORY_CASES = {
+    "v1_t3_all": ("t3", dict(version=1, blocks_per_step=2, lower_update="all",
+                             hessian_floor=1.2, **_T3_FIELDS)),
+    "v2_t3_lazy": ("t3", dict(version=2, blocks_per_step=2, lower_update="lazy",
+                              v_radius=0.3, **_T3_FIELDS)),
+    "v2_t3_sampled_shards_box": ("t3_box", dict(
+        version=2, blocks_per_step=4, num_shards=2, lower_update="sampled",
+        v_radius=None, **_T3_FIELDS)),
+    "v1_t5_lazy": ("t5_full", dict(version=1, blocks_per_step=4, lower_update="lazy",
+                              hessian_floor=0.02, **_T5_FIELDS)),
+    "v2_t5_all": ("t5", dict(version=2, blocks_per_step=4, lower_update="all",
+                             v_radius=2.0, **_T5_FIELDS)),
+}
+
+
+def _history_setup(name):
+    """(problem, x0, y0, data) of a recorded case."""
+    if name.startswith("t3"):
+        project = (lambda x: jnp.clip(x, -0.5, 0.5)) if name == "t3_box" else None
+        problem = bl.MultiBlockProblem(t3_upper, t3_lower, num_blocks=M, project_x=project)
+        data = bl.BlockMinibatch(upper=None, lower=jnp.asarray(ROWS), batch_size=3)
+        return problem, jnp.ones(DX), jnp.zeros((M, DY)), data
+    if name == "t5_full":  # one pool shared by the blocks
+        data = bl.FullBatch(upper=T5_VAL, lower=T5_TRAIN)
+    else:  # every block samples its own copy of the pool
+        def tile(tree):
+            return jax.tree_util.tree_map(lambda u: jnp.stack([u] * M5), tree)
+
+        data = bl.BlockMinibatch(upper=tile(T5_VAL), lower=tile(T5_TRAIN), batch_size=40,
+                                 upper_batch_size=20)
+    return T5, P0, jnp.zeros((M5, D5 + 1)), data
+
+
+def run_history(case):
+    """Final (x, y) and the per-step metrics of one recorded case (float64)."""
+    name, fields = HISTORY_CASES[case]
+    problem, x0, y0, data = _history_setup(name)
+    solver = bl.solvers.BSVRB(**fields)
+    state, history = bl.run(problem, solver, x0, y0, data, HISTORY_STEPS, jr.PRNGKey(17))
+    x, y = solver.params(state)
+    return {"x": np.asarray(x), "y": np.asarray(y),
+            **{k: np.asarray(v) for k, v in history.items() if k != "finite"}}
+
+
+@pytest.mark.parametrize("case", sorted(HISTORY_CASES))
+def test_reproduces_recorded_history(case):
+    # Same draws and the same arithmetic as the recorded run, so only the order of
+    # floating-point operations may differ: float64 agreement to rtol 1e-12.
+    recorded = json.loads(HISTORY_FILE.read_text())[case]
+    out = run_history(case)
+    assert set(recorded) <= set(out), sorted(set(recorded) - set(out))
+    for name, values in recorded.items():
+        np.testing.assert_allclose(out[name], np.asarray(values), rtol=1e-12, atol=1e-300,
+                                   err_msg=f"{case}: {name}")
+
+
+# ---------------------------------------------------------------------------------------
 # Problems: closed forms of multiblock_quadratic, Newton solution of multiblock_hpo.
 
 
@@ -632,9 +700,16 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="MultiBlockProblem"):
         bl.solvers.BSVRB().init(single, x0, y0, jr.PRNGKey(0))
     with pytest.raises(ValueError, match="leading \\(block, sample\\) axes"):
-        bl.solvers.BlockMinibatch(upper=None, lower=(jnp.zeros((4, 5, 2)), jnp.zeros((4, 6))))
-    wrong = bl.solvers.BlockMinibatch(upper=None, lower=jnp.zeros((M + 2, N, DY)))
+        bl.BlockMinibatch(upper=None, lower=(jnp.zeros((4, 5, 2)), jnp.zeros((4, 6))))
+    wrong = bl.BlockMinibatch(upper=None, lower=jnp.zeros((M + 2, N, DY)))
     with pytest.raises(ValueError, match="the data has 8 blocks"):
         bl.run(T3, bl.solvers.BSVRB(), x0, y0, wrong, 2)
     with pytest.raises(ValueError, match="disagree on the number of blocks"):
-        bl.solvers.BlockMinibatch(upper=jnp.zeros((3, 5)), lower=jnp.zeros((4, 5)))
+        bl.BlockMinibatch(upper=jnp.zeros((3, 5)), lower=jnp.zeros((4, 5)))
+
+
+if __name__ == "__main__":  # regenerate the recorded histories (see above)
+    HISTORY_FILE.parent.mkdir(exist_ok=True)
+    records = {case: {k: v.tolist() for k, v in run_history(case).items()}
+               for case in sorted(HISTORY_CASES)}
+    HISTORY_FILE.write_text(json.dumps(records, indent=1) + "\n")
