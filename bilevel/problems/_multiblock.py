@@ -10,9 +10,8 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float
 
-from .._data import FullBatch, Minibatch
+from .._data import BlockMinibatch, FullBatch, Minibatch
 from .._problem import MultiBlockProblem
-from ..solvers._bsvrb import BlockMinibatch
 from ._benchmark import Benchmark
 from ._common import (
     accuracy,
@@ -55,7 +54,7 @@ def multiblock_quadratic(
     - `batch_size`: rows per lower batch ($B$; default: all $n$, deterministic).
     - `lower_reg` $\mu > 0$, `upper_reg` $\rho \ge 0$.
 
-    Data: a [`bilevel.solvers.BlockMinibatch`][] over the rows, shape `(m, n, dim_y)`;
+    Data: a [`bilevel.BlockMinibatch`][] over the rows, shape `(m, n, dim_y)`;
     the upper level has none.
     """
     if min(num_blocks, dim_x, dim_y, num_samples) < 1:

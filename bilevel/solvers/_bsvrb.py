@@ -4,12 +4,16 @@ $y_i^*(x) = \arg\min_{y_i} g_i(x, y_i)$ (Hu, Qiu, Guo, Zhang, Yang, ICML 2023).
 
 Each step samples $I$ of the $m$ blocks and one upper and one lower batch per sampled
 block. Per-block estimators use MSVR (multi-block single-probe variance reduction) and the
-upper direction uses STORM; all sampled-block work is `vmap`ped, and with a
-`jax.sharding.Mesh` it runs on the devices that hold the blocks.
+upper direction uses STORM. The two versions differ only in how a block's hypergradient
+$G_i$ is estimated, a strategy object holding its own per-block state:
+`_HessianTracking` (v1) and `_LinearSystemTracking` (v2). All sampled-block work is
+`vmap`ped over a `(shards, blocks per shard)` grid; with a `jax.sharding.Mesh` each
+shard's blocks live, and are processed, on one device.
 """
 
 import functools as ft
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -21,130 +25,206 @@ import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, Float, Int, PyTree
 
-from .._data import AbstractData, FullBatch, as_data, random_subset
-from .._misc import tree_axpy, tree_norm, tree_scale, tree_sub, tree_where
-from .._problem import apply_project_x
-from .._solver import AbstractBilevelSolver
+from .._data import AbstractData, FullBatch, random_subset
+from .._misc import tree_axpy, tree_norm, tree_project_ball, tree_sub, tree_where
+from .._oracles import oracles
+from .._problem import BilevelProblem, apply_project_x
+from .._solver import (
+    AbstractBilevelSolver,
+    choice,
+    count,
+    fraction,
+    nonnegative,
+    positive,
+)
 
 
-LowerUpdate = Literal["all", "sampled", "lazy"]
 _LOWER_UPDATES = ("all", "sampled", "lazy")
 _SPD_TAGS = frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})
 
 
 # ---------------------------------------------------------------------------------------
-# Per-block data.
+# One block seen as a single-block problem (what the oracle bundle takes).
 
 
-class BlockMinibatch(AbstractData):
-    r"""Per-block data: every leaf has a leading block axis of size $m$ followed by a
-    sample axis, and block $i$'s batch is drawn from its own rows.
+class _AtBlock(eqx.Module):
+    """$f_i$ or $g_i$ as a function of `(x, y_i, batch)` for a fixed block index."""
 
-    [`bilevel.solvers.BSVRB`][] calls `block_upper_batch(key, draw, block, stream)` /
-    `block_lower_batch(...)` inside `vmap` over the sampled blocks (`block` is a traced
-    int32 index). The plain `upper_batch` / `lower_batch` of the
-    [`bilevel.AbstractData`][] interface return block 0's batch; they exist so that
-    `problem.check` sees the shape one block's objective receives.
+    fn: Callable
+    index: Int[Array, ""]
 
-    **Arguments:**
+    def __call__(self, x, y, batch):
+        return self.fn(x, y, batch, self.index)
 
-    - `upper`, `lower`: pytrees whose leaves have shape `(m, n, ...)` (per level), or
-      `None` for a level without data.
-    - `batch_size`: samples per lower batch (`None`: all `n` rows of the block).
-    - `upper_batch_size`: samples per upper batch (default: `batch_size`).
-    - `sampling`: `"without_replacement"` (default; distinct rows within a batch,
-      independent batches) or `"with_replacement"`.
 
-    Blocks share nothing here; for one data pool shared by all blocks (e.g. one data set
-    and one model per class) use [`bilevel.Minibatch`][] and read the block index in
-    the objectives instead.
-    """
+def _block_problem(problem: Any, index) -> BilevelProblem:
+    """Block `index` of a `MultiBlockProblem`; a `BilevelProblem` is its own block."""
+    if isinstance(problem, BilevelProblem):
+        return problem
+    return BilevelProblem(_AtBlock(problem.upper, index), _AtBlock(problem.lower, index))
 
-    upper: PyTree
-    lower: PyTree
-    batch_size: int | None = eqx.field(static=True, default=None)
-    upper_batch_size: int | None = eqx.field(static=True, default=None)
-    sampling: Literal["without_replacement", "with_replacement"] = eqx.field(
-        static=True, default="without_replacement"
+
+def _num_blocks(problem: Any) -> int:
+    return 1 if isinstance(problem, BilevelProblem) else problem.num_blocks
+
+
+# ---------------------------------------------------------------------------------------
+# MSVR and the per-block hypergradient estimators (called inside vmap over blocks).
+
+
+class _MSVR(eqx.Module):
+    r"""$e \leftarrow (1-a)e + (a+c)h_{\rm new} - c\,h_{\rm old}$ with $a = \alpha$,
+    $c = \gamma$, or $a = 1$, $c = 0$ for a block seen for the first time."""
+
+    alpha: Any
+    gamma: Any
+
+    def __call__(self, estimate, new, old, fresh):
+        a = jnp.where(fresh, 1.0, self.alpha)
+        c = jnp.where(fresh, 0.0, self.gamma)
+        return jtu.tree_map(
+            lambda e, h, g: (1 - a) * e + (a + c) * h - c * g, estimate, new, old
+        )
+
+
+class _BlockOut(eqx.Module):
+    """What one sampled block contributes: its oracles at the current and previous
+    points, $G_i$ at both, its new estimator rows and squared residuals for metrics."""
+
+    upper_loss: Array
+    lower_grad: PyTree[Array]
+    lower_grad_prev: PyTree[Array]
+    grad: PyTree[Array]
+    grad_prev: PyTree[Array]
+    estimator: PyTree[Array]
+    residuals: dict[str, Array]
+
+
+class _HessianState(eqx.Module):
+    hessian: Float[Array, "m dy dy"]
+    hessian_prev: Float[Array, "m dy dy"]
+
+
+class _HessianTracking(eqx.Module):
+    r"""BSVRB v1: MSVR estimates $H_i \approx \nabla^2_{yy} g_i$ projected onto
+    $\{H = H^\top,\ H \succeq \mu' I\}$, and $G_i = \nabla_x f_i - \nabla^2_{xy} g_i\,
+    H_i^{-1}\nabla_y f_i$ (Cholesky solve), with $H_{i,t}$ at $w_t$ and $H_{i,t-1}$ at
+    $w_{t-1}$ (the values before this step's update; the fresh estimate at a block's
+    first visit)."""
+
+    floor: Any
+
+    def init(self, y0: PyTree[Array]) -> _HessianState:
+        num_blocks = jtu.tree_leaves(y0)[0].shape[0]
+        size = jfu.ravel_pytree(jtu.tree_map(lambda u: u[0], y0))[0].size
+        dtype = jnp.result_type(*jtu.tree_leaves(y0))
+        eye = self.floor * jnp.eye(size, dtype=dtype)
+        hessian = jnp.broadcast_to(eye, (num_blocks, size, size))
+        return _HessianState(hessian, hessian)
+
+    def block(self, problem, msvr, point, y, y_prev, state, fresh, upper, lower):
+        (x, x_prev), (hessian, hessian_prev) = point, (state.hessian, state.hessian_prev)
+        _, unravel = jfu.ravel_pytree(y)
+
+        def at(x_, y_):
+            out = oracles(problem, x_, y_, jtu.tree_map(jnp.zeros_like, y_), upper, lower)
+            flat = jfu.ravel_pytree(y_)[0]
+            hess = jax.jacfwd(
+                lambda w: jfu.ravel_pytree(problem.condition(x_, unravel(w), lower))[0]
+            )(flat)
+            return out, hess
+
+        now, hess = at(x, y)
+        before, hess_prev = at(x_prev, y_prev)
+        new = project_hessian(msvr(hessian, hess, hess_prev, fresh), self.floor)
+        used = jnp.where(fresh, new, hessian)
+        used_prev = jnp.where(fresh, new, hessian_prev)
+
+        def hypergrad(x_, y_, out, matrix):
+            w = unravel(_spd_solve(matrix, jfu.ravel_pytree(out.upper_grad_y)[0]))
+            cross = oracles(problem, x_, y_, w, upper, lower).cross
+            return tree_sub(out.upper_grad_x, cross)
+
+        return _BlockOut(
+            upper_loss=now.upper_loss,
+            lower_grad=now.lower_grad,
+            lower_grad_prev=before.lower_grad,
+            grad=hypergrad(x, y, now, used),
+            grad_prev=hypergrad(x_prev, y_prev, before, used_prev),
+            estimator=(new, used),
+            residuals={},
+        )
+
+    def update(self, state, rows, scatter, move) -> _HessianState:
+        new, used = rows
+        return _HessianState(scatter(state.hessian, new), scatter(state.hessian, used))
+
+
+class _LinearSystemState(eqx.Module):
+    v: PyTree[Array]
+    v_prev: PyTree[Array]
+    s: PyTree[Array]
+
+
+class _LinearSystemTracking(eqx.Module):
+    r"""BSVRB v2: $v_i \approx (\nabla^2_{yy} g_i)^{-1}\nabla_y f_i$ takes steps
+    $v_i \leftarrow \Pi_{\|v\|\le C_v}(v_i - \tau_v d_i s_i)$ on $q_i(v) = \frac12
+    v^\top\nabla^2_{yy} g_i v - v^\top\nabla_y f_i$, whose gradient $s_i$ is
+    MSVR-tracked (Hessian-vector products only); $G_i = \nabla_x f_i -
+    \nabla^2_{xy} g_i\, v_i$."""
+
+    step_size: Any
+    radius: Any
+
+    def init(self, y0: PyTree[Array]) -> _LinearSystemState:
+        zeros = jtu.tree_map(jnp.zeros_like, y0)
+        return _LinearSystemState(zeros, zeros, zeros)
+
+    def block(self, problem, msvr, point, y, y_prev, state, fresh, upper, lower):
+        x, x_prev = point
+        now = oracles(problem, x, y, state.v, upper, lower)
+        before = oracles(problem, x_prev, y_prev, state.v_prev, upper, lower)
+        q = tree_sub(now.hvp, now.upper_grad_y)
+        q_prev = tree_sub(before.hvp, before.upper_grad_y)
+        return _BlockOut(
+            upper_loss=now.upper_loss,
+            lower_grad=now.lower_grad,
+            lower_grad_prev=before.lower_grad,
+            grad=tree_sub(now.upper_grad_x, now.cross),
+            grad_prev=tree_sub(before.upper_grad_x, before.cross),
+            estimator=msvr(state.s, q, q_prev, fresh),
+            residuals={"linear_residual": tree_norm(q) ** 2},
+        )
+
+    def update(self, state, rows, scatter, move) -> _LinearSystemState:
+        s = scatter(state.s, rows)
+        v = move(state.v, s, rows, self.step_size, self.radius)
+        return _LinearSystemState(v, state.v, s)
+
+
+def _block_step(estimator, problem, msvr, point, y, y_prev, u, state, fresh, batches,
+                index):
+    """One sampled block: the estimator's oracles and $G_i$, and the MSVR of
+    $u_i \\approx \\nabla_y g_i$, and $\\|\\nabla_y g_i\\|^2$."""
+    upper, lower = batches
+    out = estimator.block(
+        _block_problem(problem, index), msvr, point, y, y_prev, state, fresh, upper, lower
     )
-
-    def __check_init__(self):
-        if self.sampling not in ("without_replacement", "with_replacement"):
-            raise ValueError(f"BlockMinibatch: unknown `sampling` {self.sampling!r}")
-        blocks = set()
-        for name, tree in (("upper", self.upper), ("lower", self.lower)):
-            shapes = {jnp.shape(u)[:2] for u in jtu.tree_leaves(tree)}
-            if any(len(s) < 2 for s in shapes) or len(shapes) > 1:
-                raise ValueError(
-                    f"BlockMinibatch: every leaf of `{name}` needs the same leading "
-                    f"(block, sample) axes; got leading shapes {sorted(shapes)}"
-                )
-            blocks |= {s[0] for s in shapes}
-        if len(blocks) > 1:
-            raise ValueError(
-                f"BlockMinibatch: `upper` and `lower` disagree on the number of blocks: "
-                f"{sorted(blocks)}"
-            )
-        for name in ("batch_size", "upper_batch_size"):
-            size = getattr(self, name)
-            if size is not None and (not isinstance(size, int) or size < 1):
-                raise ValueError(f"BlockMinibatch: `{name}` must be a positive int or None")
-
-    @property
-    def num_blocks(self) -> int | None:
-        """$m$, the size of the leading block axis (`None` without data)."""
-        leaves = jtu.tree_leaves((self.upper, self.lower))
-        return jnp.shape(leaves[0])[0] if leaves else None
-
-    def block_upper_batch(self, key, draw, block, stream=0):
-        """Block `block`'s upper batch (a fresh sample for every key)."""
-        size = self.upper_batch_size or self.batch_size
-        return self._draw(self.upper, size, key, block, 2 * stream + 1)
-
-    def block_lower_batch(self, key, draw, block, stream=0):
-        """Block `block`'s lower batch (a fresh sample for every key)."""
-        return self._draw(self.lower, self.batch_size, key, block, 2 * stream)
-
-    def upper_batch(self, key, draw, stream=0):
-        return self.block_upper_batch(key, draw, jnp.zeros((), jnp.int32), stream)
-
-    def lower_batch(self, key, draw, stream=0):
-        return self.block_lower_batch(key, draw, jnp.zeros((), jnp.int32), stream)
-
-    def _draw(self, tree, size, key, block, stream_id):
-        rows = jtu.tree_map(lambda u: u[block], tree)
-        leaves = jtu.tree_leaves(rows)
-        if not leaves:
-            return rows
-        num = jnp.shape(leaves[0])[0]
-        if size is None or (size >= num and self.sampling == "without_replacement"):
-            return rows
-        key = jr.fold_in(key, stream_id)
-        if self.sampling == "with_replacement":
-            index = jr.randint(key, (size,), 0, num)
-        else:
-            index = random_subset(key, (num,), size)
-        return jtu.tree_map(lambda u: jnp.take(u, index, axis=0), rows)
+    u = msvr(u, out.lower_grad, out.lower_grad_prev, fresh)
+    return out, u, tree_norm(out.lower_grad) ** 2
 
 
-def _block_batches(data: AbstractData, keys, draws, blocks, upper: bool):
-    """One batch per sampled block, shaped `(num_shards, per_shard, ...)`, and its vmap
-    axis (`None` for a `FullBatch`, whose single batch all blocks share).
+def project_hessian(matrix: Float[Array, "n n"], floor) -> Float[Array, "n n"]:
+    r"""Euclidean (Frobenius) projection onto $\{H = H^\top,\ H \succeq \mu' I\}$:
+    symmetrise, then clip the eigenvalues at $\mu'$ = `floor`."""
+    sym = 0.5 * (matrix + matrix.T)
+    values, vectors = jnp.linalg.eigh(sym)
+    return (vectors * jnp.maximum(values, floor)[None, :]) @ vectors.T
 
-    With per-block data (`block_upper_batch` / `block_lower_batch`, e.g.
-    [`bilevel.solvers.BlockMinibatch`][]) block $i$ draws from its own rows. Otherwise
-    all blocks share `data`'s pool: slot $s$ of step $t$ makes draw $tI + s$ of that
-    level's stream with its own key, so `Minibatch(sampling="epoch")` hands the $I$
-    sampled blocks consecutive disjoint slices of one permutation.
-    """
-    name = "block_upper_batch" if upper else "block_lower_batch"
-    per_block = getattr(data, name, None)
-    if per_block is not None:
-        return _vmap2(per_block, (0, 0, 0))(keys, draws, blocks), 0
-    shared = data.upper_batch if upper else data.lower_batch
-    if isinstance(data, FullBatch):  # the same batch for every block: not copied per block
-        return shared(keys[0, 0], draws[0, 0]), None
-    return _vmap2(shared, (0, 0))(keys, draws), 0
+
+def _spd_solve(matrix, rhs):
+    operator = lx.MatrixLinearOperator(matrix, _SPD_TAGS)
+    return lx.linear_solve(operator, rhs, lx.Cholesky(), throw=False).value
 
 
 # ---------------------------------------------------------------------------------------
@@ -157,14 +237,11 @@ class _BSVRBState(eqx.Module):
     y: PyTree[Array]
     y_prev: PyTree[Array]
     u: PyTree[Array]
-    hessian: Float[Array, "m dy dy"] | None
-    hessian_prev: Float[Array, "m dy dy"] | None
-    v: PyTree[Array] | None
-    v_prev: PyTree[Array] | None
-    s: PyTree[Array] | None
+    estimator: _HessianState | _LinearSystemState
     z: PyTree[Array]
     last_sampled: Int[Array, " m"]
     step: Int[Array, ""]
+    single_block: bool = eqx.field(static=True)
 
 
 class BSVRB(AbstractBilevelSolver):
@@ -285,74 +362,45 @@ class BSVRB(AbstractBilevelSolver):
     """
 
     supports: ClassVar[frozenset[str]] = frozenset(
-        {"multi_block", "project_x", "stochastic"}
+        {"single_block", "multi_block", "project_x", "stochastic"}
     )
 
-    version: int = eqx.field(static=True, default=2)
-    blocks_per_step: int | None = eqx.field(static=True, default=None)
-    eta: float = 0.01
-    beta: float = 0.9
-    alpha: float = 0.9
-    gamma: float | str = "auto"
-    tau: float = 0.5
-    tau_v: float = 1.0
-    v_radius: float | None = 10.0
-    hessian_floor: float = 1e-3
-    lower_update: LowerUpdate = eqx.field(static=True, default="all")
-    num_shards: int | None = eqx.field(static=True, default=None)
+    version: int = choice(2, (1, 2))
+    blocks_per_step: int | None = count(None, optional=True)
+    eta: float = nonnegative(0.01)
+    beta: float = fraction(0.9)
+    alpha: float = fraction(0.9)
+    gamma: float | str = nonnegative("auto", words=("auto",))
+    tau: float = positive(0.5)
+    tau_v: float = positive(1.0)
+    v_radius: float | None = positive(10.0, optional=True)
+    hessian_floor: float = positive(1e-3)
+    lower_update: str = choice("all", _LOWER_UPDATES)
+    num_shards: int | None = count(None, optional=True)
     mesh: jax.sharding.Mesh | None = eqx.field(static=True, default=None)
     mesh_axis: str = eqx.field(static=True, default="blocks")
 
     def __check_init__(self):
-        if self.version not in (1, 2):
-            raise ValueError(f"BSVRB: `version` must be 1 or 2, got {self.version!r}")
-        for name in ("blocks_per_step", "num_shards"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(
-                    f"BSVRB: `{name}` must be a positive int or None, got {value!r}"
-                )
-        if self.lower_update not in _LOWER_UPDATES:
+        if self.mesh is None:
+            return
+        if self.mesh_axis not in self.mesh.axis_names:
             raise ValueError(
-                f"BSVRB: `lower_update` must be one of {_LOWER_UPDATES}, "
-                f"got {self.lower_update!r}"
+                f"BSVRB: `mesh_axis={self.mesh_axis!r}` is not an axis of the mesh "
+                f"{self.mesh.axis_names}"
             )
-        if isinstance(self.gamma, str) and self.gamma != "auto":
+        devices = self.mesh.shape[self.mesh_axis]
+        if self.num_shards is not None and self.num_shards % devices:
             raise ValueError(
-                f"BSVRB: `gamma` must be a number >= 0 or 'auto', got {self.gamma!r}"
+                f"BSVRB: `num_shards={self.num_shards}` must be a multiple of the "
+                f"mesh size {devices} along {self.mesh_axis!r}"
             )
-        checks = {
-            "eta": lambda a: a >= 0,
-            "beta": lambda a: 0 < a <= 1,
-            "alpha": lambda a: 0 < a <= 1,
-            "gamma": lambda a: a >= 0,
-            "tau": lambda a: a > 0,
-            "tau_v": lambda a: a > 0,
-            "v_radius": lambda a: a > 0,
-            "hessian_floor": lambda a: a > 0,
-        }
-        bounds = {"beta": "in (0, 1]", "alpha": "in (0, 1]", "eta": ">= 0", "gamma": ">= 0"}
-        for name, ok in checks.items():
-            value = getattr(self, name)
-            concrete = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if concrete and not ok(value):
-                raise ValueError(
-                    f"BSVRB: `{name}` must be {bounds.get(name, '> 0')}, got {value!r}"
-                )
-        if self.mesh is not None:
-            if self.mesh_axis not in self.mesh.axis_names:
-                raise ValueError(
-                    f"BSVRB: `mesh_axis={self.mesh_axis!r}` is not an axis of the mesh "
-                    f"{self.mesh.axis_names}"
-                )
-            devices = self.mesh.shape[self.mesh_axis]
-            if self.num_shards is not None and self.num_shards % devices:
-                raise ValueError(
-                    f"BSVRB: `num_shards={self.num_shards}` must be a multiple of the "
-                    f"mesh size {devices} along {self.mesh_axis!r}"
-                )
 
     # -- configuration resolved against the problem ------------------------------------
+
+    def _estimator(self):
+        if self.version == 1:
+            return _HessianTracking(self.hessian_floor)
+        return _LinearSystemTracking(self.tau_v, self.v_radius)
 
     def _shards(self) -> int:
         if self.num_shards is not None:
@@ -361,7 +409,7 @@ class BSVRB(AbstractBilevelSolver):
 
     def _sizes(self, problem) -> tuple[int, int, int]:
         """$(m, I, S)$: blocks, blocks per step, shards."""
-        num_blocks = problem.num_blocks
+        num_blocks = _num_blocks(problem)
         return num_blocks, self.blocks_per_step or num_blocks, self._shards()
 
     def _gamma(self, num_blocks: int, per_step: int):
@@ -407,40 +455,31 @@ class BSVRB(AbstractBilevelSolver):
 
     def _init(self, problem, x0, y0, key) -> _BSVRBState:
         self._validate(problem)
-        num_blocks = problem.num_blocks
+        single = isinstance(problem, BilevelProblem)
+        if single:  # one block: a leading block axis of size 1
+            y0 = jtu.tree_map(lambda u: u[None], y0)
         y0 = self._place(y0, True)
         x0 = self._place(x0, False)
-        zeros_y = jtu.tree_map(jnp.zeros_like, y0)
-        hessian = v = None
-        if self.version == 1:
-            size = jfu.ravel_pytree(jtu.tree_map(lambda u: u[0], y0))[0].size
-            dtype = jnp.result_type(*jtu.tree_leaves(y0))
-            eye = self.hessian_floor * jnp.eye(size, dtype=dtype)
-            hessian = self._place(jnp.broadcast_to(eye, (num_blocks, size, size)), True)
-        else:
-            v = zeros_y
         return _BSVRBState(
             x=x0,
             x_prev=x0,
             y=y0,
             y_prev=y0,
-            u=zeros_y,
-            hessian=hessian,
-            hessian_prev=hessian,
-            v=v,
-            v_prev=v,
-            s=v,
+            u=jtu.tree_map(jnp.zeros_like, y0),
+            estimator=self._place(self._estimator().init(y0), True),
             z=jtu.tree_map(jnp.zeros_like, x0),
-            last_sampled=self._place(jnp.full((num_blocks,), -1), True),
+            last_sampled=self._place(jnp.full((_num_blocks(problem),), -1), True),
             step=jnp.array(0),
+            single_block=single,
         )
 
     def _params(self, state):
+        if state.single_block:
+            return state.x, jtu.tree_map(lambda u: u[0], state.y)
         return state.x, state.y
 
     def _step(self, problem, state, data, key):
-        data = as_data(data)
-        num_blocks, _, shards = self._sizes(problem)
+        num_blocks, per_step, shards = self._sizes(problem)
         if getattr(data, "num_blocks", None) not in (None, num_blocks):
             raise ValueError(
                 f"BSVRB: the data has {data.num_blocks} blocks but the problem has "
@@ -456,7 +495,14 @@ class BSVRB(AbstractBilevelSolver):
 
         last = rows(state.last_sampled)
         fresh = last < 0
-        out = self._block_terms(problem, state, rows, fresh, batches, blocks)
+        estimator = self._estimator()
+        msvr = _MSVR(self.alpha, self._gamma(num_blocks, per_step))
+        (batches, batch_axes) = batches
+        fn = ft.partial(_block_step, estimator, problem, msvr, (state.x, state.x_prev))
+        args = (rows(state.y), rows(state.y_prev), rows(state.u), rows(state.estimator),
+                fresh)
+        in_axes = (0,) * len(args) + (batch_axes, 0)
+        out, u_rows, lower_sq = _vmap2(fn, in_axes)(*args, batches, blocks)
 
         grad = _mean_over_slots(out.grad)
         grad_prev = _mean_over_slots(out.grad_prev)
@@ -464,47 +510,52 @@ class BSVRB(AbstractBilevelSolver):
         z = tree_where(state.step == 0, grad, storm)
         x = apply_project_x(problem, tree_axpy(-self.eta, z, state.x))
 
-        u = scatter(state.u, out.u)
-        scale = self._lower_steps(state.step, last, fresh)
-        y = self._lower_step(state.y, u, out.u, rows(state.y), scale, self.tau, scatter)
-        hessian = hessian_prev = v = s = None
-        if self.version == 1:
-            hessian = scatter(state.hessian, out.hessian)
-            hessian_prev = scatter(state.hessian, out.hessian_used)
-        else:
-            s = scatter(state.s, out.s)
-            v = self._lower_step(
-                state.v, s, out.s, rows(state.v), scale, self.tau_v, scatter, project=True
-            )
-        last_sampled = scatter(state.last_sampled, jnp.broadcast_to(state.step, local.shape))
+        scale = self._lower_scale(state.step, last, fresh)
 
-        metrics = {
-            "upper_loss": jnp.mean(out.upper_loss),
-            "grad_norm": tree_norm(z),
-            "lower_residual": jnp.sqrt(jnp.mean(out.lower_residual_sq)),
-            "hypergradient_norm": tree_norm(grad),
-        }
-        if self.version == 2:
-            metrics["linear_residual"] = jnp.sqrt(jnp.mean(out.linear_residual_sq))
-        blocked = self._place(
-            dict(y=y, u=u, hessian=hessian, hessian_prev=hessian_prev, v=v, s=s,
-                 last_sampled=last_sampled),
-            True,
-        )
+        def move(full, direction_full, direction_rows, lr, radius=None):
+            return self._move(full, direction_full, direction_rows, rows(full), scale, lr,
+                              scatter, radius)
+
+        u = scatter(state.u, u_rows)
+        y = move(state.y, u, u_rows, self.tau)
+        estimator_state = estimator.update(state.estimator, out.estimator, scatter, move)
+        last_sampled = scatter(state.last_sampled, jnp.broadcast_to(state.step, local.shape))
+        blocked = self._place((y, u, estimator_state, last_sampled), True)
         new_state = _BSVRBState(
             x=self._place(x, False),
             x_prev=state.x,
+            y=blocked[0],
             y_prev=state.y,
-            v_prev=state.v,
+            u=blocked[1],
+            estimator=blocked[2],
             z=self._place(z, False),
+            last_sampled=blocked[3],
             step=state.step + 1,
-            **blocked,
+            single_block=state.single_block,
         )
+        metrics = {
+            "upper_loss": jnp.mean(out.upper_loss),
+            "grad_norm": self._grad_norm(problem, state.x, grad),
+            "lower_residual": _root_mean_square(lower_sq),
+            "direction_norm": tree_norm(z),
+        }
+        for name, squares in out.residuals.items():
+            metrics[name] = _root_mean_square(squares)
         return new_state, metrics
+
+    def _grad_norm(self, problem, x, grad):
+        """$\\|G_t\\|$, or the gradient mapping $\\|x - P_X(x - \\eta G_t)\\|/\\eta$
+        with a set $X$ (and $\\eta > 0$)."""
+        if problem.project_x is None:
+            return tree_norm(grad)
+        eta = jnp.asarray(self.eta)
+        safe = jnp.where(eta > 0, eta, 1.0)
+        moved = apply_project_x(problem, tree_axpy(-safe, grad, x))
+        return jnp.where(eta > 0, tree_norm(tree_sub(x, moved)) / safe, tree_norm(grad))
 
     def _sample(self, problem, state, data, key):
         """Sampled blocks (local indices and global ones, `(shards, per_shard)`) and
-        their upper and lower batches."""
+        their upper and lower batches with their vmap axes."""
         num_blocks, per_step, shards = self._sizes(problem)
         per_shard, shard_size = per_step // shards, num_blocks // shards
         # one split for every key of the step (each random call site costs compile time)
@@ -521,171 +572,33 @@ class BSVRB(AbstractBilevelSolver):
         lower, lower_axis = _block_batches(data, slot_keys[1], draws, blocks, upper=False)
         return local, blocks, ((upper, lower), (upper_axis, lower_axis))
 
-    def _block_terms(self, problem, state, rows, fresh, batches, blocks) -> "_BlockOut":
-        """The per-block oracles and estimator updates, vmapped over sampled blocks."""
-        num_blocks, per_step, _ = self._sizes(problem)
-        coeffs = _Coefficients(self.alpha, self._gamma(num_blocks, per_step))
-        point = (state.x, state.x_prev)
-        if self.version == 1:
-            fn = ft.partial(_v1_block, problem, coeffs, self.hessian_floor)
-            estimators = (rows(state.hessian), rows(state.hessian_prev))
-        else:
-            fn = ft.partial(_v2_block, problem, coeffs)
-            estimators = (rows(state.v), rows(state.v_prev), rows(state.s))
-        args = (rows(state.y), rows(state.y_prev), rows(state.u), *estimators, fresh)
-        batches, batch_axes = batches
-        in_axes = (None,) + (0,) * len(args) + (batch_axes, 0)
-        return _vmap2(fn, in_axes)(point, *args, batches, blocks)
-
     # -- lower-level steps -------------------------------------------------------------
 
-    def _lower_steps(self, step, last, fresh):
+    def _lower_scale(self, step, last, fresh):
         """$d_i$ for the sampled blocks: 1, or the steps since the last visit (lazy)."""
         if self.lower_update != "lazy":
             return jnp.ones(last.shape, jnp.result_type(float))
         return jnp.where(fresh, 1, step - last).astype(jnp.result_type(float))
 
-    def _lower_step(
-        self, full, direction_full, direction_rows, current_rows, scale, lr, scatter,
-        project=False,
-    ):
-        r"""$w_i \leftarrow w_i - \text{lr}\, d_i\, e_i$ on every block (`"all"`) or on
-        the sampled ones, then the ball projection when `project` (the $v$ step)."""
-        project = project and self.v_radius is not None
+    def _move(self, full, direction_full, direction_rows, current_rows, scale, lr,
+              scatter, radius):
+        r"""$w_i \leftarrow \Pi(w_i - \text{lr}\, d_i\, e_i)$ on every block (`"all"`)
+        or on the sampled ones, $\Pi$ the projection onto the ball of radius `radius`
+        (none for `None`)."""
         if self.lower_update == "all":
             moved = tree_axpy(-lr, direction_full, full)
-            if project:
-                moved = jax.vmap(ft.partial(_project_ball, self.v_radius))(moved)
+            if radius is not None:
+                moved = jax.vmap(lambda w: tree_project_ball(w, radius))(moved)
             return moved
         step = jtu.tree_map(lambda e: _times_rows(-lr * scale, e), direction_rows)
         moved = jtu.tree_map(jnp.add, current_rows, step)
-        if project:
-            moved = _vmap2(ft.partial(_project_ball, self.v_radius), (0,))(moved)
+        if radius is not None:
+            moved = _vmap2(lambda w: tree_project_ball(w, radius), (0,))(moved)
         return scatter(full, moved)
 
 
 # ---------------------------------------------------------------------------------------
-# Per-block oracles (called inside vmap over the sampled blocks).
-
-
-class _Coefficients(eqx.Module):
-    alpha: Any
-    gamma: Any
-
-    def msvr(self, estimate, new, old, fresh):
-        r"""$(1-a)e + (a+c)h_{\rm new} - c\,h_{\rm old}$, with $a = 1$, $c = 0$ for a
-        block seen for the first time."""
-        a = jnp.where(fresh, 1.0, self.alpha)
-        c = jnp.where(fresh, 0.0, self.gamma)
-        return jtu.tree_map(
-            lambda e, h, g: (1 - a) * e + (a + c) * h - c * g, estimate, new, old
-        )
-
-
-class _BlockOut(eqx.Module):
-    upper_loss: Array
-    lower_residual_sq: Array
-    grad: PyTree[Array]
-    grad_prev: PyTree[Array]
-    u: PyTree[Array]
-    hessian: Array | None = None
-    hessian_used: Array | None = None
-    s: PyTree[Array] | None = None
-    linear_residual_sq: Array | None = None
-
-
-def _upper_grads(problem, x, y, batch, index):
-    """$f_i$, $\\nabla_x f_i$, $\\nabla_y f_i$."""
-    return jax.value_and_grad(problem.upper, argnums=(0, 1))(x, y, batch, index)
-
-
-def _lower_grad_y(problem, batch, index):
-    return lambda x, y: jax.grad(problem.lower, argnums=1)(x, y, batch, index)
-
-
-def _v2_block(problem, coeffs, point, y, y_prev, u, v, v_prev, s, fresh, batches, index):
-    """BSVRB v2 for one sampled block: MSVR of $\\nabla_y g_i$ and of $\\nabla q_i$,
-    and $G_i$ at the current and previous points."""
-    (x, x_prev), (upper, lower) = point, batches
-    grad_y_g = _lower_grad_y(problem, lower, index)
-
-    def at(x_, y_, v_):
-        loss, (gx_f, gy_f) = _upper_grads(problem, x_, y_, upper, index)
-        gy_g, vjp = jax.vjp(grad_y_g, x_, y_)
-        cross, hvp = vjp(v_)  # [d2_xy g v, d2_yy g v]: the y part is the HVP by symmetry
-        return loss, gy_g, tree_sub(gx_f, cross), tree_sub(hvp, gy_f)
-
-    loss, gy_g, grad, q = at(x, y, v)
-    _, gy_g_prev, grad_prev, q_prev = at(x_prev, y_prev, v_prev)
-    return _BlockOut(
-        upper_loss=loss,
-        lower_residual_sq=tree_norm(gy_g) ** 2,
-        grad=grad,
-        grad_prev=grad_prev,
-        u=coeffs.msvr(u, gy_g, gy_g_prev, fresh),
-        s=coeffs.msvr(s, q, q_prev, fresh),
-        linear_residual_sq=tree_norm(q) ** 2,
-    )
-
-
-def _v1_block(problem, coeffs, floor, point, y, y_prev, u, hessian, hessian_prev, fresh,
-              batches, index):
-    """BSVRB v1 for one sampled block: MSVR of $\\nabla_y g_i$ and of the projected
-    Hessian, and $G_i$ at the current and previous points."""
-    (x, x_prev), (upper, lower) = point, batches
-    grad_y_g = _lower_grad_y(problem, lower, index)
-    _, unravel = jfu.ravel_pytree(y)
-
-    def oracles(x_, y_):
-        loss, (gx_f, gy_f) = _upper_grads(problem, x_, y_, upper, index)
-        gy_g, vjp_x = jax.vjp(lambda xx: grad_y_g(xx, y_), x_)
-        flat = jfu.ravel_pytree(y_)[0]
-        hess = jax.jacfwd(lambda w: jfu.ravel_pytree(grad_y_g(x_, unravel(w)))[0])(flat)
-        return loss, gx_f, gy_f, gy_g, vjp_x, hess
-
-    loss, gx_f, gy_f, gy_g, vjp_x, hess = oracles(x, y)
-    _, gx_f_p, gy_f_p, gy_g_p, vjp_x_p, hess_p = oracles(x_prev, y_prev)
-    new_hessian = project_hessian(coeffs.msvr(hessian, hess, hess_p, fresh), floor)
-    used = jnp.where(fresh, new_hessian, hessian)
-    used_prev = jnp.where(fresh, new_hessian, hessian_prev)
-
-    def hypergrad(gx_f_, gy_f_, vjp_, matrix):
-        w = _spd_solve(matrix, jfu.ravel_pytree(gy_f_)[0])
-        (cross,) = vjp_(unravel(w))
-        return tree_sub(gx_f_, cross)
-
-    return _BlockOut(
-        upper_loss=loss,
-        lower_residual_sq=tree_norm(gy_g) ** 2,
-        grad=hypergrad(gx_f, gy_f, vjp_x, used),
-        grad_prev=hypergrad(gx_f_p, gy_f_p, vjp_x_p, used_prev),
-        u=coeffs.msvr(u, gy_g, gy_g_p, fresh),
-        hessian=new_hessian,
-        hessian_used=used,
-    )
-
-
-def project_hessian(matrix: Float[Array, "n n"], floor) -> Float[Array, "n n"]:
-    r"""Euclidean (Frobenius) projection onto $\{H = H^\top,\ H \succeq \mu' I\}$:
-    symmetrise, then clip the eigenvalues at $\mu'$ = `floor`."""
-    sym = 0.5 * (matrix + matrix.T)
-    values, vectors = jnp.linalg.eigh(sym)
-    return (vectors * jnp.maximum(values, floor)[None, :]) @ vectors.T
-
-
-def _spd_solve(matrix, rhs):
-    operator = lx.MatrixLinearOperator(matrix, _SPD_TAGS)
-    return lx.linear_solve(operator, rhs, lx.Cholesky(), throw=False).value
-
-
-def _project_ball(radius, tree):
-    r"""$\Pi_{\|v\| \le C_v}(v)$ for one block's $v$ (a pytree)."""
-    norm = tree_norm(tree)
-    return tree_scale(jnp.minimum(1.0, radius / jnp.maximum(norm, 1e-30)), tree)
-
-
-# ---------------------------------------------------------------------------------------
-# Block bookkeeping: sampling, gather/scatter over (shards, blocks per shard).
+# Block bookkeeping: sampling, batches, gather/scatter over (shards, blocks per shard).
 
 
 def _auto_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
@@ -702,6 +615,26 @@ def _sample_blocks(key, shards: int, shard_size: int, per_shard: int, everything
         every = jnp.arange(shard_size, dtype=jnp.int32)
         return jnp.broadcast_to(every, (shards, shard_size))
     return random_subset(key, (shards, shard_size), per_shard)
+
+
+def _block_batches(data: AbstractData, keys, draws, blocks, upper: bool):
+    """One batch per sampled block, shaped `(num_shards, per_shard, ...)`, and its vmap
+    axis (`None` for a `FullBatch`, whose single batch all blocks share).
+
+    With per-block data (`block_upper_batch` / `block_lower_batch`, e.g.
+    [`bilevel.BlockMinibatch`][]) block $i$ draws from its own rows. Otherwise all
+    blocks share `data`'s pool: slot $s$ of step $t$ makes draw $tI + s$ of that level's
+    stream with its own key, so `Minibatch(sampling="epoch")` hands the $I$ sampled
+    blocks consecutive disjoint slices of one permutation.
+    """
+    name = "block_upper_batch" if upper else "block_lower_batch"
+    per_block = getattr(data, name, None)
+    if per_block is not None:
+        return _vmap2(per_block, (0, 0, 0))(keys, draws, blocks), 0
+    shared = data.upper_batch if upper else data.lower_batch
+    if isinstance(data, FullBatch):  # the same batch for every block: not copied per block
+        return shared(keys[0, 0], draws[0, 0]), None
+    return _vmap2(shared, (0, 0))(keys, draws), 0
 
 
 def _grouped(leaf, shards):
@@ -730,6 +663,11 @@ def _times_rows(scale, leaf):
 
 def _mean_over_slots(tree):
     return jtu.tree_map(lambda u: jnp.mean(u, axis=(0, 1)), tree)
+
+
+def _root_mean_square(squares):
+    """$(\\frac1I\\sum_i a_i)^{1/2}$ over the sampled blocks' squared norms $a_i$."""
+    return jnp.sqrt(jnp.mean(squares))
 
 
 def _vmap2(fn, in_axes):
