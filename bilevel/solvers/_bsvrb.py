@@ -29,6 +29,7 @@ from .._data import AbstractData, FullBatch, random_subset
 from .._misc import tree_axpy, tree_norm, tree_project_ball, tree_sub, tree_where
 from .._oracles import oracles
 from .._problem import BilevelProblem, apply_project_x
+from .._stepsize import hyper_hessian_product, lower_curvature, operator_norm
 from .._solver import (
     AbstractBilevelSolver,
     choice,
@@ -115,11 +116,11 @@ class _HessianTracking(eqx.Module):
     floor: Any
 
     def init(self, y0: PyTree[Array]) -> _HessianState:
+        """Zero matrices: a block's first visit replaces them by a fresh estimate."""
         num_blocks = jtu.tree_leaves(y0)[0].shape[0]
         size = jfu.ravel_pytree(jtu.tree_map(lambda u: u[0], y0))[0].size
         dtype = jnp.result_type(*jtu.tree_leaves(y0))
-        eye = self.floor * jnp.eye(size, dtype=dtype)
-        hessian = jnp.broadcast_to(eye, (num_blocks, size, size))
+        hessian = jnp.zeros((num_blocks, size, size), dtype)
         return _HessianState(hessian, hessian)
 
     def block(self, problem, msvr, point, y, y_prev, state, fresh, upper, lower):
@@ -231,6 +232,15 @@ def _spd_solve(matrix, rhs):
 # The solver.
 
 
+class _StepSizes(eqx.Module):
+    r"""$\eta$, $\tau$, $\tau_v$ and $\mu'$: given, or estimated at the first step."""
+
+    eta: Array
+    tau: Array
+    tau_v: Array
+    hessian_floor: Array
+
+
 class _BSVRBState(eqx.Module):
     x: PyTree[Array]
     x_prev: PyTree[Array]
@@ -241,6 +251,8 @@ class _BSVRBState(eqx.Module):
     z: PyTree[Array]
     last_sampled: Int[Array, " m"]
     step: Int[Array, ""]
+    sampling_key: Array
+    steps: _StepSizes
     single_block: bool = eqx.field(static=True)
 
 
@@ -367,15 +379,16 @@ class BSVRB(AbstractBilevelSolver):
 
     version: int = choice(2, (1, 2))
     blocks_per_step: int | None = count(None, optional=True)
-    eta: float = nonnegative(0.01)
-    beta: float = fraction(0.9)
-    alpha: float = fraction(0.9)
+    eta: float | None = nonnegative(None, optional=True)
+    beta: float | None = fraction(None, optional=True)
+    alpha: float | None = fraction(None, optional=True)
     gamma: float | str = nonnegative("auto", words=("auto",))
-    tau: float = positive(0.5)
-    tau_v: float = positive(1.0)
-    v_radius: float | None = positive(10.0, optional=True)
-    hessian_floor: float = positive(1e-3)
-    lower_update: str = choice("all", _LOWER_UPDATES)
+    tau: float | None = positive(None, optional=True)
+    tau_v: float | None = positive(None, optional=True)
+    v_radius: float | None = positive(None, optional=True)
+    hessian_floor: float | None = positive(None, optional=True)
+    lower_update: str = choice("sampled", _LOWER_UPDATES)
+    block_sampling: str = choice("epoch", ("epoch", "independent"))
     num_shards: int | None = count(None, optional=True)
     mesh: jax.sharding.Mesh | None = eqx.field(static=True, default=None)
     mesh_axis: str = eqx.field(static=True, default="blocks")
@@ -397,10 +410,10 @@ class BSVRB(AbstractBilevelSolver):
 
     # -- configuration resolved against the problem ------------------------------------
 
-    def _estimator(self):
+    def _estimator(self, steps: _StepSizes | None = None):
         if self.version == 1:
-            return _HessianTracking(self.hessian_floor)
-        return _LinearSystemTracking(self.tau_v, self.v_radius)
+            return _HessianTracking(None if steps is None else steps.hessian_floor)
+        return _LinearSystemTracking(None if steps is None else steps.tau_v, self.v_radius)
 
     def _shards(self) -> int:
         if self.num_shards is not None:
@@ -412,12 +425,21 @@ class BSVRB(AbstractBilevelSolver):
         num_blocks = _num_blocks(problem)
         return num_blocks, self.blocks_per_step or num_blocks, self._shards()
 
-    def _gamma(self, num_blocks: int, per_step: int):
+    def _beta(self, step):
+        if self.beta is not None:
+            return self.beta
+        return jnp.maximum(_BETA, 1.0 / (step + 1.0))
+
+    def _alpha(self, data: AbstractData):
+        if self.alpha is not None:
+            return self.alpha
+        return 1.0 if data.deterministic else _STOCHASTIC_ALPHA
+
+    def _gamma(self, alpha, num_blocks: int, per_step: int):
+        r"""$\gamma = (1-\alpha)\,m/I$ for `"auto"`."""
         if not isinstance(self.gamma, str):
             return self.gamma
-        if per_step == num_blocks:
-            return 1 - self.alpha
-        return (num_blocks - per_step) / (per_step * (1 - self.alpha)) + (1 - self.alpha)
+        return (1 - alpha) * num_blocks / per_step
 
     def _validate(self, problem) -> None:
         num_blocks, per_step, shards = self._sizes(problem)
@@ -429,16 +451,6 @@ class BSVRB(AbstractBilevelSolver):
             raise ValueError(
                 f"BSVRB: num_blocks={num_blocks} and blocks_per_step={per_step} must both "
                 f"be multiples of num_shards={shards}"
-            )
-        if (
-            isinstance(self.gamma, str)
-            and per_step < num_blocks
-            and isinstance(self.alpha, (int, float))
-            and self.alpha == 1
-        ):
-            raise ValueError(
-                "BSVRB: gamma='auto' is infinite for alpha=1 with blocks_per_step < "
-                "num_blocks; pass alpha < 1 or a number for `gamma`"
             )
 
     # -- sharding ----------------------------------------------------------------------
@@ -470,6 +482,8 @@ class BSVRB(AbstractBilevelSolver):
             z=jtu.tree_map(jnp.zeros_like, x0),
             last_sampled=self._place(jnp.full((_num_blocks(problem),), -1), True),
             step=jnp.array(0),
+            sampling_key=key,
+            steps=self._given_steps(jnp.result_type(*jtu.tree_leaves(x0))),
             single_block=single,
         )
 
@@ -495,8 +509,10 @@ class BSVRB(AbstractBilevelSolver):
 
         last = rows(state.last_sampled)
         fresh = last < 0
-        estimator = self._estimator()
-        msvr = _MSVR(self.alpha, self._gamma(num_blocks, per_step))
+        steps = self._step_sizes(problem, state, batches, blocks, local, key)
+        estimator = self._estimator(steps)
+        alpha = self._alpha(data)
+        msvr = _MSVR(alpha, self._gamma(alpha, num_blocks, per_step))
         (batches, batch_axes) = batches
         fn = ft.partial(_block_step, estimator, problem, msvr, (state.x, state.x_prev))
         args = (rows(state.y), rows(state.y_prev), rows(state.u), rows(state.estimator),
@@ -506,9 +522,9 @@ class BSVRB(AbstractBilevelSolver):
 
         grad = _mean_over_slots(out.grad)
         grad_prev = _mean_over_slots(out.grad_prev)
-        storm = tree_axpy(1 - self.beta, tree_sub(state.z, grad_prev), grad)
+        storm = tree_axpy(1 - self._beta(state.step), tree_sub(state.z, grad_prev), grad)
         z = tree_where(state.step == 0, grad, storm)
-        x = apply_project_x(problem, tree_axpy(-self.eta, z, state.x))
+        x = apply_project_x(problem, tree_axpy(-steps.eta, z, state.x))
 
         scale = self._lower_scale(state.step, last, fresh)
 
@@ -517,7 +533,7 @@ class BSVRB(AbstractBilevelSolver):
                               scatter, radius)
 
         u = scatter(state.u, u_rows)
-        y = move(state.y, u, u_rows, self.tau)
+        y = move(state.y, u, u_rows, steps.tau)
         estimator_state = estimator.update(state.estimator, out.estimator, scatter, move)
         last_sampled = scatter(state.last_sampled, jnp.broadcast_to(state.step, local.shape))
         blocked = self._place((y, u, estimator_state, last_sampled), True)
@@ -531,11 +547,13 @@ class BSVRB(AbstractBilevelSolver):
             z=self._place(z, False),
             last_sampled=blocked[3],
             step=state.step + 1,
+            sampling_key=state.sampling_key,
+            steps=steps,
             single_block=state.single_block,
         )
         metrics = {
             "upper_loss": jnp.mean(out.upper_loss),
-            "grad_norm": self._grad_norm(problem, state.x, grad),
+            "grad_norm": _grad_norm(problem, state.x, grad, steps.eta),
             "lower_residual": _root_mean_square(lower_sq),
             "direction_norm": tree_norm(z),
         }
@@ -543,15 +561,43 @@ class BSVRB(AbstractBilevelSolver):
             metrics[name] = _root_mean_square(squares)
         return new_state, metrics
 
-    def _grad_norm(self, problem, x, grad):
-        """$\\|G_t\\|$, or the gradient mapping $\\|x - P_X(x - \\eta G_t)\\|/\\eta$
-        with a set $X$ (and $\\eta > 0$)."""
-        if problem.project_x is None:
-            return tree_norm(grad)
-        eta = jnp.asarray(self.eta)
-        safe = jnp.where(eta > 0, eta, 1.0)
-        moved = apply_project_x(problem, tree_axpy(-safe, grad, x))
-        return jnp.where(eta > 0, tree_norm(tree_sub(x, moved)) / safe, tree_norm(grad))
+    # -- step sizes --------------------------------------------------------------------
+
+    def _given_steps(self, dtype) -> _StepSizes:
+        """The explicit step sizes (zeros in place of those estimated at step 0)."""
+        return _StepSizes(
+            *(jnp.asarray(0 if value is None else value, dtype) for value in self._steps())
+        )
+
+    def _steps(self) -> tuple:
+        return self.eta, self.tau, self.tau_v, self.hessian_floor
+
+    def _derives_steps(self) -> bool:
+        needed = [self.eta, self.tau]
+        needed.append(self.hessian_floor if self.version == 1 else self.tau_v)
+        return any(value is None for value in needed)
+
+    def _step_sizes(self, problem, state, batches, blocks, local, key) -> _StepSizes:
+        """The state's step sizes, with the missing ones estimated at step 0 on the
+        first sampled blocks and batches (`lax.cond`: later steps skip the work)."""
+        if not self._derives_steps():
+            return state.steps
+        _, _, shards = self._sizes(problem)
+        y = _gather(state.y, local, shards)
+
+        def estimate(_):
+            lower, upper = _curvatures(
+                problem, state.x, y, batches, blocks, jr.fold_in(key, 1)
+            )
+            derived = _default_steps(lower, upper)
+            return _StepSizes(*(
+                old if value is not None else new.astype(old.dtype)
+                for value, old, new in zip(
+                    self._steps(), jtu.tree_leaves(state.steps), jtu.tree_leaves(derived)
+                )
+            ))
+
+        return lax.cond(state.step == 0, estimate, lambda _: state.steps, None)
 
     def _sample(self, problem, state, data, key):
         """Sampled blocks (local indices and global ones, `(shards, per_shard)`) and
@@ -562,7 +608,11 @@ class BSVRB(AbstractBilevelSolver):
         keys = jr.split(key, 1 + 2 * per_step)
         slot_keys = keys[1:].reshape((2, shards, per_shard) + keys.shape[1:])
         everything = per_step == num_blocks
-        local = _sample_blocks(keys[0], shards, shard_size, per_shard, everything)
+        if self.block_sampling == "epoch" and not everything:
+            local = _epoch_blocks(state.sampling_key, state.step, shards, shard_size,
+                                  per_shard)
+        else:
+            local = _sample_blocks(keys[0], shards, shard_size, per_shard, everything)
         local = self._place(local, True)
         offsets = (jnp.arange(shards, dtype=jnp.int32) * shard_size)[:, None]
         blocks = local + offsets
@@ -597,6 +647,56 @@ class BSVRB(AbstractBilevelSolver):
         return scatter(full, moved)
 
 
+# Default steps: fractions of the inverse curvatures (module constants, documented on
+# the class and on docs/solvers/bsvrb.md).
+_LOWER_FRACTION = 0.5
+_UPPER_FRACTION = 0.2
+_FLOOR_FRACTION = 1e-6
+_BETA = 1e-3
+_STOCHASTIC_ALPHA = 0.1
+
+
+def _default_steps(lower, upper) -> _StepSizes:
+    r"""$\tau = \tau_v = c_y / L_g$, $\eta = c_x / L_F$, $\mu' = c_\mu L_g$ from the
+    estimates $L_g$ (lower) and $L_F$ (upper); a zero estimate borrows the other."""
+    lower = jnp.where(lower > 0, lower, jnp.where(upper > 0, upper, 1.0))
+    upper = jnp.where(upper > 0, upper, lower)
+    tau = _LOWER_FRACTION / lower
+    return _StepSizes(_UPPER_FRACTION / upper, tau, tau, _FLOOR_FRACTION * lower)
+
+
+def _curvatures(problem, x, y, batches, blocks, key):
+    r"""$L_g = \max_i \|\nabla^2_{yy} g_i\|$ over the sampled blocks and $L_F =
+    \|\frac1I\sum_i \nabla^2\tilde F_i\|$ (power iterations; see
+    `bilevel._stepsize.hyper_hessian_product`), at $(x, y_i)$ on the blocks' batches."""
+    (values, axes), (lower_key, upper_key) = batches, jr.split(key)
+    in_axes = (0, axes, 0)
+
+    def lower(y_i, batch, index):
+        block = _block_problem(problem, index)
+        return lower_curvature(block, x, y_i, batch[1], lower_key)
+
+    def matvec(direction):
+        def product(y_i, batch, index):
+            block = _block_problem(problem, index)
+            return hyper_hessian_product(block, x, y_i, direction, *batch)
+
+        return _mean_over_slots(_vmap2(product, in_axes)(y, values, blocks))
+
+    lower_max = jnp.max(_vmap2(lower, in_axes)(y, values, blocks))
+    return lower_max, operator_norm(matvec, x, upper_key)
+
+
+def _grad_norm(problem, x, grad, eta):
+    """$\\|G_t\\|$, or the gradient mapping $\\|x - P_X(x - \\eta G_t)\\|/\\eta$ with a
+    set $X$ (and $\\eta > 0$)."""
+    if problem.project_x is None:
+        return tree_norm(grad)
+    safe = jnp.where(eta > 0, eta, 1.0)
+    moved = apply_project_x(problem, tree_axpy(-safe, grad, x))
+    return jnp.where(eta > 0, tree_norm(tree_sub(x, moved)) / safe, tree_norm(grad))
+
+
 # ---------------------------------------------------------------------------------------
 # Block bookkeeping: sampling, batches, gather/scatter over (shards, blocks per shard).
 
@@ -607,6 +707,15 @@ def _auto_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
     `Explicit`)."""
     auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
     return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+
+
+def _epoch_blocks(key, step, shards: int, shard_size: int, per_shard: int):
+    """Local indices `(shards, per_shard)` from one random permutation of each shard's
+    blocks per epoch of `shard_size // per_shard` steps (random reshuffling; the last
+    `shard_size % per_shard` positions of a permutation are skipped)."""
+    epoch, position = jnp.divmod(step, shard_size // per_shard)
+    order = random_subset(jr.fold_in(key, epoch), (shards, shard_size), shard_size)
+    return lax.dynamic_slice_in_dim(order, position * per_shard, per_shard, axis=1)
 
 
 def _sample_blocks(key, shards: int, shard_size: int, per_shard: int, everything: bool):
