@@ -40,12 +40,13 @@ TARGET = np.asarray(jr.normal(_k[3], (M, DY)))
 _COUPLING, _SHIFT, _TARGET = jnp.asarray(COUPLING), jnp.asarray(SHIFT), jnp.asarray(TARGET)
 
 
-def t3_lower(x, y, batch, i):
-    return 0.5 * jnp.mean((batch @ y) ** 2) + 0.5 * MU * y @ y - y @ (_COUPLING[i] @ x - _SHIFT[i])
+def t3_lower(x, y, batch, i):  # in the dtype of y (float32 runs stay float32)
+    shift = (_COUPLING[i].astype(y.dtype) @ x - _SHIFT[i].astype(y.dtype))
+    return 0.5 * jnp.mean((batch @ y) ** 2) + 0.5 * MU * y @ y - y @ shift
 
 
 def t3_upper(x, y, batch, i):
-    return 0.5 * jnp.sum((y - _TARGET[i]) ** 2) + 0.5 * RHO * x @ x
+    return 0.5 * jnp.sum((y - _TARGET[i].astype(y.dtype)) ** 2) + 0.5 * RHO * x @ x
 
 
 T3 = bl.MultiBlockProblem(t3_upper, t3_lower, num_blocks=M)
@@ -76,9 +77,11 @@ class CyclicBlocks(bl.AbstractData):
 
 
 def numpy_bsvrb(cfg, sampled, batch_size, x, y, num_steps):
-    """BSVRB on T3 in dense NumPy from the update rules of specs/bsvrb.md §3.3-3.4 (our
-    initialisation: prev = current, estimators start from a block's first sample, first
-    STORM step with beta = 1). `sampled[t]` is the set of blocks of step t."""
+    """BSVRB on T3 in dense NumPy from the update rules of Hu et al. (ICML 2023),
+    Algorithms 1-2 (our initialisation: prev = current, estimators start from a block's
+    first sample, first STORM step with beta = 1). `sampled[t]` is the set of blocks of
+    step t. Returns the final (x, y) and every step's metrics by their definitions:
+    means over the sampled blocks at the step's iterate, |G_t| and |z_{t+1}|."""
     x, y = np.array(x, float), np.array(y, float)
     m, I = M, len(sampled[0])
     alpha, beta, eta, tau = cfg.alpha, cfg.beta, cfg.eta, cfg.tau
@@ -99,9 +102,11 @@ def numpy_bsvrb(cfg, sampled, batch_size, x, y, num_steps):
         n = np.linalg.norm(w)
         return w if cfg.v_radius is None or n <= cfg.v_radius else w * cfg.v_radius / n
 
+    metrics = {name: [] for name in METRIC_NAMES[cfg.version]}
     for t in range(num_steps):
         G, Gp = np.zeros_like(x), np.zeros_like(x)
         u_new, s_new, H_new, H_used = u.copy(), s.copy(), H.copy(), H.copy()
+        losses, lower_sq, linear_sq = [], [], []
         for i in sampled[t]:
             rows = ROWS[i][(t * batch_size + np.arange(batch_size)) % N]
             A = rows.T @ rows / batch_size + MU * np.eye(DY)
@@ -110,6 +115,8 @@ def numpy_bsvrb(cfg, sampled, batch_size, x, y, num_steps):
             def grad_g(x_, y_):
                 return A @ y_ - (Bi @ x_ - ci)
 
+            losses.append(0.5 * np.sum((y[i] - bi) ** 2) + 0.5 * RHO * x @ x)
+            lower_sq.append(np.sum(grad_g(x, y[i]) ** 2))
             fresh = last[i] < 0
             a, c = (1.0, 0.0) if fresh else (alpha, gamma)
             u_new[i] = (1 - a) * u[i] + (a + c) * grad_g(x, y[i]) - c * grad_g(xp, yp[i])
@@ -123,11 +130,17 @@ def numpy_bsvrb(cfg, sampled, batch_size, x, y, num_steps):
             else:
                 q = A @ v[i] - (y[i] - bi)
                 q_prev = A @ vp[i] - (yp[i] - bi)
+                linear_sq.append(np.sum(q**2))
                 s_new[i] = (1 - a) * s[i] + (a + c) * q - c * q_prev
                 G += RHO * x + Bi.T @ v[i]
                 Gp += RHO * xp + Bi.T @ vp[i]
         G, Gp = G / I, Gp / I
         z = G if t == 0 else (1 - beta) * (z - Gp) + G
+        values = dict(upper_loss=np.mean(losses), lower_residual=np.sqrt(np.mean(lower_sq)),
+                      grad_norm=np.linalg.norm(G), direction_norm=np.linalg.norm(z),
+                      linear_residual=np.sqrt(np.mean(linear_sq or [0.0])))
+        for name in metrics:
+            metrics[name].append(values[name])
         x_next = x - eta * z
         y_next, v_next = y.copy(), v.copy()
         moving = range(m) if cfg.lower_update == "all" else sampled[t]
@@ -143,41 +156,58 @@ def numpy_bsvrb(cfg, sampled, batch_size, x, y, num_steps):
         xp, yp, vp = x, y, v
         Hp = H_used if cfg.version == 1 else Hp
         x, y, v, u, s, H = x_next, y_next, v_next, u_new, s_new, H_new
-    return x, y
+    return x, y, metrics
+
+
+METRIC_NAMES = {
+    1: ("upper_loss", "grad_norm", "lower_residual", "direction_norm"),
+    2: ("upper_loss", "grad_norm", "lower_residual", "direction_norm", "linear_residual"),
+}
 
 
 REFERENCE_CASES = [
-    # (version, lower_update, extra fields); v_radius=0.3 makes the v2 ball projection
-    # active (|v*| is about 1 here), hessian_floor=1.2 > mu clips Hessian eigenvalues.
-    (1, "all", dict(hessian_floor=1.2)),
-    (2, "lazy", dict(v_radius=0.3)),
-    (2, "sampled", dict(gamma=1.0)),
+    # (version, lower_update, extra fields, dtype); v_radius=0.3 makes the v2 ball
+    # projection active (|v*| is about 1 here), hessian_floor=1.2 > mu clips Hessian
+    # eigenvalues; both block samplings.
+    (1, "all", dict(hessian_floor=1.2), jnp.float64),
+    (2, "lazy", dict(v_radius=0.3, block_sampling="independent"), jnp.float64),
+    (2, "sampled", dict(gamma=1.0), jnp.float64),
+    (1, "sampled", dict(hessian_floor=0.5), jnp.float32),
+    (2, "lazy", dict(v_radius=0.3), jnp.float32),
 ]
 
 
-@pytest.mark.parametrize("version,mode,extra", REFERENCE_CASES)
-def test_matches_numpy_reference_with_block_sampling(version, mode, extra):
+@pytest.mark.parametrize("version,mode,extra,dtype", REFERENCE_CASES)
+def test_matches_numpy_reference_with_block_sampling(version, mode, extra, dtype):
     # I = 2 of 6 blocks, B = 3 of 8 rows: MSVR corrections, first-visit initialisation,
-    # lazy catch-up, projections and the per-block data protocol all act. The sampled sets
-    # are read back from the state (blocks whose last_sampled == t). The arithmetic is
-    # identical up to summation order, so float64 agreement to 1e-10 is expected.
+    # lazy catch-up, projections, the per-block data protocol and the metric definitions
+    # all act. The sampled sets are read back from the state (blocks whose
+    # last_sampled == t). Same arithmetic up to summation order: float64 agrees to
+    # 1e-10; float32 (eps 1.2e-7, 12 steps of contractions) to 1e-4.
     per_step, batch = 2, 3
     solver = bl.solvers.BSVRB(
         version=version, blocks_per_step=per_step, eta=0.2, beta=0.7, alpha=0.6,
         tau=0.2, tau_v=0.3, lower_update=mode, **extra,
     )
-    data = CyclicBlocks(jnp.asarray(ROWS), batch, per_step)
-    x0, y0 = jnp.ones(DX), jnp.zeros((M, DY))
+    data = CyclicBlocks(jnp.asarray(ROWS, dtype), batch, per_step)
+    x0, y0 = jnp.ones(DX, dtype), jnp.zeros((M, DY), dtype)
     state = solver.init(T3, x0, y0, jr.PRNGKey(0))
     step = eqx.filter_jit(solver.step)
-    sampled = []
+    sampled, history = [], []
     for t in range(12):
-        state, _ = step(T3, state, data, jr.PRNGKey(t))
+        state, metrics = step(T3, state, data, jr.PRNGKey(t))
         sampled.append(np.flatnonzero(np.asarray(state.last_sampled) == t))
+        history.append(metrics)
     assert all(len(s) == per_step for s in sampled)
-    x_ref, y_ref = numpy_bsvrb(solver, sampled, batch, x0, y0, 12)
-    np.testing.assert_allclose(state.x, x_ref, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(state.y, y_ref, rtol=1e-10, atol=1e-12)
+    assert state.x.dtype == state.y.dtype == history[-1]["grad_norm"].dtype == dtype
+    x_ref, y_ref, metrics_ref = numpy_bsvrb(solver, sampled, batch, x0, y0, 12)
+    rtol, atol = (1e-10, 1e-12) if dtype == jnp.float64 else (1e-4, 1e-5)
+    np.testing.assert_allclose(state.x, x_ref, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(state.y, y_ref, rtol=rtol, atol=atol)
+    assert set(history[0]) == set(METRIC_NAMES[version])
+    for name, reference in metrics_ref.items():
+        np.testing.assert_allclose([h[name] for h in history], reference, rtol=rtol,
+                                   atol=atol, err_msg=name)
 
 
 # ---------------------------------------------------------------------------------------

@@ -139,10 +139,11 @@ def _quadratic_arrays(
     k_rows, k_b, k_c, k_t = jr.split(jr.PRNGKey(seed), 4)
     if condition is None:
         rows = jr.normal(k_rows, (num_blocks, num_samples, dim_y))
-    else:
-        rows = jax.vmap(
-            lambda k: _rows_with_spectrum(k, num_samples, dim_y, lower_reg, condition)
-        )(jr.split(k_rows, num_blocks))
+    else:  # (the helper broadcasts a vector against a matrix: allow rank promotion)
+        with jax.numpy_rank_promotion("allow"):
+            rows = jax.vmap(
+                lambda k: _rows_with_spectrum(k, num_samples, dim_y, lower_reg, condition)
+            )(jr.split(k_rows, num_blocks))
     coupling = jr.normal(k_b, (num_blocks, dim_y, dim_x)) / np.sqrt(dim_x)
     shift = jr.normal(k_c, (num_blocks, dim_y))
     target = jr.normal(k_t, (num_blocks, dim_y))

@@ -526,7 +526,7 @@ class BSVRB(AbstractBilevelSolver):
         z = tree_where(state.step == 0, grad, storm)
         x = apply_project_x(problem, tree_axpy(-steps.eta, z, state.x))
 
-        scale = self._lower_scale(state.step, last, fresh)
+        scale = self._lower_scale(state.step, last, fresh, steps.tau.dtype)
 
         def move(full, direction_full, direction_rows, lr, radius=None):
             return self._move(full, direction_full, direction_rows, rows(full), scale, lr,
@@ -624,11 +624,11 @@ class BSVRB(AbstractBilevelSolver):
 
     # -- lower-level steps -------------------------------------------------------------
 
-    def _lower_scale(self, step, last, fresh):
+    def _lower_scale(self, step, last, fresh, dtype):
         """$d_i$ for the sampled blocks: 1, or the steps since the last visit (lazy)."""
         if self.lower_update != "lazy":
-            return jnp.ones(last.shape, jnp.result_type(float))
-        return jnp.where(fresh, 1, step - last).astype(jnp.result_type(float))
+            return jnp.ones(last.shape, dtype)
+        return jnp.where(fresh, 1, step - last).astype(dtype)
 
     def _move(self, full, direction_full, direction_rows, current_rows, scale, lr,
               scatter, radius):
