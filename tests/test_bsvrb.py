@@ -4,6 +4,7 @@ optimum of the multi-block quadratic (T3), speed-up in I and B, the compositiona
 (T4), the multi-temperature logistic problem against Newton + IFT (T5), the digits
 problem, sharding over 4 host devices, and input errors."""
 
+import functools as ft
 import json
 import os
 import pathlib
@@ -263,6 +264,106 @@ def test_full_blocks_is_deterministic_implicit_gradient_descent(version, mode):
     np.testing.assert_allclose(state.y, y_star, atol=1e-8)
     # full batches and all blocks: the logged estimate is the exact direction
     assert float(history["lower_residual"][-1]) < 1e-8
+
+
+# ---------------------------------------------------------------------------------------
+# Defaults (issue 14): 12 blocks with Hessian eigenvalues in [1, 5], I = 3 blocks per
+# step, full per-block data; the lower objectives multiplied by s and the upper ones by t.
+# The constants and (s, t) travel in the data, so one compiled run serves every scale
+# pair and seed (vmap), in either dtype.
+
+M12, N12, DX12, DY12, RHO12 = 12, 8, 3, 4, 0.1
+_r = np.random.default_rng(12)
+_LEFT = np.linalg.qr(_r.standard_normal((M12, N12, DY12)))[0]  # orthonormal columns
+_RIGHT = np.linalg.qr(_r.standard_normal((M12, DY12, DY12)))[0]
+_EIGS = np.linspace(1.0, 5.0, DY12)  # of A_i = rows' rows / n + I
+ROWS12 = np.sqrt(N12 * (_EIGS - 1.0)) * _LEFT @ np.swapaxes(_RIGHT, 1, 2)
+COUPLING12 = _r.standard_normal((M12, DY12, DX12)) / np.sqrt(DX12)
+SHIFT12, TARGET12 = _r.standard_normal((M12, DY12)), _r.standard_normal((M12, DY12))
+A12 = np.einsum("mnk,mnl->mkl", ROWS12, ROWS12) / N12 + np.eye(DY12)
+RESPONSE12 = np.linalg.solve(A12, COUPLING12)  # y_i*(x) = A_i^-1 (B_i x - c_i)
+OFFSET12 = np.linalg.solve(A12, SHIFT12[..., None])[..., 0]
+SCALES = [(1.0, 1.0), (0.02, 50.0), (50.0, 0.02), (0.02, 0.02), (50.0, 50.0)]
+
+
+def q12_lower(x, y, batch, i):
+    shift = batch["coupling"][i] @ x - batch["shift"][i]
+    value = 0.5 * jnp.mean((batch["rows"][i] @ y) ** 2) + 0.5 * y @ y - y @ shift
+    return batch["scale"] * value
+
+
+def q12_upper(x, y, batch, i):
+    value = 0.5 * jnp.sum((y - batch["target"][i]) ** 2) + 0.5 * RHO12 * x @ x
+    return batch["scale"] * value
+
+
+Q12 = bl.MultiBlockProblem(q12_upper, q12_lower, num_blocks=M12)
+
+
+def q12_hypergradient(x):
+    """grad F(x) / t in closed form (float64)."""
+    residual = jnp.einsum("mkd,d->mk", RESPONSE12, x) - OFFSET12 - TARGET12
+    return jnp.einsum("mkd,mk->d", RESPONSE12, residual) / M12 + RHO12 * x
+
+
+@ft.lru_cache(maxsize=None)
+def default_runs(version, dtype, num_steps=4000, num_seeds=4):
+    """|grad F(x_t)| / |grad F(x_0)| of BSVRB(version, blocks_per_step=3) with
+    defaults, shape (scale pairs, seeds, steps)."""
+    solver = bl.solvers.BSVRB(version=version, blocks_per_step=3)
+    lower = {"rows": ROWS12, "coupling": COUPLING12, "shift": SHIFT12}
+    x0, y0 = jnp.zeros(DX12, dtype), jnp.zeros((M12, DY12), dtype)
+    start = jnp.linalg.norm(q12_hypergradient(jnp.zeros(DX12)))
+
+    @jax.jit
+    @ft.partial(jax.vmap, in_axes=(0, 0, None))
+    @ft.partial(jax.vmap, in_axes=(None, None, 0))
+    def run(s, t, key):
+        cast = ft.partial(jax.tree_util.tree_map, lambda u: jnp.asarray(u, dtype))
+        data = bl.FullBatch(upper=cast({"target": TARGET12, "scale": t}),
+                            lower=cast({**lower, "scale": s}))
+        state = solver.init(Q12, x0, y0, key)
+
+        def body(state, key):
+            state, _ = solver.step(Q12, state, data, key)
+            grad = q12_hypergradient(state.x.astype(jnp.float64))
+            return state, jnp.linalg.norm(grad) / start
+
+        return jax.lax.scan(body, state, jr.split(key, num_steps))[1]
+
+    s, t = (jnp.asarray(column) for column in zip(*SCALES))
+    return np.asarray(run(s, t, jr.split(jr.PRNGKey(0), num_seeds)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("version", [1, 2])
+def test_defaults_converge_with_block_sampling(version, dtype):
+    ratios = default_runs(version, dtype)[0]  # s = t = 1, 4 seeds
+    # The floor is the block-sampling noise of the STORM direction: the mean over the
+    # last 200 of 4000 steps measured at most 1.5e-3 (v1) / 1.6e-3 (v2) over the seeds
+    # (float32 the same to 3 digits); first below 1e-2 after a median of 307 (v1) / 412
+    # (v2) steps, at most 351 / 520. The target 1e-2 keeps a margin >= 6.
+    assert np.median(ratios[:, -200:].mean(axis=1)) < 1e-2
+    assert np.all(np.min(ratios, axis=1) < 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("version", [1, 2])
+def test_defaults_are_scale_invariant(version, dtype):
+    # Every default follows the problem's scale (tau ~ 1/s, eta ~ 1/t, mu' ~ s; alpha,
+    # beta, gamma are dimensionless, no clipping radius), so in exact arithmetic the x
+    # iterates do not depend on (s, t): the relative hypergradient curves agree to
+    # rounding (measured 6e-10 in float64). float32 rounding (1e-7) perturbs a
+    # contracting iteration, so there we ask for the same steps to reach 1e-2 (within
+    # 10%) and the same final level (within a factor 2).
+    ratios = default_runs(version, dtype)
+    if dtype == jnp.float64:
+        np.testing.assert_allclose(ratios[1:], np.broadcast_to(ratios[:1], ratios[1:].shape),
+                                   rtol=1e-6)
+    hits = np.argmax(ratios < 1e-2, axis=-1)
+    finals = ratios[..., -200:].mean(axis=-1)
+    np.testing.assert_allclose(np.median(hits, axis=1), np.median(hits[0]), rtol=0.1)
+    np.testing.assert_allclose(np.median(finals, axis=1), np.median(finals[0]), rtol=1.0)
 
 
 # ---------------------------------------------------------------------------------------
