@@ -220,13 +220,15 @@ class BlockMinibatch(AbstractData):
             blocks |= {s[0] for s in shapes}
         if len(blocks) > 1:
             raise ValueError(
-                f"BlockMinibatch: `upper` and `lower` disagree on the number of blocks: "
-                f"{sorted(blocks)}"
+                "BlockMinibatch: `upper` and `lower` disagree on the number of "
+                f"blocks: {sorted(blocks)}"
             )
         for name in ("batch_size", "upper_batch_size"):
             size = getattr(self, name)
             if size is not None and (not isinstance(size, int) or size < 1):
-                raise ValueError(f"BlockMinibatch: `{name}` must be a positive int or None")
+                raise ValueError(
+                    f"BlockMinibatch: `{name}` must be a positive int or None"
+                )
 
     @property
     def deterministic(self) -> bool:

@@ -90,10 +90,11 @@ def hyper_hessian_product(
     lower_batch: Any,
 ) -> PyTree[Array]:
     r"""$\nabla^2\tilde F(x)\,d$ for the hyper-objective linearised in $y$,
-    $\tilde F(x') = f(x', y + J(x' - x))$ with $J = -(\partial_y\Phi)^{-1}\partial_x\Phi$
-    at $(x, y)$: $\nabla^2\tilde F = [I; J]^\top\nabla^2 f\,[I; J]$, the Hessian of
-    $F(x) = f(x, y^*(x))$ at $y = y^*(x)$ without the terms in the third derivatives of
-    $g$ (exact when $g$ is quadratic). $d$ = `direction`.
+    $\tilde F(x') = f(x', y + J(x' - x))$ with
+    $J = -(\partial_y\Phi)^{-1}\partial_x\Phi$ at $(x, y)$:
+    $\nabla^2\tilde F = [I; J]^\top\nabla^2 f\,[I; J]$, the Hessian of
+    $F(x) = f(x, y^*(x))$ at $y = y^*(x)$ without the terms in the third derivatives
+    of $g$ (exact when $g$ is quadratic). $d$ = `direction`.
 
     Two matrix-free solves with $\partial_y\Phi$ (its default solver), for a condition
     with a symmetric Jacobian such as $\Phi = \nabla_y g$.
@@ -103,7 +104,9 @@ def hyper_hessian_product(
     _, response, _, _ = solve_adjoint(condition, x, y, (lower_batch,), cross_d, None)
     grad = jax.grad(problem.upper, argnums=(0, 1))
     _, (hess_x, hess_y) = jax.jvp(
-        lambda u, w: grad(u, w, upper_batch), (x, y), (direction, tree_scale(-1, response))
+        lambda u, w: grad(u, w, upper_batch),
+        (x, y),
+        (direction, tree_scale(-1, response)),
     )
     _, adjoint, _, _ = solve_adjoint(condition, x, y, (lower_batch,), hess_y, None)
     _, vjp = jax.vjp(lambda u: condition(u, y, lower_batch), x)

@@ -13,7 +13,6 @@ from jaxtyping import Array, Float
 from .._data import BlockMinibatch, FullBatch, Minibatch
 from .._problem import MultiBlockProblem
 from ._benchmark import Benchmark
-from ._quadratic import _rows_with_spectrum
 from ._common import (
     accuracy,
     as_float,
@@ -22,6 +21,7 @@ from ._common import (
     split_indices,
     standardize,
 )
+from ._quadratic import _rows_with_spectrum
 
 
 def multiblock_quadratic(
@@ -70,7 +70,9 @@ def multiblock_quadratic(
     if lower_reg <= 0 or upper_reg < 0:
         raise ValueError("multiblock_quadratic: need lower_reg > 0 and upper_reg >= 0")
     if lower_scale <= 0 or upper_scale <= 0:
-        raise ValueError("multiblock_quadratic: need lower_scale > 0 and upper_scale > 0")
+        raise ValueError(
+            "multiblock_quadratic: need lower_scale > 0 and upper_scale > 0"
+        )
     if lower_condition is not None and not 1 <= lower_condition < float("inf"):
         raise ValueError(
             f"multiblock_quadratic: lower_condition must be >= 1, got {lower_condition}"
@@ -81,7 +83,13 @@ def multiblock_quadratic(
             f"{num_samples} < {dim_y}"
         )
     rows, coupling, shift, target, response, offset, solution = _quadratic_arrays(
-        seed, num_blocks, dim_x, dim_y, num_samples, lower_reg, upper_reg,
+        seed,
+        num_blocks,
+        dim_x,
+        dim_y,
+        num_samples,
+        lower_reg,
+        upper_reg,
         lower_condition,
     )
 
@@ -108,7 +116,9 @@ def multiblock_quadratic(
     def evaluate(x, y):
         y_star = lower_solution(x)
         blocks = jnp.arange(num_blocks)
-        objective = jnp.mean(jax.vmap(upper, (None, 0, None, 0))(x, y_star, None, blocks))
+        objective = jnp.mean(
+            jax.vmap(upper, (None, 0, None, 0))(x, y_star, None, blocks)
+        )
         return {
             "hyper_objective": objective,
             "hypergradient_norm": jnp.linalg.norm(hypergradient(x)),
@@ -142,7 +152,9 @@ def _quadratic_arrays(
     else:  # (the helper broadcasts a vector against a matrix: allow rank promotion)
         with jax.numpy_rank_promotion("allow"):
             rows = jax.vmap(
-                lambda k: _rows_with_spectrum(k, num_samples, dim_y, lower_reg, condition)
+                lambda k: _rows_with_spectrum(
+                    k, num_samples, dim_y, lower_reg, condition
+                )
             )(jr.split(k_rows, num_blocks))
     coupling = jr.normal(k_b, (num_blocks, dim_y, dim_x)) / np.sqrt(dim_x)
     shift = jr.normal(k_c, (num_blocks, dim_y))
@@ -190,14 +202,16 @@ def multiblock_hpo(
     - `init_log_reg`: $x_0$ (every class).
     - `newton_steps`: Newton iterations used by `evaluate` for $y^*(x)$.
 
-    `evaluate(x, y)` returns the validation loss $F$ at $y$ and at $y^*(x)$ (Newton, float64
-    where enabled), the test accuracy of the argmax over the 10 classifiers at both, and
-    $\max_i\|y_i - y_i^*(x)\|$.
+    `evaluate(x, y)` returns the validation loss $F$ at $y$ and at $y^*(x)$ (Newton,
+    float64 where enabled), the test accuracy of the argmax over the 10 classifiers at
+    both, and $\max_i\|y_i - y_i^*(x)\|$.
     """
     check_int("multiblock_hpo", "newton_steps", newton_steps)
     images, digits = load_dataset("digits")
     n_train, n_val = len(digits) // 2, len(digits) // 4
-    train, val, test = split_indices(len(digits), (n_train, n_val, None), seed, "multiblock_hpo")
+    train, val, test = split_indices(
+        len(digits), (n_train, n_val, None), seed, "multiblock_hpo"
+    )
     features = standardize(images[train], images)[1]
     features = np.concatenate([features, np.ones((len(digits), 1))], axis=1)
 
@@ -227,7 +241,9 @@ def multiblock_hpo(
             hess = jax.hessian(lower, argnums=1)
 
             def body(_, w):
-                step = jnp.linalg.solve(hess(x, w, train_data, i), grad(x, w, train_data, i))
+                step = jnp.linalg.solve(
+                    hess(x, w, train_data, i), grad(x, w, train_data, i)
+                )
                 return w - step
 
             return jax.lax.fori_loop(0, newton_steps, body, jnp.zeros(dim, x.dtype))

@@ -3,9 +3,9 @@ problems $\min_x \frac1m\sum_{i=1}^m f_i(x, y_i^*(x))$,
 $y_i^*(x) = \arg\min_{y_i} g_i(x, y_i)$ (Hu, Qiu, Guo, Zhang, Yang, ICML 2023).
 
 Each step samples $I$ of the $m$ blocks and one upper and one lower batch per sampled
-block. Per-block estimators use MSVR (multi-block single-probe variance reduction) and the
-upper direction uses STORM. The two versions differ only in how a block's hypergradient
-$G_i$ is estimated, a strategy object holding its own per-block state:
+block. Per-block estimators use MSVR (multi-block single-probe variance reduction) and
+the upper direction uses STORM. The two versions differ only in how a block's
+hypergradient $G_i$ is estimated, a strategy object holding its own per-block state:
 `_HessianTracking` (v1) and `_LinearSystemTracking` (v2). All sampled-block work is
 `vmap`ped over a `(shards, blocks per shard)` grid; with a `jax.sharding.Mesh` each
 shard's blocks live, and are processed, on one device.
@@ -29,7 +29,6 @@ from .._data import AbstractData, FullBatch, random_subset
 from .._misc import tree_axpy, tree_norm, tree_project_ball, tree_sub, tree_where
 from .._oracles import oracles
 from .._problem import BilevelProblem, apply_project_x
-from .._stepsize import hyper_hessian_product, lower_curvature, operator_norm
 from .._solver import (
     AbstractBilevelSolver,
     choice,
@@ -38,13 +37,14 @@ from .._solver import (
     nonnegative,
     positive,
 )
+from .._stepsize import hyper_hessian_product, lower_curvature, operator_norm
 
 
 _LOWER_UPDATES = ("all", "sampled", "lazy")
 _SPD_TAGS = frozenset({lx.symmetric_tag, lx.positive_semidefinite_tag})
 
 
-# ---------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------
 # One block seen as a single-block problem (what the oracle bundle takes).
 
 
@@ -62,14 +62,16 @@ def _block_problem(problem: Any, index) -> BilevelProblem:
     """Block `index` of a `MultiBlockProblem`; a `BilevelProblem` is its own block."""
     if isinstance(problem, BilevelProblem):
         return problem
-    return BilevelProblem(_AtBlock(problem.upper, index), _AtBlock(problem.lower, index))
+    return BilevelProblem(
+        _AtBlock(problem.upper, index), _AtBlock(problem.lower, index)
+    )
 
 
 def _num_blocks(problem: Any) -> int:
     return 1 if isinstance(problem, BilevelProblem) else problem.num_blocks
 
 
-# ---------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------
 # MSVR and the per-block hypergradient estimators (called inside vmap over blocks).
 
 
@@ -124,11 +126,16 @@ class _HessianTracking(eqx.Module):
         return _HessianState(hessian, hessian)
 
     def block(self, problem, msvr, point, y, y_prev, state, fresh, upper, lower):
-        (x, x_prev), (hessian, hessian_prev) = point, (state.hessian, state.hessian_prev)
+        (x, x_prev), (hessian, hessian_prev) = (
+            point,
+            (state.hessian, state.hessian_prev),
+        )
         _, unravel = jfu.ravel_pytree(y)
 
         def at(x_, y_):
-            out = oracles(problem, x_, y_, jtu.tree_map(jnp.zeros_like, y_), upper, lower)
+            out = oracles(
+                problem, x_, y_, jtu.tree_map(jnp.zeros_like, y_), upper, lower
+            )
             flat = jfu.ravel_pytree(y_)[0]
             hess = jax.jacfwd(
                 lambda w: jfu.ravel_pytree(problem.condition(x_, unravel(w), lower))[0]
@@ -203,13 +210,22 @@ class _LinearSystemTracking(eqx.Module):
         return _LinearSystemState(v, state.v, s)
 
 
-def _block_step(estimator, problem, msvr, point, y, y_prev, u, state, fresh, batches,
-                index):
+def _block_step(
+    estimator, problem, msvr, point, y, y_prev, u, state, fresh, batches, index
+):
     """One sampled block: the estimator's oracles and $G_i$, and the MSVR of
     $u_i \\approx \\nabla_y g_i$, and $\\|\\nabla_y g_i\\|^2$."""
     upper, lower = batches
     out = estimator.block(
-        _block_problem(problem, index), msvr, point, y, y_prev, state, fresh, upper, lower
+        _block_problem(problem, index),
+        msvr,
+        point,
+        y,
+        y_prev,
+        state,
+        fresh,
+        upper,
+        lower,
     )
     u = msvr(u, out.lower_grad, out.lower_grad_prev, fresh)
     return out, u, tree_norm(out.lower_grad) ** 2
@@ -228,7 +244,7 @@ def _spd_solve(matrix, rhs):
     return lx.linear_solve(operator, rhs, lx.Cholesky(), throw=False).value
 
 
-# ---------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------
 # The solver.
 
 
@@ -258,7 +274,9 @@ class _BSVRBState(eqx.Module):
 
 class BSVRB(AbstractBilevelSolver):
     r"""Blockwise stochastic variance-reduced bilevel method, BSVRB$^{v1}$ and
-    BSVRB$^{v2}$ (Hu et al., ICML 2023), for a [`bilevel.MultiBlockProblem`][].
+    BSVRB$^{v2}$ (Hu et al., ICML 2023), for a [`bilevel.MultiBlockProblem`][]
+    $\min_x \frac1m\sum_i f_i(x, y_i^*(x))$; a [`bilevel.BilevelProblem`][] is solved
+    as one block ($m = 1$).
 
     Step $t$ samples a set $I_t$ of $I$ blocks (without replacement) and, for each
     $i \in I_t$, an upper batch $\xi_i$ and a lower batch $\zeta_i$. Every stochastic
@@ -272,69 +290,79 @@ class BSVRB(AbstractBilevelSolver):
     $G_t = \frac1I\sum_{i\in I_t} G_i(w_t)$ and its value $G_t^{\rm prev}$ at
     $w_{t-1}$ (same blocks and batches) drive STORM and the upper step,
 
-    $z_{t+1} = (1-\beta)(z_t - G_t^{\rm prev}) + G_t$,
+    $z_{t+1} = (1-\beta_t)(z_t - G_t^{\rm prev}) + G_t$,
     $\quad x_{t+1} = P_X(x_t - \eta\, z_{t+1})$,
 
     and the lower step is $y_i \leftarrow y_i - \tau\, d_i\, u_i$ (see `lower_update`).
+    The versions differ in $G_i$ only:
 
     - **v1** (small $d_y$) tracks Hessians $H_i \approx \nabla^2_{yy} g_i$ by MSVR and
       projects them onto $\{H = H^\top,\ H \succeq \mu' I\}$ (symmetrise, clip
-      eigenvalues at $\mu'$ = `hessian_floor`); $G_i = \nabla_x f_i - \nabla^2_{xy} g_i\,
-      H_i^{-1} \nabla_y f_i$ with a Cholesky solve, using $H_{i,t}$ at $w_t$ and
-      $H_{i,t-1}$ at $w_{t-1}$ (the values before this step's update).
+      eigenvalues at $\mu'$ = `hessian_floor`); $G_i = \nabla_x f_i -
+      \nabla^2_{xy} g_i\, H_i^{-1} \nabla_y f_i$ with a Cholesky solve, using $H_{i,t}$
+      at $w_t$ and $H_{i,t-1}$ at $w_{t-1}$ (the values before this step's update).
     - **v2** (large $d_y$) never forms a Hessian: $v_i \approx (\nabla^2_{yy} g_i)^{-1}
-      \nabla_y f_i$ takes projected steps $v_i \leftarrow \Pi_{\|v\|\le C_v}(v_i -
-      \tau_v d_i s_i)$ on the quadratic $q_i(v) = \frac12 v^\top \nabla^2_{yy} g_i v -
-      v^\top \nabla_y f_i$, whose gradient $s_i$ is MSVR-tracked (Hessian-vector products
-      only); $G_i = \nabla_x f_i - \nabla^2_{xy} g_i\, v_i$.
+      \nabla_y f_i$ takes steps $v_i \leftarrow \Pi(v_i - \tau_v d_i s_i)$ on the
+      quadratic $q_i(v) = \frac12 v^\top \nabla^2_{yy} g_i v - v^\top \nabla_y f_i$,
+      whose gradient $s_i$ is MSVR-tracked (Hessian-vector products only), $\Pi$ the
+      projection onto $\{\|v\| \le C_v\}$ if `v_radius` $= C_v$ is given;
+      $G_i = \nabla_x f_i - \nabla^2_{xy} g_i\, v_i$.
 
-    **Arguments:**
+    **Arguments** (`None`: derived from the problem, see *Defaults*):
 
     - `version`: 1 or 2 (default 2).
     - `blocks_per_step`: $I$ (default `None`: all $m$ blocks).
-    - `eta`, `tau`, `tau_v`: step sizes of $x$, $y_i$, $v_i$ (defaults 0.01, 0.5, 1.0).
-    - `beta`: STORM weight $\beta \in (0, 1]$ (default 0.9, the official scripts').
-    - `alpha`: MSVR weight $\alpha \in (0, 1]$ (default 0.9, the official scripts').
-    - `gamma`: MSVR correction weight $\gamma \ge 0$, or `"auto"` (default) for the
-      theory's $\gamma = \frac{m - I}{I(1-\alpha)} + (1-\alpha)$; with $I = m$ it is
-      $1-\alpha$, and MSVR is then STORM. The theory takes $\alpha$ small; with $\alpha$
-      near 1 and $I \ll m$ this $\gamma$ is large and needs small $\tau$, $\eta$. The
-      official scripts use $\gamma = 1$ with $\alpha = 0.9$.
-    - `v_radius`: $C_v$ of the v2 ball projection, a bound on $\|(\nabla^2_{yy}
-      g_i)^{-1}\nabla_y f_i\| \le C_f/\mu$ (default 10, the official code's; `None`: no
-      projection).
-    - `hessian_floor`: $\mu' \le \mu$, the eigenvalue floor of the v1 projection
-      (default 1e-3); choose it below the lower level's strong convexity.
-    - `lower_update`: which $y_i$ (and, in v2, $v_i$) move each step. `"all"` (default,
-      the eager form; the official v1 code): every block, unsampled ones with their stale
-      $u_i$, $d_i = 1$. `"sampled"`: only $i \in I_t$, $d_i = 1$. `"lazy"` (the official v2
-      code): only $i \in I_t$, with $d_i$ = the number of steps since block $i$ was last
-      sampled, a catch-up of the skipped eager steps that uses the new $u_i$. With
-      $I = m$ the three coincide.
+    - `eta`, `tau`, `tau_v`: step sizes of $x$, $y_i$, $v_i$.
+    - `beta`: STORM weight $\beta \in (0, 1]$, constant when given.
+    - `alpha`: MSVR weight $\alpha \in (0, 1]$.
+    - `gamma`: MSVR correction weight $\gamma \ge 0$, or `"auto"` (default):
+      $\gamma = (1-\alpha)\,m/I$.
+    - `v_radius`: $C_v$ of the v2 ball projection (default `None`: no projection).
+    - `hessian_floor`: $\mu'$, the eigenvalue floor of the v1 projection; keep it
+      below the strong convexity of the $g_i$.
+    - `lower_update`: which $y_i$ (and, in v2, $v_i$) move each step. `"sampled"`
+      (default): only $i \in I_t$, $d_i = 1$. `"all"` (the eager form of the official
+      v1 code): every block, unsampled ones with their stale $u_i$, $d_i = 1$. `"lazy"`
+      (the official v2 code): only $i \in I_t$, with $d_i$ = the number of steps since
+      block $i$ was last sampled. With $I = m$ the three coincide.
+    - `block_sampling`: `"epoch"` (default, as in the official code): each epoch of
+      $m/I$ steps visits the blocks in a fresh random order, $I$ at a time (the last
+      $m \bmod I$ of each order are skipped); `"independent"`: a fresh uniform subset
+      every step. Either way a block is in $I_t$ with probability $I/m$.
     - `num_shards`: the blocks are split into this many contiguous equal groups and
-      $I/\text{num\_shards}$ blocks are sampled from each (stratified sampling; each block
-      is still in $I_t$ with probability $I/m$). Default: the mesh's size along
-      `mesh_axis`, or 1 (plain uniform sampling). It must divide both $m$ and $I$.
+      $I/\text{num\_shards}$ blocks are sampled from each (stratified sampling).
+      Default: the mesh's size along `mesh_axis`, or 1. It must divide $m$ and $I$.
     - `mesh`, `mesh_axis`: shard over devices (below).
+
+    **Defaults.** At the first step, on the first sampled blocks and batches at
+    $(x_0, y_0)$: $L_g = \max_i \|\nabla^2_{yy} g_i\|$ and $L_F$, the norm of the
+    blocks' mean hyper-objective Hessian linearised in $y$ (power iterations,
+    `bilevel._stepsize.hyper_hessian_product`). Then $\tau = \tau_v = 0.5/L_g$,
+    $\eta = 0.2/L_F$, $\mu' = 10^{-6} L_g$; $\beta_t = \max(1/(t+1), 10^{-3})$ ($z$ is
+    the running mean of the corrected estimates, then an exponential average over
+    about $10^3$ steps); $\alpha = 1$ when the data are deterministic (a block's
+    oracles are then exact at each visit) and $0.1$ otherwise. Multiplying every $g_i$
+    by $s$ and every $f_i$ by $t$ scales $L_g$ by $s$ and $L_F$ by $t$, so the iterates
+    $x_t$ do not change. An explicit value always wins.
 
     **Per-block data.** Block $i$'s objectives are called as $f_i$ = `upper(x, y_i,
     batch, i)` and $g_i$ = `lower(x, y_i, batch, i)`, with `i` an int32 scalar. For the
     $s$-th sampled block of step $t$ the batches come from `data` with a key of its own
     (one split of the step's key) and draw count $tI + s$: from
     `data.block_upper_batch(key, draw, i)` / `data.block_lower_batch(key, draw, i)` when
-    `data` has them (per-block rows, [`bilevel.solvers.BlockMinibatch`][]),
-    otherwise from `data.upper_batch(key, draw)`, a pool shared by all blocks
-    ([`bilevel.FullBatch`][], [`bilevel.Minibatch`][]), the objectives reading their
-    block's part through `i`. The batch size $B$ is the data's (`batch_size=`).
+    `data` has them (per-block rows, [`bilevel.BlockMinibatch`][]), otherwise from
+    `data.upper_batch(key, draw)`, a pool shared by all blocks ([`bilevel.FullBatch`][],
+    [`bilevel.Minibatch`][]), the objectives reading their block's part through `i`.
+    The batch size $B$ is the data's (`batch_size=`).
 
-    **Sharding.** Pass `mesh=jax.make_mesh((n,), ("blocks",))`: $y$, $u$, $H$ / $v$,
-    $s$, their previous copies and the bookkeeping arrays are sharded along the block
-    axis over `mesh_axis`, $x$ and $z$ are replicated, and each device samples and
-    processes blocks from its own shards (`num_shards` defaults to the device count), so
-    only the $d_x$-sized sum over sampled blocks crosses devices. The same code runs on
-    one device; `BSVRB(num_shards=n)` without a mesh makes the same draws, so both runs
-    agree to rounding. $m$ and $I$ must be multiples of `num_shards`. Batches are drawn
-    from replicated data.
+    **Sharding.** Pass `mesh=jax.make_mesh((n,), ("blocks",))`: $y$, $u$, the
+    estimator state ($H$ or $v$, $s$), their previous copies and the bookkeeping arrays
+    are sharded along the block axis over `mesh_axis`, $x$ and $z$ are replicated, and
+    each device samples and processes blocks from its own shards (`num_shards`
+    defaults to the device count), so only the $d_x$-sized sum over sampled blocks
+    crosses devices. The same code runs on one device; `BSVRB(num_shards=n)` without a
+    mesh makes the same draws, so both runs agree to rounding. $m$ and $I$ must be
+    multiples of `num_shards`. Batches are drawn from replicated data.
 
     ```python
     # on CPU, simulate devices with XLA_FLAGS=--xla_force_host_platform_device_count=4
@@ -344,21 +372,27 @@ class BSVRB(AbstractBilevelSolver):
     state.y.sharding  # NamedSharding(mesh, PartitionSpec("blocks"))
     ```
 
-    **Initialisation** (spec pitfall 2: no random estimators, no garbage first
-    correction): $x_{-1} = x_0$, $y_{-1} = y_0$, $u = s = v = z = 0$. The first time a
-    block is sampled its estimators take $\alpha = 1$, $\gamma = 0$ (they start from
-    that sample), and in v1 its Hessian term uses that fresh estimate; the first step
-    takes $\beta = 1$ ($z_1 = G_0$).
+    **Initialisation.** $x_{-1} = x_0$, $y_{-1} = y_0$, $u = s = v = z = 0$ (no random
+    estimators, so the first correction is not made of noise). The first time a block
+    is sampled its estimators take $\alpha = 1$, $\gamma = 0$ (they start from that
+    sample), and in v1 its Hessian term uses that fresh estimate; the first step takes
+    $\beta = 1$ ($z_1 = G_0$).
 
-    Metrics (sampled blocks, current point): `upper_loss` $\frac1I\sum f_i$,
-    `grad_norm` $\|z_{t+1}\|$ (the update direction), `lower_residual`
-    $(\frac1I\sum\|\nabla_y g_i\|^2)^{1/2}$, `hypergradient_norm` $\|G_t\|$, and in v2
-    `linear_residual` $(\frac1I\sum\|\nabla^2_{yy}g_i v_i - \nabla_y f_i\|^2)^{1/2}$.
+    Metrics (sampled blocks, at the step's iterate): `upper_loss` $\frac1I\sum f_i$,
+    `grad_norm` $\|G_t\|$ (the gradient mapping $\|x_t - P_X(x_t - \eta G_t)\|/\eta$
+    with a set $X$), `lower_residual` $(\frac1I\sum\|\nabla_y g_i\|^2)^{1/2}$ (with
+    $m = 1$: $\|\nabla_y g\|$), `direction_norm` $\|z_{t+1}\|$ (the update direction),
+    and in v2 `linear_residual` $(\frac1I\sum\|\nabla^2_{yy}g_i v_i - \nabla_y
+    f_i\|^2)^{1/2}$.
 
-    !!! info "Deviations from the paper's code"
+    !!! info "Deviations from the paper and its code"
         The v1 projection is a true projection onto $\{H \succeq \mu' I\}$, not the
-        code's Frobenius rescaling; there is no `batch_size` field (the data sets $B$,
-        as for every solver).
+        code's Frobenius rescaling; there is no `batch_size` field (the data set $B$,
+        as for every solver). `gamma="auto"` is $(1-\alpha)m/I$, which makes MSVR
+        unbiased for an oracle drifting linearly between two visits of a block (they
+        are $m/I$ steps apart on average) and equals STORM's $1-\alpha$ at $I = m$; the
+        theory's $\frac{m-I}{I(1-\alpha)} + (1-\alpha)$ agrees with it for small
+        $\alpha$ but grows without bound as $\alpha \to 1$.
 
     ??? cite "References"
         ```bibtex
@@ -413,7 +447,9 @@ class BSVRB(AbstractBilevelSolver):
     def _estimator(self, steps: _StepSizes | None = None):
         if self.version == 1:
             return _HessianTracking(None if steps is None else steps.hessian_floor)
-        return _LinearSystemTracking(None if steps is None else steps.tau_v, self.v_radius)
+        return _LinearSystemTracking(
+            None if steps is None else steps.tau_v, self.v_radius
+        )
 
     def _shards(self) -> int:
         if self.num_shards is not None:
@@ -449,8 +485,8 @@ class BSVRB(AbstractBilevelSolver):
             )
         if num_blocks % shards or per_step % shards:
             raise ValueError(
-                f"BSVRB: num_blocks={num_blocks} and blocks_per_step={per_step} must both "
-                f"be multiples of num_shards={shards}"
+                f"BSVRB: num_blocks={num_blocks} and blocks_per_step={per_step} must "
+                f"both be multiples of num_shards={shards}"
             )
 
     # -- sharding ----------------------------------------------------------------------
@@ -515,27 +551,46 @@ class BSVRB(AbstractBilevelSolver):
         msvr = _MSVR(alpha, self._gamma(alpha, num_blocks, per_step))
         (batches, batch_axes) = batches
         fn = ft.partial(_block_step, estimator, problem, msvr, (state.x, state.x_prev))
-        args = (rows(state.y), rows(state.y_prev), rows(state.u), rows(state.estimator),
-                fresh)
+        args = (
+            rows(state.y),
+            rows(state.y_prev),
+            rows(state.u),
+            rows(state.estimator),
+            fresh,
+        )
         in_axes = (0,) * len(args) + (batch_axes, 0)
         out, u_rows, lower_sq = _vmap2(fn, in_axes)(*args, batches, blocks)
 
         grad = _mean_over_slots(out.grad)
         grad_prev = _mean_over_slots(out.grad_prev)
-        storm = tree_axpy(1 - self._beta(state.step), tree_sub(state.z, grad_prev), grad)
+        storm = tree_axpy(
+            1 - self._beta(state.step), tree_sub(state.z, grad_prev), grad
+        )
         z = tree_where(state.step == 0, grad, storm)
         x = apply_project_x(problem, tree_axpy(-steps.eta, z, state.x))
 
         scale = self._lower_scale(state.step, last, fresh, steps.tau.dtype)
 
         def move(full, direction_full, direction_rows, lr, radius=None):
-            return self._move(full, direction_full, direction_rows, rows(full), scale, lr,
-                              scatter, radius)
+            return self._move(
+                full,
+                direction_full,
+                direction_rows,
+                rows(full),
+                scale,
+                lr,
+                scatter,
+                radius,
+            )
 
         u = scatter(state.u, u_rows)
         y = move(state.y, u, u_rows, steps.tau)
-        estimator_state = estimator.update(state.estimator, out.estimator, scatter, move)
-        last_sampled = scatter(state.last_sampled, jnp.broadcast_to(state.step, local.shape))
+        estimator_state = estimator.update(
+            state.estimator, out.estimator, scatter, move
+        )
+        last_sampled = scatter(
+            state.last_sampled, jnp.broadcast_to(state.step, local.shape)
+        )
         blocked = self._place((y, u, estimator_state, last_sampled), True)
         new_state = _BSVRBState(
             x=self._place(x, False),
@@ -566,7 +621,10 @@ class BSVRB(AbstractBilevelSolver):
     def _given_steps(self, dtype) -> _StepSizes:
         """The explicit step sizes (zeros in place of those estimated at step 0)."""
         return _StepSizes(
-            *(jnp.asarray(0 if value is None else value, dtype) for value in self._steps())
+            *(
+                jnp.asarray(0 if value is None else value, dtype)
+                for value in self._steps()
+            )
         )
 
     def _steps(self) -> tuple:
@@ -590,12 +648,16 @@ class BSVRB(AbstractBilevelSolver):
                 problem, state.x, y, batches, blocks, jr.fold_in(key, 1)
             )
             derived = _default_steps(lower, upper)
-            return _StepSizes(*(
-                old if value is not None else new.astype(old.dtype)
-                for value, old, new in zip(
-                    self._steps(), jtu.tree_leaves(state.steps), jtu.tree_leaves(derived)
+            return _StepSizes(
+                *(
+                    old if value is not None else new.astype(old.dtype)
+                    for value, old, new in zip(
+                        self._steps(),
+                        jtu.tree_leaves(state.steps),
+                        jtu.tree_leaves(derived),
+                    )
                 )
-            ))
+            )
 
         return lax.cond(state.step == 0, estimate, lambda _: state.steps, None)
 
@@ -609,8 +671,9 @@ class BSVRB(AbstractBilevelSolver):
         slot_keys = keys[1:].reshape((2, shards, per_shard) + keys.shape[1:])
         everything = per_step == num_blocks
         if self.block_sampling == "epoch" and not everything:
-            local = _epoch_blocks(state.sampling_key, state.step, shards, shard_size,
-                                  per_shard)
+            local = _epoch_blocks(
+                state.sampling_key, state.step, shards, shard_size, per_shard
+            )
         else:
             local = _sample_blocks(keys[0], shards, shard_size, per_shard, everything)
         local = self._place(local, True)
@@ -618,8 +681,12 @@ class BSVRB(AbstractBilevelSolver):
         blocks = local + offsets
         slots = jnp.arange(per_step).reshape(shards, per_shard)
         draws = state.step * per_step + slots
-        upper, upper_axis = _block_batches(data, slot_keys[0], draws, blocks, upper=True)
-        lower, lower_axis = _block_batches(data, slot_keys[1], draws, blocks, upper=False)
+        upper, upper_axis = _block_batches(
+            data, slot_keys[0], draws, blocks, upper=True
+        )
+        lower, lower_axis = _block_batches(
+            data, slot_keys[1], draws, blocks, upper=False
+        )
         return local, blocks, ((upper, lower), (upper_axis, lower_axis))
 
     # -- lower-level steps -------------------------------------------------------------
@@ -630,8 +697,17 @@ class BSVRB(AbstractBilevelSolver):
             return jnp.ones(last.shape, dtype)
         return jnp.where(fresh, 1, step - last).astype(dtype)
 
-    def _move(self, full, direction_full, direction_rows, current_rows, scale, lr,
-              scatter, radius):
+    def _move(
+        self,
+        full,
+        direction_full,
+        direction_rows,
+        current_rows,
+        scale,
+        lr,
+        scatter,
+        radius,
+    ):
         r"""$w_i \leftarrow \Pi(w_i - \text{lr}\, d_i\, e_i)$ on every block (`"all"`)
         or on the sampled ones, $\Pi$ the projection onto the ball of radius `radius`
         (none for `None`)."""
@@ -697,7 +773,7 @@ def _grad_norm(problem, x, grad, eta):
     return jnp.where(eta > 0, tree_norm(tree_sub(x, moved)) / safe, tree_norm(grad))
 
 
-# ---------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------
 # Block bookkeeping: sampling, batches, gather/scatter over (shards, blocks per shard).
 
 
@@ -719,7 +795,8 @@ def _epoch_blocks(key, step, shards: int, shard_size: int, per_shard: int):
 
 
 def _sample_blocks(key, shards: int, shard_size: int, per_shard: int, everything: bool):
-    """Local indices `(shards, per_shard)`: `per_shard` distinct blocks of each shard."""
+    """Local indices `(shards, per_shard)`: `per_shard` distinct blocks of each
+    shard."""
     if everything:
         every = jnp.arange(shard_size, dtype=jnp.int32)
         return jnp.broadcast_to(every, (shards, shard_size))
@@ -741,7 +818,9 @@ def _block_batches(data: AbstractData, keys, draws, blocks, upper: bool):
     if per_block is not None:
         return _vmap2(per_block, (0, 0, 0))(keys, draws, blocks), 0
     shared = data.upper_batch if upper else data.lower_batch
-    if isinstance(data, FullBatch):  # the same batch for every block: not copied per block
+    if isinstance(
+        data, FullBatch
+    ):  # the same batch for every block: not copied per block
         return shared(keys[0, 0], draws[0, 0]), None
     return _vmap2(shared, (0, 0))(keys, draws), 0
 
@@ -765,7 +844,8 @@ def _scatter(tree, local, new_rows, shards):
 
 
 def _times_rows(scale, leaf):
-    """`scale` (one value per sampled block, shape `(S, P)`) times `leaf` `(S, P, ...)`."""
+    """`scale` (one value per sampled block, shape `(S, P)`) times `leaf`
+    `(S, P, ...)`."""
     scale = scale.astype(leaf.dtype)
     return scale.reshape(scale.shape + (1,) * (leaf.ndim - scale.ndim)) * leaf
 
