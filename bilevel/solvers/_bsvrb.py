@@ -11,6 +11,7 @@ hypergradient $G_i$ is estimated, a strategy object holding its own per-block st
 shard's blocks live, and are processed, on one device.
 """
 
+import abc
 import functools as ft
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -103,12 +104,33 @@ class _BlockOut(eqx.Module):
     residuals: dict[str, Array]
 
 
+class _AbstractEstimator(eqx.Module):
+    """How a version estimates a block's hypergradient $G_i$: its per-block state (a
+    Module of arrays with a leading block axis), the work for one sampled block, and
+    the state update after the sampled rows are known."""
+
+    @abc.abstractmethod
+    def init(self, y0: PyTree[Array]) -> eqx.Module:
+        """The per-block state for stacked lower variables `y0`."""
+
+    @abc.abstractmethod
+    def block(self, problem, msvr, point, y, y_prev, state, fresh, upper, lower):
+        """`_BlockOut` of one sampled block (inside vmap): `problem` is the block's
+        single-block view, `point` = $(x_t, x_{t-1})$, `state` the block's rows."""
+
+    @abc.abstractmethod
+    def update(self, state, rows, scatter, move) -> eqx.Module:
+        """The new state from the sampled blocks' `rows` (`_BlockOut.estimator`);
+        `scatter(full, rows)` writes rows back, `move(full, direction_full,
+        direction_rows, step, radius)` takes a lower-level step (see `lower_update`)."""
+
+
 class _HessianState(eqx.Module):
     hessian: Float[Array, "m dy dy"]
     hessian_prev: Float[Array, "m dy dy"]
 
 
-class _HessianTracking(eqx.Module):
+class _HessianTracking(_AbstractEstimator):
     r"""BSVRB v1: MSVR estimates $H_i \approx \nabla^2_{yy} g_i$ projected onto
     $\{H = H^\top,\ H \succeq \mu' I\}$, and $G_i = \nabla_x f_i - \nabla^2_{xy} g_i\,
     H_i^{-1}\nabla_y f_i$ (Cholesky solve), with $H_{i,t}$ at $w_t$ and $H_{i,t-1}$ at
@@ -126,16 +148,14 @@ class _HessianTracking(eqx.Module):
         return _HessianState(hessian, hessian)
 
     def block(self, problem, msvr, point, y, y_prev, state, fresh, upper, lower):
-        (x, x_prev), (hessian, hessian_prev) = (
-            point,
-            (state.hessian, state.hessian_prev),
-        )
+        x, x_prev = point
+        hessian, hessian_prev = state.hessian, state.hessian_prev
         _, unravel = jfu.ravel_pytree(y)
 
         def at(x_, y_):
-            out = oracles(
-                problem, x_, y_, jtu.tree_map(jnp.zeros_like, y_), upper, lower
-            )
+            # first-order oracles (the products with v = 0 are unused and compiled away)
+            zeros = jtu.tree_map(jnp.zeros_like, y_)
+            out = oracles(problem, x_, y_, zeros, upper, lower)
             flat = jfu.ravel_pytree(y_)[0]
             hess = jax.jacfwd(
                 lambda w: jfu.ravel_pytree(problem.condition(x_, unravel(w), lower))[0]
@@ -174,7 +194,7 @@ class _LinearSystemState(eqx.Module):
     s: PyTree[Array]
 
 
-class _LinearSystemTracking(eqx.Module):
+class _LinearSystemTracking(_AbstractEstimator):
     r"""BSVRB v2: $v_i \approx (\nabla^2_{yy} g_i)^{-1}\nabla_y f_i$ takes steps
     $v_i \leftarrow \Pi_{\|v\|\le C_v}(v_i - \tau_v d_i s_i)$ on $q_i(v) = \frac12
     v^\top\nabla^2_{yy} g_i v - v^\top\nabla_y f_i$, whose gradient $s_i$ is
@@ -308,7 +328,8 @@ class BSVRB(AbstractBilevelSolver):
       projection onto $\{\|v\| \le C_v\}$ if `v_radius` $= C_v$ is given;
       $G_i = \nabla_x f_i - \nabla^2_{xy} g_i\, v_i$.
 
-    **Arguments** (`None`: derived from the problem, see *Defaults*):
+    **Arguments** (a step size or weight left at `None` is derived from the problem,
+    see *Defaults*):
 
     - `version`: 1 or 2 (default 2).
     - `blocks_per_step`: $I$ (default `None`: all $m$ blocks).
@@ -775,6 +796,16 @@ def _grad_norm(problem, x, grad, eta):
 
 # -------------------------------------------------------------------------------------
 # Block bookkeeping: sampling, batches, gather/scatter over (shards, blocks per shard).
+#
+# Layout: the m blocks form S = num_shards contiguous groups of m / S; every per-block
+# array (y, u, the estimator state, last_sampled) keeps its leading (m, ...) axis and is
+# viewed as (S, m / S, ...) by `_grouped`. Each step draws I / S local indices per
+# group (`_epoch_blocks` / `_sample_blocks`, one batched random call whose leading axis
+# is the group), gathers those rows (`_gather`), vmaps the block work over the
+# (S, I / S) grid and scatters the rows back (`_scatter`). With a mesh, `_place` pins
+# the leading axis to `mesh_axis`, so group k lives on device k and XLA keeps the
+# gather, the block work and the scatter local; only the means over the grid (the
+# d_x-sized G_t, G_t^prev and the metrics) are all-reduced.
 
 
 def _auto_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
@@ -818,14 +849,13 @@ def _block_batches(data: AbstractData, keys, draws, blocks, upper: bool):
     if per_block is not None:
         return _vmap2(per_block, (0, 0, 0))(keys, draws, blocks), 0
     shared = data.upper_batch if upper else data.lower_batch
-    if isinstance(
-        data, FullBatch
-    ):  # the same batch for every block: not copied per block
+    if isinstance(data, FullBatch):  # one batch for every block, not copied per block
         return shared(keys[0, 0], draws[0, 0]), None
     return _vmap2(shared, (0, 0))(keys, draws), 0
 
 
 def _grouped(leaf, shards):
+    """`(m, ...)` -> `(shards, m / shards, ...)`."""
     return leaf.reshape(shards, leaf.shape[0] // shards, *leaf.shape[1:])
 
 
