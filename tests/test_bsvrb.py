@@ -596,6 +596,7 @@ VAL5 = jnp.concatenate(
 VAL_LABEL5 = jnp.sign(VAL5 @ jr.normal(_k5[1], (D5 + 1,)))
 SIGMA5 = 1.0 + 10.0 * jr.uniform(_k5[4], (M5,))
 P0 = jr.normal(_k5[5], (N5,))
+T5_KEY = jr.PRNGKey(5)
 
 
 def logistic(w, feat, label, i):
@@ -670,7 +671,7 @@ def test_t5_stochastic_estimate_approaches_newton_ift(t5_reference):
     # I = 4 of 8 blocks, 50 of 200 training rows and 25 of 100 validation rows per
     # block: the STORM average (beta = 0.02) of the block- and batch-sampled
     # hypergradients at a frozen x. Per-draw relative noise of G is O(1); the
-    # exponential average over ~1/beta draws brings it to about 0.1-0.15.
+    # exponential average over ~1/beta draws brings it below 0.1.
     solver = bl.solvers.BSVRB(
         version=2,
         blocks_per_step=4,
@@ -685,9 +686,16 @@ def test_t5_stochastic_estimate_approaches_newton_ift(t5_reference):
     data = bl.Minibatch(
         upper=T5_VAL, lower=T5_TRAIN, batch_size=50, upper_batch_size=25
     )
-    state, _ = bl.run(T5, solver, P0, jnp.zeros((M5, D5 + 1)), data, 600, jr.PRNGKey(5))
-    # measured 0.09-0.13 for five keys (0.11 for this one): a 2x margin
-    assert relative_error(state.z, t5_reference) < 0.3
+    y0 = jnp.zeros((M5, D5 + 1))
+
+    @jax.vmap
+    def direction(key):
+        return bl.run(T5, solver, P0, y0, data, 600, key)[0].z
+
+    errors = [relative_error(z, t5_reference) for z in direction(jr.split(T5_KEY, 8))]
+    # measured 0.076-0.094 over these 8 keys (median 0.078): a margin of 2.5 on the
+    # median and 3 on the worst key
+    assert np.median(errors) < 0.2 and np.max(errors) < 0.3, errors
 
 
 # -------------------------------------------------------------------------------------
