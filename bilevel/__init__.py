@@ -19,6 +19,7 @@ from ._conditions import (
 )
 from ._data import (
     AbstractData as AbstractData,
+    BlockMinibatch as BlockMinibatch,
     FullBatch as FullBatch,
     Minibatch as Minibatch,
 )

@@ -168,3 +168,114 @@ def as_data(data: Any) -> AbstractData:
     if data is None:
         return FullBatch(upper=None, lower=None)
     return FullBatch(data)
+
+
+# -------------------------------------------------------------------------------------
+# Per-block data (multi-block problems).
+
+
+class BlockMinibatch(AbstractData):
+    r"""Per-block data: every leaf has a leading block axis of size $m$ followed by a
+    sample axis, and block $i$'s batch is drawn from its own rows.
+
+    [`bilevel.solvers.BSVRB`][] calls `block_upper_batch(key, draw, block, stream)` /
+    `block_lower_batch(...)` inside `vmap` over the sampled blocks (`block` is a traced
+    int32 index). The plain `upper_batch` / `lower_batch` of the
+    [`bilevel.AbstractData`][] interface return block 0's batch; they exist so that
+    `problem.check` sees the shape one block's objective receives.
+
+    **Arguments:**
+
+    - `upper`, `lower`: pytrees whose leaves have shape `(m, n, ...)` (per level), or
+      `None` for a level without data.
+    - `batch_size`: samples per lower batch (`None`: all `n` rows of the block).
+    - `upper_batch_size`: samples per upper batch (default: `batch_size`).
+    - `sampling`: `"without_replacement"` (default; distinct rows within a batch,
+      independent batches) or `"with_replacement"`.
+
+    Blocks share nothing here; for one data pool shared by all blocks (e.g. one data set
+    and one model per class) use [`bilevel.Minibatch`][] and read the block index in
+    the objectives instead.
+    """
+
+    upper: PyTree
+    lower: PyTree
+    batch_size: int | None = eqx.field(static=True, default=None)
+    upper_batch_size: int | None = eqx.field(static=True, default=None)
+    sampling: Literal["without_replacement", "with_replacement"] = eqx.field(
+        static=True, default="without_replacement"
+    )
+
+    def __check_init__(self):
+        if self.sampling not in ("without_replacement", "with_replacement"):
+            raise ValueError(f"BlockMinibatch: unknown `sampling` {self.sampling!r}")
+        blocks = set()
+        for name, tree in (("upper", self.upper), ("lower", self.lower)):
+            shapes = {jnp.shape(u)[:2] for u in jtu.tree_leaves(tree)}
+            if any(len(s) < 2 for s in shapes) or len(shapes) > 1:
+                raise ValueError(
+                    f"BlockMinibatch: every leaf of `{name}` needs the same leading "
+                    f"(block, sample) axes; got leading shapes {sorted(shapes)}"
+                )
+            blocks |= {s[0] for s in shapes}
+        if len(blocks) > 1:
+            raise ValueError(
+                "BlockMinibatch: `upper` and `lower` disagree on the number of "
+                f"blocks: {sorted(blocks)}"
+            )
+        for name in ("batch_size", "upper_batch_size"):
+            size = getattr(self, name)
+            if size is not None and (not isinstance(size, int) or size < 1):
+                raise ValueError(
+                    f"BlockMinibatch: `{name}` must be a positive int or None"
+                )
+
+    @property
+    def deterministic(self) -> bool:
+        if self.sampling == "with_replacement":
+            return False
+        upper_size = self.upper_batch_size or self.batch_size
+        return _is_whole_block(self.upper, upper_size) and _is_whole_block(
+            self.lower, self.batch_size
+        )
+
+    @property
+    def num_blocks(self) -> int | None:
+        """$m$, the size of the leading block axis (`None` without data)."""
+        leaves = jtu.tree_leaves((self.upper, self.lower))
+        return jnp.shape(leaves[0])[0] if leaves else None
+
+    def block_upper_batch(self, key, draw, block, stream=0):
+        """Block `block`'s upper batch (a fresh sample for every key)."""
+        size = self.upper_batch_size or self.batch_size
+        return self._draw(self.upper, size, key, block, 2 * stream + 1)
+
+    def block_lower_batch(self, key, draw, block, stream=0):
+        """Block `block`'s lower batch (a fresh sample for every key)."""
+        return self._draw(self.lower, self.batch_size, key, block, 2 * stream)
+
+    def upper_batch(self, key, draw, stream=0):
+        return self.block_upper_batch(key, draw, jnp.zeros((), jnp.int32), stream)
+
+    def lower_batch(self, key, draw, stream=0):
+        return self.block_lower_batch(key, draw, jnp.zeros((), jnp.int32), stream)
+
+    def _draw(self, tree, size, key, block, stream_id):
+        rows = jtu.tree_map(lambda u: u[block], tree)
+        leaves = jtu.tree_leaves(rows)
+        if not leaves:
+            return rows
+        num = jnp.shape(leaves[0])[0]
+        if size is None or (size >= num and self.sampling == "without_replacement"):
+            return rows
+        key = jr.fold_in(key, stream_id)
+        if self.sampling == "with_replacement":
+            index = jr.randint(key, (size,), 0, num)
+        else:
+            index = random_subset(key, (num,), size)
+        return jtu.tree_map(lambda u: jnp.take(u, index, axis=0), rows)
+
+
+def _is_whole_block(tree: PyTree, size: int | None) -> bool:
+    leaves = jtu.tree_leaves(tree)
+    return size is None or not leaves or size >= jnp.shape(leaves[0])[1]

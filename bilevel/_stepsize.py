@@ -18,6 +18,7 @@ import jax.tree_util as jtu
 import optax
 from jaxtyping import Array, Bool, Int, PRNGKeyArray, PyTree, Scalar
 
+from ._linear import solve_adjoint
 from ._misc import tree_axpy, tree_dot, tree_norm, tree_scale, tree_sub
 from ._problem import apply_project_x
 
@@ -514,3 +515,39 @@ def _conjugate_gradient(matvec, rhs: PyTree[Array], max_steps: int) -> PyTree[Ar
     zeros = jtu.tree_map(jnp.zeros_like, rhs)
     u, *_ = lax.while_loop(cond, body, (zeros, rhs, rhs, rr0, 0))
     return u
+
+
+# -------------------------------------------------------------------------------------
+# BSVRB
+
+
+def hyper_hessian_product(
+    problem: Any,
+    x: PyTree[Array],
+    y: PyTree[Array],
+    direction: PyTree[Array],
+    upper_batch: Any,
+    lower_batch: Any,
+) -> PyTree[Array]:
+    r"""$\nabla^2\tilde F(x)\,d$ for the hyper-objective linearised in $y$,
+    $\tilde F(x') = f(x', y + J(x' - x))$ with
+    $J = -(\partial_y\Phi)^{-1}\partial_x\Phi$ at $(x, y)$:
+    $\nabla^2\tilde F = [I; J]^\top\nabla^2 f\,[I; J]$, the Hessian of
+    $F(x) = f(x, y^*(x))$ at $y = y^*(x)$ without the terms in the third derivatives
+    of $g$ (exact when $g$ is quadratic). $d$ = `direction`.
+
+    Two matrix-free solves with $\partial_y\Phi$ (its default solver), for a condition
+    with a symmetric Jacobian such as $\Phi = \nabla_y g$.
+    """
+    condition = problem.condition
+    _, cross_d = jax.jvp(lambda u: condition(u, y, lower_batch), (x,), (direction,))
+    _, response, _, _ = solve_adjoint(condition, x, y, (lower_batch,), cross_d, None)
+    grad = jax.grad(problem.upper, argnums=(0, 1))
+    _, (hess_x, hess_y) = jax.jvp(
+        lambda u, w: grad(u, w, upper_batch),
+        (x, y),
+        (direction, tree_scale(-1, response)),
+    )
+    _, adjoint, _, _ = solve_adjoint(condition, x, y, (lower_batch,), hess_y, None)
+    _, vjp = jax.vjp(lambda u: condition(u, y, lower_batch), x)
+    return tree_sub(hess_x, vjp(adjoint)[0])

@@ -1,7 +1,7 @@
 """Bilevel solvers: equinox Modules with `init`, `step` and `params`."""
 
 from ._borep import BOREP as BOREP
-from ._bsvrb import BSVRB as BSVRB, BlockMinibatch as BlockMinibatch
+from ._bsvrb import BSVRB as BSVRB
 from ._implicit_diff import ImplicitDiff as ImplicitDiff
 from ._lvhba import LVHBA as LVHBA
 from ._penalty import F2SA as F2SA, VPBGD as VPBGD, Penalty as Penalty
