@@ -12,7 +12,7 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from . import _checkpoint
-from ._data import as_data
+from ._data import as_data, bind_run_key
 from ._misc import tree_all_finite, tree_where
 from ._problem import check_finite
 from ._result import Result, Status
@@ -69,6 +69,7 @@ def run(
     validate(problem, x0, y0, data)
     init_key, loop_key = jr.split(key)
     state = solver.init(problem, x0, y0, init_key)
+    data = bind_run_key(data, loop_key)
     (state, _), history = _guarded_scan(
         problem, solver, state, jnp.array(True), data, _step_keys(loop_key, 0, num_steps)
     )
@@ -82,6 +83,7 @@ def _init(problem, solver, x0, y0, key):
 
 @eqx.filter_jit
 def _chunk(problem, solver, state, finite, data, loop_key, start, num: int):
+    data = bind_run_key(data, loop_key)
     (state, finite), metrics = _guarded_scan(
         problem, solver, state, finite, data, _step_keys(loop_key, start, num)
     )
