@@ -10,6 +10,7 @@ from ._conditions import (
 )
 from ._data import (
     AbstractData as AbstractData,
+    FixedBatches as FixedBatches,
     FullBatch as FullBatch,
     Minibatch as Minibatch,
 )

@@ -68,8 +68,8 @@ def run(
     data = as_data(data)
     validate(problem, x0, y0, data)
     init_key, loop_key = jr.split(key)
-    state = solver.init(problem, x0, y0, init_key)
     data = bind_run_key(data, loop_key)
+    state = solver.init(problem, x0, y0, init_key, data)
     (state, _), history = _guarded_scan(
         problem, solver, state, jnp.array(True), data, _step_keys(loop_key, 0, num_steps)
     )
@@ -77,8 +77,8 @@ def run(
 
 
 @eqx.filter_jit
-def _init(problem, solver, x0, y0, key):
-    return solver.init(problem, x0, y0, key)
+def _init(problem, solver, x0, y0, key, data):
+    return solver.init(problem, x0, y0, key, data)
 
 
 @eqx.filter_jit
@@ -143,7 +143,7 @@ def solve(
     data = as_data(data)
     validate(problem, x0, y0, data)
     init_key, loop_key = jr.split(key)
-    state = _init(problem, solver, x0, y0, init_key)
+    state = _init(problem, solver, x0, y0, init_key, bind_run_key(data, loop_key))
     finite = jnp.array(True)
     rows: list[dict[str, Any]] = []
     status = Status.max_steps

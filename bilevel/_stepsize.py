@@ -74,3 +74,54 @@ def lower_curvature(
         return operator_norm(jvp, y, key, num_iters)
     vjp = jax.linear_transpose(jvp, y)
     return jnp.sqrt(operator_norm(lambda v: vjp(jvp(v))[0], y, key, num_iters))
+
+
+# -------------------------------------------------------------------------------------
+# Stochastic single-loop (SOBA, SABA, SRBA, MA-SOBA)
+
+
+def upper_curvature(
+    problem: Any,
+    x: PyTree[Array],
+    y: PyTree[Array],
+    batch: Any,
+    key: PRNGKeyArray,
+    num_iters: int = 20,
+) -> Scalar:
+    r"""Estimate of $L_f = \|\nabla^2 f(x, y)\|_2$, the smoothness of the upper
+    objective in $(x, y)$ jointly (power iteration on Hessian-vector products)."""
+
+    def grad(xy):
+        return jax.grad(lambda u: problem.upper(u[0], u[1], batch))(xy)
+
+    _, hvp = jax.linearize(grad, (x, y))
+    return operator_norm(hvp, (x, y), key, num_iters)
+
+
+def single_loop_step_sizes(
+    problem: Any,
+    x: PyTree[Array],
+    y: PyTree[Array],
+    upper_batch: Any,
+    lower_batch: Any,
+    key: PRNGKeyArray,
+    fraction: float,
+) -> tuple[Scalar, Scalar]:
+    r"""Default steps of the joint $(y, v, x)$ methods: $\rho = c / L_g$ for $y$ and $v$
+    and $\gamma = c / L_f$ for $x$, with $c$ = `fraction`, $L_g$ the lower curvature
+    ([`lower_curvature`][bilevel._stepsize.lower_curvature]) and $L_f$ the upper one
+    (`upper_curvature`), both at $(x, y)$ on the given batches.
+
+    $y$ and $v$ take gradient steps on $g$ and on $\frac12 v^\top\nabla^2_{yy} g\, v +
+    v^\top\nabla_y f$, both $L_g$-smooth; the hyper-objective scales like $f$ (scaling
+    $g$ changes neither $y^*(x)$ nor $\nabla^2_{xy} g\,v^*$), so the $x$ step follows
+    $1/L_f$. Multiplying $g$ by $s$ or $f$ by $t$ thus leaves every iteration unchanged.
+    A zero curvature (e.g. an upper objective without second-order terms) falls back
+    on the other level's step.
+    """
+    lower_key, upper_key = jr.split(key)
+    lower = lower_curvature(problem, x, y, lower_batch, lower_key)
+    upper = upper_curvature(problem, x, y, upper_batch, upper_key)
+    lower = jnp.where(lower > 0, lower, jnp.where(upper > 0, upper, 1.0))
+    upper = jnp.where(upper > 0, upper, lower)
+    return fraction / lower, fraction / upper
