@@ -313,19 +313,18 @@ class FixedBatches(AbstractData):
         return self.lower_indexed(key, draw, stream)[1]
 
     def _order(self, num_batches: int, draw, stream_id: int) -> Int[Array, ""]:
-        if num_batches == 1:
-            return jnp.zeros((), jnp.int32)
         epoch, position = jnp.divmod(jnp.asarray(draw), num_batches)
         key = jr.fold_in(jr.fold_in(_run_key(self.seed, self.key), stream_id), epoch)
-        return jr.permutation(key, num_batches)[position].astype(jnp.int32)
+        return index_shuffle(key, position, num_batches)
 
     def _batch_at(self, tree, size, index, level: int):
         num = _num_samples(tree)
         if num is None or size is None or size >= num:
             return tree
-        split = jr.permutation(jr.fold_in(_run_key(self.seed, self.key), level), num)
-        rows = jax.lax.dynamic_slice_in_dim(split, index * size, size)
-        return _take(tree, rows, self.sharding)
+        key = jr.fold_in(_run_key(self.seed, self.key), level)
+        index = jnp.asarray(index)
+        positions = index * size + jnp.arange(size, dtype=index.dtype)
+        return _take(tree, index_shuffle(key, positions, num), self.sharding)
 
 
 def as_fixed_batches(data: Any, owner: str) -> FixedBatches:
@@ -419,10 +418,57 @@ def _is_whole(tree: PyTree, size: int | None) -> bool:
 
 
 def _epoch_indices(run_key, num: int, size: int, draw) -> Array:
+    """Positions `size * p ... size * (p + 1) - 1` of epoch `e`'s permutation, for draw
+    `e * (num // size) + p`."""
     per_epoch = num // size
     epoch, position = jnp.divmod(jnp.asarray(draw), per_epoch)
-    permutation = jr.permutation(jr.fold_in(run_key, epoch), num)
-    return jax.lax.dynamic_slice_in_dim(permutation, position * size, size)
+    positions = position * size + jnp.arange(size, dtype=position.dtype)
+    return index_shuffle(jr.fold_in(run_key, epoch), positions, num)
+
+
+_SHUFFLE_ROUNDS = 10
+
+
+def _mix(value, key):
+    """A 32-bit integer hash of `value ^ key` (multiply-xorshift finaliser)."""
+    value = value ^ key
+    value = value * jnp.uint32(0x9E3779B1)
+    value = value ^ (value >> jnp.uint32(15))
+    value = value * jnp.uint32(0x85EBCA77)
+    return value ^ (value >> jnp.uint32(13))
+
+
+def index_shuffle(
+    key: PRNGKeyArray, index: Int[Array, "..."], num: int
+) -> Int[Array, "..."]:
+    """Entries `index` of a random permutation of `range(num)` drawn from `key`,
+    without forming the permutation: O(len(index)) work instead of a sort of `num`.
+
+    A balanced Feistel network on the smallest even number of bits covering `num` (10
+    rounds keyed from `key`) is a bijection of that range; repeating it until the value
+    falls below `num` ("cycle walking", fewer than 4 repeats on average) restricts it
+    to a bijection of `range(num)`.
+    """
+    index = jnp.asarray(index)
+    if num == 1:
+        return jnp.zeros_like(index, jnp.int32)
+    half = max(1, -(-(num - 1).bit_length() // 2))
+    shift, mask = jnp.uint32(half), jnp.uint32((1 << half) - 1)
+    round_keys = jr.bits(key, (_SHUFFLE_ROUNDS,), jnp.uint32)
+    limit = jnp.uint32(num)
+
+    def encrypt(value):
+        left, right = value >> shift, value & mask
+        for r in range(_SHUFFLE_ROUNDS):
+            left, right = right, left ^ (_mix(right, round_keys[r]) & mask)
+        return (left << shift) | right
+
+    def walk(value):
+        return jnp.where(value >= limit, encrypt(value), value)
+
+    first = encrypt(index.astype(jnp.uint32))
+    out = jax.lax.while_loop(lambda v: jnp.any(v >= limit), walk, first)
+    return out.astype(jnp.int32)
 
 
 def bind_run_key(data: AbstractData, loop_key: PRNGKeyArray) -> AbstractData:
