@@ -16,6 +16,7 @@ $v = v^*(x) = -[\nabla^2_{yy} g]^{-1}\nabla_y f$, $D_x$ is the hypergradient.
 from typing import Any, ClassVar
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
@@ -38,8 +39,9 @@ UNSUPPORTED = {
     "optimality": "its y and v steps follow grad_y g and its Hessian",
 }
 
-# Default safety fraction c of the steps c / L_g and c / L_f.
-STEP_FRACTION = 0.5
+# Default steps: 1 / (2 L_g) and 1 / (2 L_f), L the largest curvature over the first
+# PROBE_BATCHES draws of the data (at most one epoch).
+PROBE_BATCHES = 10
 
 
 class SingleLoopState(eqx.Module):
@@ -66,15 +68,18 @@ def init_state(
     memory: Any = None,
 ) -> SingleLoopState:
     """State with $v_0 = 0$ and the base steps: the given ones, or estimated from the
-    curvature at $(x_0, y_0)$ on a first upper and lower batch
-    (`single_loop_step_sizes`)."""
+    largest curvature at $(x_0, y_0)$ over the first draws of the data (up to
+    `PROBE_BATCHES`, at most one epoch; `single_loop_step_sizes`)."""
     dtype = jnp.result_type(*jtu.tree_leaves(y0))
     if inner_lr is None or outer_lr is None:
-        draw = jnp.zeros((), jnp.int32)
+        draws = jnp.arange(min(data.epoch_length, PROBE_BATCHES), dtype=jnp.int32)
         batch_key, curvature_key = jr.split(key)
+        upper, lower = (
+            jax.vmap(draw, in_axes=(None, 0))(batch_key, draws)
+            for draw in (data.upper_batch, data.lower_batch)
+        )
         rho, gamma = single_loop_step_sizes(
-            problem, x0, y0, data.upper_batch(batch_key, draw),
-            data.lower_batch(batch_key, draw), curvature_key, STEP_FRACTION,
+            problem, x0, y0, upper, lower, curvature_key
         )
         inner_lr = rho if inner_lr is None else inner_lr
         outer_lr = gamma if outer_lr is None else outer_lr
