@@ -453,22 +453,31 @@ def index_shuffle(
     if num == 1:
         return jnp.zeros_like(index, jnp.int32)
     half = max(1, -(-(num - 1).bit_length() // 2))
-    shift, mask = jnp.uint32(half), jnp.uint32((1 << half) - 1)
-    round_keys = jr.bits(key, (_SHUFFLE_ROUNDS,), jnp.uint32)
+    params = (jr.bits(key, (_SHUFFLE_ROUNDS,), jnp.uint32), jnp.uint32(half))
     limit = jnp.uint32(num)
-
-    def encrypt(value):
-        left, right = value >> shift, value & mask
-        for r in range(_SHUFFLE_ROUNDS):
-            left, right = right, left ^ (_mix(right, round_keys[r]) & mask)
-        return (left << shift) | right
-
-    def walk(value):
-        return jnp.where(value >= limit, encrypt(value), value)
-
-    first = encrypt(index.astype(jnp.uint32))
-    out = jax.lax.while_loop(lambda v: jnp.any(v >= limit), walk, first)
+    first = _encrypt(index.astype(jnp.uint32), *params)
+    _, out, _, _ = jax.lax.while_loop(_walking, _walk, (limit, first, *params))
     return out.astype(jnp.int32)
+
+
+def _encrypt(value, round_keys, half):
+    """The Feistel network on `2 * half` bits."""
+    mask = (jnp.uint32(1) << half) - jnp.uint32(1)
+    left, right = value >> half, value & mask
+    for r in range(_SHUFFLE_ROUNDS):
+        left, right = right, left ^ (_mix(right, round_keys[r]) & mask)
+    return (left << half) | right
+
+
+def _walking(carry) -> Array:
+    limit, value, _, _ = carry
+    return jnp.any(value >= limit)
+
+
+def _walk(carry):
+    limit, value, round_keys, half = carry
+    value = jnp.where(value >= limit, _encrypt(value, round_keys, half), value)
+    return limit, value, round_keys, half
 
 
 def bind_run_key(data: AbstractData, loop_key: PRNGKeyArray) -> AbstractData:
