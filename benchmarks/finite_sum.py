@@ -63,9 +63,10 @@ def _sample_level(rng, num: int, with_x_hessian: bool) -> dict:
     level = {"s": rng.standard_normal((num, DIM)) @ _sqrt_factor(rng, DIM, spectrum)}
     level["a"], level["b"] = _cross_factors(rng, num, DIM, DIM)
     level["l"] = rng.standard_normal((num, DIM))
-    if with_x_hessian:  # benchopt: one zero eigenvalue, the rest log-spaced on [MU, L]
+    if with_x_hessian:  # benchopt: a zero eigenvalue, the others log-spaced on [MU, L]
         x_spectrum = np.r_[0.0, np.logspace(np.log10(MU), np.log10(L), DIM - 1)]
-        level["r"] = rng.standard_normal((num, DIM)) @ _sqrt_factor(rng, DIM, x_spectrum)
+        x_factor = _sqrt_factor(rng, DIM, x_spectrum)
+        level["r"] = rng.standard_normal((num, DIM)) @ x_factor
         level["c"] = rng.standard_normal((num, DIM))
     return level
 
@@ -100,16 +101,16 @@ def _hyper_hessian_min(lower: dict, upper: dict) -> float:
 
 def lower_objective(x, y, batch):
     """g on a batch: mean of 0.5 (s'y)^2 + (a'x)(b'y) + l'y."""
-    s, a, b, l = batch["s"], batch["a"], batch["b"], batch["l"]
-    return jnp.mean(0.5 * (s @ y) ** 2 + (a @ x) * (b @ y) + l @ y)
+    s, a, b, lin = batch["s"], batch["a"], batch["b"], batch["l"]
+    return jnp.mean(0.5 * (s @ y) ** 2 + (a @ x) * (b @ y) + lin @ y)
 
 
 def upper_objective(x, y, batch):
     """f on a batch: mean of 0.5 (s'y)^2 + 0.5 (r'x)^2 + (a'x)(b'y) + l'y + c'x."""
-    s, a, b, l = batch["s"], batch["a"], batch["b"], batch["l"]
+    s, a, b, lin = batch["s"], batch["a"], batch["b"], batch["l"]
     r, c = batch["r"], batch["c"]
     return jnp.mean(
-        0.5 * (s @ y) ** 2 + 0.5 * (r @ x) ** 2 + (a @ x) * (b @ y) + l @ y + c @ x
+        0.5 * (s @ y) ** 2 + 0.5 * (r @ x) ** 2 + (a @ x) * (b @ y) + lin @ y + c @ x
     )
 
 
@@ -133,8 +134,12 @@ def proxy(seed: int = 0, batch_size: int = BATCH, dtype=jnp.float32):
         grad = _hypergradient(np.asarray(x, np.float64), lower_means, upper_means)
         return float(np.sum(grad**2) / start)
 
-    as_dtype = lambda tree: jax.tree_util.tree_map(lambda u: jnp.asarray(u, dtype), tree)  # noqa: E731
-    data = bl.Minibatch(upper=as_dtype(upper), lower=as_dtype(lower), batch_size=batch_size)
+    def as_dtype(tree):
+        return jax.tree_util.tree_map(lambda u: jnp.asarray(u, dtype), tree)
+
+    data = bl.Minibatch(
+        upper=as_dtype(upper), lower=as_dtype(lower), batch_size=batch_size
+    )
     problem = bl.BilevelProblem(upper_objective, lower_objective)
     return problem, data, jnp.asarray(x0, dtype), jnp.zeros(DIM, dtype), relative_metric
 
@@ -143,8 +148,14 @@ def proxy(seed: int = 0, batch_size: int = BATCH, dtype=jnp.float32):
 
 
 @eqx.filter_jit
+def _init(problem, solver, x0, y0, key, data):
+    return solver.init(problem, x0, y0, key, data)
+
+
+@eqx.filter_jit
 def _chunk(problem, solver, state, data, loop_key, start, num: int):
-    """`num` solver steps from step `start` (the per-step keys of `bl.run`)."""
+    """`num` solver steps from step `start`, with `bl.run`'s per-step keys (the loop
+    of `bl.run` without its finiteness guard)."""
 
     def body(state, step):
         state, _ = solver.step(problem, state, data, jr.fold_in(loop_key, step))
@@ -154,30 +165,243 @@ def _chunk(problem, solver, state, data, loop_key, start, num: int):
     return state
 
 
-def trace(problem, solver, x0, y0, data, metric, *, chunk, budget, target=1e-6,
-          key=jr.PRNGKey(0)):
-    """`[(seconds, metric), ...]` after each chunk of `chunk` steps until `metric`
-    reaches `target` or `budget` seconds of compute are spent (compile excluded: one
-    warm-up chunk is run and discarded first)."""
+def chunks(problem, solver, x0, y0, data, chunk: int, key=jr.PRNGKey(0)):
+    """Yield `(steps, seconds, x, y)` after every `chunk` steps, from `(0, t_init, x0,
+    y0)`. The clock counts `init` and the steps only: everything is compiled first
+    (one init and one chunk, discarded) and every result is blocked on."""
     init_key, loop_key = jr.split(key)
-    data = bl.AbstractData.with_key(data, jr.split(loop_key)[0])
-    init = eqx.filter_jit(lambda k: solver.init(problem, x0, y0, k, data))
-    state = jax.block_until_ready(init(init_key))
+    data = bl.AbstractData.with_key(data, jr.split(loop_key)[0])  # as bl.run does
+    state = _init(problem, solver, x0, y0, init_key, data)
     jax.block_until_ready(
         _chunk(problem, solver, state, data, loop_key, jnp.asarray(0), chunk)
     )
-    points, elapsed, step = [(0.0, metric(solver.params(state)[0]))], 0.0, 0
-    while elapsed < budget and points[-1][1] > target:
+    begin = time.perf_counter()
+    state = jax.block_until_ready(_init(problem, solver, x0, y0, init_key, data))
+    elapsed, steps = time.perf_counter() - begin, 0
+    while True:
+        yield steps, elapsed, *solver.params(state)
         begin = time.perf_counter()
         state = jax.block_until_ready(
-            _chunk(problem, solver, state, data, loop_key, jnp.asarray(step), chunk)
+            _chunk(problem, solver, state, data, loop_key, jnp.asarray(steps), chunk)
         )
         elapsed += time.perf_counter() - begin
-        step += chunk
-        points.append((elapsed, metric(solver.params(state)[0])))
-    return points
+        steps += chunk
 
 
-def time_to(points, target):
-    """First time at which the traced metric is <= target (None if never)."""
-    return next((t for t, value in points if value <= target), None)
+def jaxopt_chunks(problem, x0, y0, data, outer_lr: float, chunk: int):
+    """The same protocol for the reference: jaxopt's L-BFGS on the full lower data
+    (warm-started, 30 iterations at most), differentiated by its implicit
+    differentiation (`custom_root`), and gradient descent on x with `outer_lr`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import jaxopt
+    upper_data, lower_data = data.full_upper(), data.full_lower()
+    inner = jaxopt.LBFGS(
+        fun=lambda y, x: problem.lower(x, y, lower_data),
+        maxiter=30,
+        tol=1e-6,
+        implicit_diff=True,
+    )
+
+    def outer(x, y):
+        y = inner.run(y, x).params
+        return problem.upper(x, y, upper_data), y
+
+    @jax.jit
+    def run(x, y):
+        def body(carry, _):
+            x, y = carry
+            (_, y), grad = jax.value_and_grad(outer, has_aux=True)(x, y)
+            x = jax.tree_util.tree_map(lambda u, g: u - outer_lr * g, x, grad)
+            return (x, y), None
+
+        return lax.scan(body, (x, y), None, length=chunk)[0]
+
+    x, y = jax.block_until_ready(run(x0, y0))  # compile
+    x, y, elapsed, steps = x0, y0, 0.0, 0
+    while True:
+        yield steps, elapsed, x, y
+        begin = time.perf_counter()
+        x, y = jax.block_until_ready(run(x, y))
+        elapsed += time.perf_counter() - begin
+        steps += chunk
+
+
+def time_to_targets(trace, metric, budget: float) -> dict:
+    """Seconds (and steps) until `metric(x)` first reaches each of TARGETS, stopping at
+    the last target or after `budget` seconds."""
+    reached, best, steps = {}, np.inf, 0
+    for steps, seconds, x, _ in trace:
+        value = metric(x)
+        best = min(best, value)
+        for target in TARGETS:
+            if value <= target and target not in reached:
+                reached[target] = (seconds, steps)
+        if len(reached) == len(TARGETS) or seconds > budget or not np.isfinite(value):
+            break
+    return {"reached": reached, "best": best, "steps": steps}
+
+
+# --- the tables ----------------------------------------------------------------------
+
+
+def _one_block(problem):
+    """The problem as a `MultiBlockProblem` with one block (for BSVRB)."""
+    return bl.MultiBlockProblem(
+        lambda x, y, batch, i: problem.upper(x, y, batch),
+        lambda x, y, batch, i: problem.lower(x, y, batch),
+        num_blocks=1,
+    )
+
+
+def contenders(problem, data, x0, y0, paper: bool, implicit_lr=None):
+    """`(name, problem, solver, x0, y0, data, chunk)` for every solver of the tables."""
+    full = bl.FullBatch(upper=data.full_upper(), lower=data.full_lower())
+    y_block = jax.tree_util.tree_map(lambda u: u[None], y0)
+    implicit = {} if implicit_lr is None else {"outer_lr": implicit_lr}
+    rows = [
+        ("SOBA", bl.solvers.SOBA(), data, 64),
+        ("SABA", bl.solvers.SABA(), data, 16),
+        ("SRBA", bl.solvers.SRBA(), data, 16),
+        ("MA-SOBA", bl.solvers.MASOBA(), data, 64),
+    ]
+    if paper:
+        rows.append(
+            (
+                "SABA, paper settings",
+                bl.solvers.SABA(inner_lr=0.1, outer_lr=0.1),
+                data,
+                16,
+            )
+        )
+    rows += [
+        ("ImplicitDiff, full batch", bl.solvers.ImplicitDiff(**implicit), full, 2),
+        (
+            "ImplicitDiff, minibatch (Richardson adjoint)",
+            bl.solvers.ImplicitDiff(linear_solver=bl.Richardson(20, omega=0.3)),
+            data,
+            8,
+        ),
+        ("Penalty, single loop", bl.solvers.Penalty(variant="single_loop"), data, 64),
+    ]
+    entries = [(name, problem, solver, x0, y0, d, c) for name, solver, d, c in rows]
+    entries.append(
+        (
+            "BSVRB, one block",
+            _one_block(problem),
+            bl.solvers.BSVRB(),
+            x0,
+            y_block,
+            data,
+            16,
+        )
+    )
+    return entries
+
+
+def _seconds(cell):
+    return None if cell is None else round(cell[0], 3)
+
+
+def proxy_table(budget: float) -> list[dict]:
+    problem, data, x0, y0, metric = proxy()
+    rows = []
+    for name, prob, solver, x, y, d, chunk in contenders(
+        problem, data, x0, y0, paper=True, implicit_lr=1.0
+    ):
+        result = time_to_targets(chunks(prob, solver, x, y, d, chunk), metric, budget)
+        rows.append(_proxy_row(name, result))
+    result = time_to_targets(
+        jaxopt_chunks(problem, x0, y0, data, 1.0, 2), metric, budget
+    )
+    rows.append(_proxy_row("jaxopt, full batch (reference)", result))
+    return rows
+
+
+def _proxy_row(name, result):
+    row = {"solver": name}
+    for target in TARGETS:
+        row[f"s to {target:g}"] = _seconds(result["reached"].get(target))
+    last = result["reached"].get(TARGETS[-1])
+    row["steps to 1e-06"] = None if last is None else last[1]
+    row["best relative"] = float(result["best"])
+    return row
+
+
+def speed_target(rows) -> str:
+    times = {r["solver"]: r[f"s to {TARGETS[-1]:g}"] for r in rows}
+    paper = times.pop("SABA, paper settings")
+    reached = {name: t for name, t in times.items() if t is not None}
+    if paper is None or not reached:
+        return "speed target: not measurable (SABA, paper settings did not reach 1e-6)"
+    fastest = min(reached, key=reached.get)
+    return (
+        f"speed target: fastest to 1e-6 is {fastest} ({reached[fastest]:.3f} s), "
+        f"{reached[fastest] / paper:.2f}x SABA with the paper's settings "
+        f"({paper:.3f} s); target <= 0.5x"
+    )
+
+
+CHECKPOINTS = (0.5, 2.0, 5.0)
+
+
+def problem_table(bench, budget: float) -> list[dict]:
+    """Validation loss (the problem's own evaluation) after 0.5 / 2 / 5 s of compute."""
+    data = bench.data
+    checkpoints = [c for c in CHECKPOINTS if c <= budget]
+
+    def loss(x, y):
+        return float(bench.evaluate(x, y)["validation_loss"])
+
+    rows = []
+    traces = [
+        (name, chunks(prob, solver, x, y, d, chunk))
+        for name, prob, solver, x, y, d, chunk in contenders(
+            bench.problem, data, bench.x0, bench.y0, paper=True
+        )
+    ]
+    traces.append(
+        (
+            "jaxopt, full batch (reference)",
+            jaxopt_chunks(bench.problem, bench.x0, bench.y0, data, 0.1, 2),
+        )
+    )
+    for name, trace in traces:
+        row, pending = {"solver": name}, list(checkpoints)
+        for steps, seconds, x, y in trace:
+            if steps == 0:
+                row["start"] = loss(x, y)
+            while pending and seconds >= pending[0]:
+                row[f"after {pending.pop(0):g} s"] = loss(x, y)
+            if not pending:
+                break
+        rows.append(row)
+    return rows
+
+
+def main(budget: float = 10.0) -> None:
+    rows = proxy_table(budget)
+    print_table(
+        f"proxy of benchopt's bilevel quadratic (d={DIM}, n=m={SAMPLES}, batch "
+        f"{BATCH}, float32): seconds to ||grad h||^2 <= target x start",
+        rows,
+    )
+    print(speed_target(rows))
+    for bench, label in (
+        (bl.problems.logreg_hpo(batch_size=50), "logreg_hpo (batch 50)"),
+        (bl.problems.hypercleaning(batch_size=50), "hypercleaning (batch 50)"),
+    ):
+        print_table(
+            f"{label}: validation loss vs seconds of compute",
+            problem_table(bench, min(budget, CHECKPOINTS[-1])),
+        )
+    print(
+        "\nTimings on a shared machine are noisy: compare within a table and "
+        "re-measure on a quiet machine."
+    )
+
+
+if __name__ == "__main__":
+    import os
+
+    main(float(os.environ.get("BILEVEL_BENCH_BUDGET", "10")))
