@@ -20,7 +20,6 @@ on a quiet machine before quoting absolute numbers.
 import time
 import warnings
 
-import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -147,22 +146,24 @@ def proxy(seed: int = 0, batch_size: int = BATCH, dtype=jnp.float32):
 # --- timing: compiled chunks, metric off the clock ------------------------------------
 
 
-@eqx.filter_jit
-def _init(problem, solver, x0, y0, key, data):
-    return solver.init(problem, x0, y0, key, data)
+def _compiled(problem, solver, x0, y0, data, loop_key, num: int):
+    """`init(key)` and `run(state, start)` (`num` steps from step `start`, with
+    `bl.run`'s per-step keys and without its finiteness guard) as plain `jax.jit`
+    functions of arrays only, so that a call costs no more than its dispatch."""
 
+    @jax.jit
+    def init(key, data):
+        return solver.init(problem, x0, y0, key, data)
 
-@eqx.filter_jit
-def _chunk(problem, solver, state, data, loop_key, start, num: int):
-    """`num` solver steps from step `start`, with `bl.run`'s per-step keys (the loop
-    of `bl.run` without its finiteness guard)."""
+    @jax.jit
+    def run(state, start, data):
+        def body(state, step):
+            key = jr.fold_in(loop_key, step)
+            return solver.step(problem, state, data, key)[0], None
 
-    def body(state, step):
-        state, _ = solver.step(problem, state, data, jr.fold_in(loop_key, step))
-        return state, None
+        return lax.scan(body, state, start + jnp.arange(num))[0]
 
-    state, _ = lax.scan(body, state, start + jnp.arange(num))
-    return state
+    return init, run
 
 
 def chunks(problem, solver, x0, y0, data, chunk: int, key=jr.PRNGKey(0)):
@@ -171,19 +172,15 @@ def chunks(problem, solver, x0, y0, data, chunk: int, key=jr.PRNGKey(0)):
     (one init and one chunk, discarded) and every result is blocked on."""
     init_key, loop_key = jr.split(key)
     data = bl.AbstractData.with_key(data, jr.split(loop_key)[0])  # as bl.run does
-    state = _init(problem, solver, x0, y0, init_key, data)
-    jax.block_until_ready(
-        _chunk(problem, solver, state, data, loop_key, jnp.asarray(0), chunk)
-    )
+    init, run = _compiled(problem, solver, x0, y0, data, loop_key, chunk)
+    jax.block_until_ready(run(init(init_key, data), jnp.asarray(0), data))
     begin = time.perf_counter()
-    state = jax.block_until_ready(_init(problem, solver, x0, y0, init_key, data))
+    state = jax.block_until_ready(init(init_key, data))
     elapsed, steps = time.perf_counter() - begin, 0
     while True:
         yield steps, elapsed, *solver.params(state)
         begin = time.perf_counter()
-        state = jax.block_until_ready(
-            _chunk(problem, solver, state, data, loop_key, jnp.asarray(steps), chunk)
-        )
+        state = jax.block_until_ready(run(state, jnp.asarray(steps), data))
         elapsed += time.perf_counter() - begin
         steps += chunk
 
@@ -285,18 +282,18 @@ def contenders(problem, data, x0, y0, paper: bool, implicit_lr=None):
         ("Penalty, single loop", bl.solvers.Penalty(variant="single_loop"), data, 64),
     ]
     entries = [(name, problem, solver, x0, y0, d, c) for name, solver, d, c in rows]
-    entries.append(
-        (
-            "BSVRB, one block",
-            _one_block(problem),
-            bl.solvers.BSVRB(),
-            x0,
-            y_block,
-            data,
-            16,
-        )
-    )
+    bsvrb = ("BSVRB, one block", _one_block(problem), bl.solvers.BSVRB())
+    entries.append((*bsvrb, x0, y_block, data, 16))
     return entries
+
+
+def _unblock(y, like):
+    """BSVRB's `y` (a leading block axis of size 1) in the shape of `like`."""
+    if jax.tree_util.tree_structure(y) != jax.tree_util.tree_structure(like):
+        return y
+    return jax.tree_util.tree_map(
+        lambda u, v: u[0] if jnp.ndim(u) > jnp.ndim(v) else u, y, like
+    )
 
 
 def _seconds(cell):
@@ -351,7 +348,7 @@ def problem_table(bench, budget: float) -> list[dict]:
     checkpoints = [c for c in CHECKPOINTS if c <= budget]
 
     def loss(x, y):
-        return float(bench.evaluate(x, y)["validation_loss"])
+        return float(bench.evaluate(x, _unblock(y, bench.y0))["validation_loss"])
 
     rows = []
     traces = [
