@@ -5,6 +5,8 @@ import time
 
 import jax
 
+from bilevel.cli import format_table
+
 
 def median_time(fn, *args, repeats: int = 7) -> float:
     """Median wall time (s) of `fn(*args)` over `repeats` runs, after one warm-up call
@@ -33,19 +35,7 @@ def interleaved_median_times(fns: dict, repeats: int = 7) -> dict:
 
 
 def print_table(title: str, rows: list[dict]) -> None:
-    """Print a list of dicts as an aligned text table."""
+    """Print a titled table with the shared printer (`bilevel.cli.format_table`)."""
     print(f"\n## {title}")
-    if not rows:
-        return
-    columns = list(rows[0])
-    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    if rows:
+        print(format_table(rows))

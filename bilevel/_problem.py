@@ -119,6 +119,14 @@ class BilevelProblem(eqx.Module):
     project_x: Callable | None = None
     project_y: Callable | None = None
     project_feasible: Callable | None = None
+    # Decided once at construction: under `jit` the problem is rebuilt from its leaves
+    # and `lower` is no longer the same object as the condition's.
+    _custom_condition: bool = eqx.field(static=True, init=False, repr=False)
+
+    def __post_init__(self):
+        self._custom_condition = self.optimality is not None and not is_stationarity_of(
+            self.optimality, self.lower
+        )
 
     def __check_init__(self):
         _check_callable("upper", self.upper, optional=False)
@@ -146,9 +154,7 @@ class BilevelProblem(eqx.Module):
         """True when `optimality` is given and is not the stationarity condition of
         `lower` (re-tagged conditions such as `OptimalityCondition(
         stationarity_condition(lower).fn, symmetric=True)` do not count)."""
-        if self.optimality is None:
-            return False
-        return not is_stationarity_of(self.optimality, self.lower)
+        return self._custom_condition
 
     def check_variables(self, x: PyTree, y: PyTree) -> None:
         """Validate `x` and `y` alone: floating-point pytrees."""
