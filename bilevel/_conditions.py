@@ -71,26 +71,7 @@ def stationarity_condition(lower: Callable[..., Array]) -> OptimalityCondition:
 def is_stationarity_of(optimality: Callable, lower: Callable) -> bool:
     """Whether `optimality` is $\\nabla_y g$ for this `lower` (whatever its tags)."""
     fn = optimality.fn if isinstance(optimality, OptimalityCondition) else optimality
-    if not isinstance(fn, _Stationarity):
-        return False
-    return fn.lower is lower or _same_pytree(fn.lower, lower)
-
-
-def _same_pytree(a: Any, b: Any) -> bool:
-    """Whether `a` and `b` are copies of one pytree, as inside `jit`, which rebuilds a
-    problem's Modules and turns their arrays into distinct tracers: the same structure
-    and equal non-array leaves."""
-    leaves_a, structure_a = jtu.tree_flatten(a)
-    leaves_b, structure_b = jtu.tree_flatten(b)
-    if structure_a != structure_b:
-        return False
-    return all(map(_same_leaf, leaves_a, leaves_b))
-
-
-def _same_leaf(u: Any, v: Any) -> bool:
-    if eqx.is_array(u) or eqx.is_array(v):  # values unknown under jit: compare kinds
-        return eqx.is_array(u) and eqx.is_array(v)
-    return u is v or u == v
+    return isinstance(fn, _Stationarity) and fn.lower is lower
 
 
 def projected_gradient_condition(
