@@ -20,6 +20,7 @@ from ._conditions import (
 from ._data import (
     AbstractData as AbstractData,
     BlockMinibatch as BlockMinibatch,
+    FixedBatches as FixedBatches,
     FullBatch as FullBatch,
     Minibatch as Minibatch,
 )

@@ -27,7 +27,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from . import _checkpoint, _progress
-from ._data import as_data
+from ._data import as_data, bind_run_key
 from ._misc import tree_all_finite
 from ._problem import check_finite
 from ._result import Result, Status
@@ -160,6 +160,7 @@ def _metric_rows(problem, solver, loop: LoopState, data, size: int) -> dict:
 
 
 def _scan_pass(problem, solver, loop: LoopState, data, num_steps: int):
+    data = bind_run_key(data, loop.key)
     steps = loop.step + jnp.arange(num_steps, dtype=loop.step.dtype)
 
     def body(state, step):
@@ -180,6 +181,7 @@ def _chunk(problem, solver, loop: LoopState, data, stop, size: int, exact: bool)
     `exact`: a scan of known length, which XLA may compile better than a loop of
     unknown length): the loop after them, the metrics of the last step (of the failing
     step if one failed), and the outcome."""
+    data = bind_run_key(data, loop.key)
     if exact:
         steps = loop.step + jnp.arange(size, dtype=loop.step.dtype)
 
@@ -219,6 +221,7 @@ def _chunk(problem, solver, loop: LoopState, data, stop, size: int, exact: bool)
 def _advance(problem, solver, loop: LoopState, data, stop):
     """Steps from `loop.step` to `stop`, each judged as it is taken, stopping at the
     first failing one (for the recovery, where speed matters less than stopping)."""
+    data = bind_run_key(data, loop.key)
 
     class Carry(NamedTuple):
         state: Any
@@ -389,7 +392,7 @@ def validate(problem: Any, x0: PyTree, y0: PyTree, data: Any) -> None:
 def _init(problem, solver, x0, y0, data, key, divergence):
     validate(problem, x0, y0, data)
     init_key, loop_key = jr.split(key)
-    state = solver.init(problem, x0, y0, init_key)
+    state = solver.init(problem, x0, y0, init_key, bind_run_key(data, loop_key))
     float_dtype = jnp.result_type(float)
     loop = LoopState(
         state=state,

@@ -551,3 +551,65 @@ def hyper_hessian_product(
     _, adjoint, _, _ = solve_adjoint(condition, x, y, (lower_batch,), hess_y, None)
     _, vjp = jax.vjp(lambda u: condition(u, y, lower_batch), x)
     return tree_sub(hess_x, vjp(adjoint)[0])
+
+
+# -------------------------------------------------------------------------------------
+# Stochastic single-loop (SOBA, SABA, SRBA, MA-SOBA)
+
+
+def upper_curvature(
+    problem: Any,
+    x: PyTree[Array],
+    y: PyTree[Array],
+    batch: Any,
+    key: PRNGKeyArray,
+    num_iters: int = 20,
+) -> Scalar:
+    r"""Estimate of $L_f = \|\nabla^2 f(x, y)\|_2$, the smoothness of the upper
+    objective in $(x, y)$ jointly (power iteration on Hessian-vector products)."""
+
+    def grad(xy):
+        return jax.grad(lambda u: problem.upper(u[0], u[1], batch))(xy)
+
+    _, hvp = jax.linearize(grad, (x, y))
+    return operator_norm(hvp, (x, y), key, num_iters)
+
+
+def single_loop_step_sizes(
+    problem: Any,
+    x: PyTree[Array],
+    y: PyTree[Array],
+    upper_batches: Any,
+    lower_batches: Any,
+    key: PRNGKeyArray,
+    fraction: float = 0.5,
+) -> tuple[Scalar, Scalar]:
+    r"""Default steps of the joint $(y, v, x)$ methods: $\rho = c / L_g$ for $y$ and $v$
+    and $\gamma = c / L_f$ for $x$, $c$ = `fraction`, with $L_g$ the largest lower
+    curvature ([`lower_curvature`][bilevel._stepsize.lower_curvature]) and $L_f$ the
+    largest upper curvature (`upper_curvature`) at $(x, y)$ over the given batches
+    (stacked along a leading axis, one per draw).
+
+    $y$ and $v$ take gradient steps on $g$ and on $\frac12 v^\top\nabla^2_{yy} g\, v +
+    v^\top\nabla_y f$, both $L_g$-smooth on every batch probed; the hyper-objective
+    scales like $f$ (scaling $g$ changes neither $y^*(x)$ nor $\nabla^2_{xy} g\,v^*$),
+    so the $x$ step follows $1/L_f$. Multiplying $g$ by $s$ or $f$ by $t$ leaves every
+    iteration unchanged. The default $c = 1/2$ keeps a margin below $1/L$, beyond which
+    variance-reduced steps on small batches diverge (power iteration also
+    underestimates $L$ slightly). A zero curvature (e.g. an upper objective without
+    second-order terms) falls back on the other level's.
+    """
+    lower_key, upper_key = jr.split(key)
+    leaves = jtu.tree_leaves((upper_batches, lower_batches))
+    num = jnp.shape(leaves[0])[0] if leaves else 1
+
+    def largest(curvature, batches, key):
+        keys = jr.split(key, num)
+        values = jax.vmap(lambda b, k: curvature(problem, x, y, b, k))(batches, keys)
+        return jnp.max(values)
+
+    lower = largest(lower_curvature, lower_batches, lower_key)
+    upper = largest(upper_curvature, upper_batches, upper_key)
+    lower = jnp.where(lower > 0, lower, jnp.where(upper > 0, upper, 1.0))
+    upper = jnp.where(upper > 0, upper, lower)
+    return fraction / lower, fraction / upper

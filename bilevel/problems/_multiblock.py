@@ -275,7 +275,6 @@ def multiblock_hpo(
             lower=train_data,
             batch_size=batch_size,
             upper_batch_size=upper_batch_size,
-            seed=seed,
         )
     return Benchmark(
         name="multiblock_hpo",
