@@ -5,6 +5,8 @@ import time
 
 import jax
 
+from bilevel.cli import format_table
+
 
 def median_time(fn, *args, repeats: int = 7) -> float:
     """Median wall time (s) of `fn(*args)` over `repeats` runs, after one warm-up call
@@ -33,19 +35,22 @@ def interleaved_median_times(fns: dict, repeats: int = 7) -> dict:
 
 
 def print_table(title: str, rows: list[dict]) -> None:
-    """Print a list of dicts as an aligned text table."""
+    """Print a titled table with the shared printer (`bilevel.cli.format_table`)."""
     print(f"\n## {title}")
-    if not rows:
-        return
-    columns = list(rows[0])
-    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    if rows:
+        print(format_table(rows))
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+def interleaved_cpu_times(fns: dict, repeats: int = 7) -> dict:
+    """Like `interleaved_median_times`, with the process CPU time (all threads) instead
+    of wall time: on a loaded machine the wall time mostly measures the other
+    processes, the CPU time much less so."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.process_time()
+            jax.block_until_ready(fn())
+            samples[name].append(time.process_time() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}

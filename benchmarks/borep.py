@@ -11,6 +11,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
+from _registry_defaults import defaults_rows
 from _timing import interleaved_median_times, print_table
 
 import bilevel as bl
@@ -28,7 +29,10 @@ def fused_borep(f, g, x0, y0, upper_batch, lower_batch, num_steps, solver):
 
     def sgd(x, y):
         return lax.fori_loop(
-            0, solver.inner_steps, lambda _, y: axpy(-lr, grad_g(x, y, lower_batch), y), y
+            0,
+            solver.inner_steps,
+            lambda _, y: axpy(-lr, grad_g(x, y, lower_batch), y),
+            y,
         )
 
     def refine(x, y):
@@ -139,25 +143,42 @@ def borep(lr):
     return bl.solvers.BOREP(eta=jnp.asarray(lr), nu=0.05, inner_lr=0.2)
 
 
+def borep_defaults(lr):
+    return bl.solvers.BOREP(eta=jnp.asarray(lr))
+
+
 def soba(lr):
     # Fixed-step single loop: one lower SGD step, one z step, one plain x step per
     # iteration, no momentum, no normalization, no refinement.
     return bl.solvers.BOREP(
-        eta=jnp.asarray(lr), beta=0.0, nu=0.05, inner_lr=0.2, period=1, inner_steps=1,
-        refine_epochs=0, normalize=False,
+        eta=jnp.asarray(lr),
+        beta=0.0,
+        nu=0.05,
+        inner_lr=0.2,
+        period=1,
+        inner_steps=1,
+        refine_epochs=0,
+        normalize=False,
     )
 
 
 def implicit(lr):
-    return bl.solvers.ImplicitDiff(outer_lr=jnp.asarray(lr), inner_lr=0.2, inner_steps=10)
+    return bl.solvers.ImplicitDiff(
+        outer_lr=jnp.asarray(lr), inner_lr=0.2, inner_steps=10
+    )
 
 
 def accuracy_table(seeds, num_steps):
     benches = [bl.problems.hyper_representation(seed=seed) for seed in seeds]
-    rows = [_row("initial x0 (heads refit)", None, [
-        (b.evaluate(b.x0, b.lower_solution(b.x0)), True, 0.0) for b in benches
-    ])]
+    rows = [
+        _row(
+            "initial x0 (heads refit)",
+            None,
+            [(b.evaluate(b.x0, b.lower_solution(b.x0)), True, 0.0) for b in benches],
+        )
+    ]
     grids = (
+        ("BO-REP defaults (derived nu, inner_lr)", borep_defaults, (0.01,)),
         ("BO-REP (normalized momentum)", borep, (0.01, 0.03, 0.1)),
         ("SOBA-style fixed step", soba, (0.3, 3.0, 30.0)),
         ("ImplicitDiff (10 inner steps + CG)", implicit, (0.3, 3.0, 30.0)),
@@ -168,7 +189,9 @@ def accuracy_table(seeds, num_steps):
             for b in benches:
                 solver = make(lr)
                 start = time.perf_counter()
-                state, history = bl.run(b.problem, solver, b.x0, b.y0, b.data, num_steps)
+                state, history = bl.run(
+                    b.problem, solver, b.x0, b.y0, b.data, num_steps
+                )
                 x, y = solver.params(state)
                 jax.block_until_ready(x)
                 elapsed = time.perf_counter() - start
@@ -193,7 +216,9 @@ def _row(method, lr, results):
 
 
 def main():
-    print("BO-REP: bl.run vs a hand-fused lax.scan (same updates, full batches, float32)")
+    print(
+        "BO-REP: bl.run vs a hand-fused lax.scan (same updates, full batches, float32)"
+    )
     rows = [
         throughput(
             "quadratic 10x20",
@@ -210,8 +235,9 @@ def main():
     ]
     print_table("steps/second (target ratio <= 1.10)", rows)
     print(
-        "wall: interleaved median wall times; cpu: median process CPU times of the same "
-        "calls (robust to other load on the machine). scan(step) = solver.step in a bare "
+        "wall: interleaved median wall times; cpu: median process CPU times of the "
+        "same calls (robust to other load on the machine). scan(step) = solver.step in "
+        "a bare "
         "lax.scan recording the loss only, like the fused loop. The gap between it and "
         "bl.run is the metrics history bl.run records (upper_loss, grad_norm, "
         "lower_residual, ... at every step) and its finiteness guard: about 1-2 "
@@ -224,12 +250,18 @@ def main():
         "\nHyper-representation on digits (20 train tasks 2-way 5-shot, "
         "15 queries/class; "
         f"50 test tasks on held-out images; RNN width 16): {num_steps} outer steps, "
-        f"seeds {seeds}. Test accuracy = heads refit (Newton) on each test task's support "
+        f"seeds {seeds}. Test accuracy = heads refit (Newton) on each test task's "
+        "support "
         "set with the learned encoder, scored on its queries."
     )
     print_table(
         "test accuracy after a fixed budget of outer steps",
         accuracy_table(seeds, num_steps),
+    )
+    print_table(
+        "BOREP() defaults on the registry problems, 2000 steps (problem's metric vs "
+        "its baseline)",
+        defaults_rows(bl.solvers.BOREP),
     )
 
 

@@ -6,8 +6,11 @@
 2. Parallel speed-up: median iterations until ||grad F(x_t)|| <= target on
    `bl.problems.multiblock_quadratic` (m = 16) as the blocks per step I and the batch
    size B grow.
-3. Per-class regularisation on scikit-learn's digits (`bl.problems.multiblock_hpo`):
-   validation loss and test accuracy before and after.
+3. Defaults: the 12-block quadratic with block Hessian eigenvalues in [1, 5] and I = 3,
+   with the lower objectives scaled by s and the upper ones by t; and one lower problem
+   (`bl.problems.quadratic`, minibatches) with and without a clipping radius for v.
+4. Per-class regularisation on scikit-learn's digits (`bl.problems.multiblock_hpo`):
+   validation loss and test accuracy before and after, explicit and default settings.
 """
 
 import time
@@ -26,13 +29,15 @@ import bilevel as bl
 PER_STEP, BATCH = 5, 32  # I of m = 10 blocks, B rows per batch
 
 
-# --- 1. hand-fused baselines -----------------------------------------------------------
+# --- 1. hand-fused baselines ----------------------------------------------------------
 
 
 def digits_setup():
     bench = bl.problems.multiblock_hpo(seed=0)
     val, train = bench.data.upper, bench.data.lower
-    data = bl.Minibatch(upper=val, lower=train, batch_size=BATCH, sampling="with_replacement")
+    data = bl.Minibatch(
+        upper=val, lower=train, batch_size=BATCH, sampling="with_replacement"
+    )
     return bench, data, val, train
 
 
@@ -40,7 +45,7 @@ def fused_bsvrb(bench, val, train, solver, num_steps, key):
     """BSVRB (lower_update="all") written directly: plain arrays, one vmap over the
     sampled blocks, the problem's two functions and jax autodiff."""
     upper, lower = bench.problem.upper, bench.problem.lower
-    m, I, B = 10, solver.blocks_per_step, BATCH
+    m, n_blocks, B = 10, solver.blocks_per_step, BATCH
     alpha, beta, eta, tau = solver.alpha, solver.beta, solver.eta, solver.tau
     gamma = solver.gamma
     x, y = bench.x0, bench.y0
@@ -84,14 +89,24 @@ def fused_bsvrb(bench, val, train, solver, num_steps, key):
         cross, hvp = vjp(ei)
         cross_p, hvp_p = vjp_p(epi)
         q, q_p = hvp - gyf, hvp_p - gyf_p
-        return f, jnp.sum(gyg**2), gxf - cross, gxf_p - cross_p, u_new, ei, ei, msvr(si, q, q_p), jnp.sum(q**2)
+        return (
+            f,
+            jnp.sum(gyg**2),
+            gxf - cross,
+            gxf_p - cross_p,
+            u_new,
+            ei,
+            ei,
+            msvr(si, q, q_p),
+            jnp.sum(q**2),
+        )
 
     def body(carry, key):
         x, xp, y, yp, u, e, ep, s, z, last, t = carry
-        keys = jr.split(key, 1 + 2 * I)
-        idx = jnp.argsort(jr.uniform(keys[0], (1, m)), axis=-1)[0, :I]
-        bf = jax.vmap(lambda k: draw(k, val, 1))(keys[1 : I + 1])
-        bg = jax.vmap(lambda k: draw(k, train, 0))(keys[I + 1 :])
+        keys = jr.split(key, 1 + 2 * n_blocks)
+        idx = jnp.argsort(jr.uniform(keys[0], (1, m)), axis=-1)[0, :n_blocks]
+        bf = jax.vmap(lambda k: draw(k, val, 1))(keys[1 : n_blocks + 1])
+        bg = jax.vmap(lambda k: draw(k, train, 0))(keys[n_blocks + 1 :])
         fresh = last[idx] < 0
         out = jax.vmap(block, (None, None, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))(
             x, xp, y[idx], yp[idx], u[idx], e[idx], ep[idx], s[idx], fresh, bf, bg, idx
@@ -108,22 +123,53 @@ def fused_bsvrb(bench, val, train, solver, num_steps, key):
             s_new = s.at[idx].set(s_rows)
             moved = e - solver.tau_v * s_new
             norms = jnp.linalg.norm(moved, axis=1, keepdims=True)
-            e_new = moved * jnp.minimum(1.0, solver.v_radius / jnp.maximum(norms, 1e-30))
+            e_new = moved * jnp.minimum(
+                1.0, solver.v_radius / jnp.maximum(norms, 1e-30)
+            )
             ep_new = e
-        metrics = (f.mean(), jnp.linalg.norm(z_new), jnp.sqrt(res.mean()), jnp.linalg.norm(grad))
+        metrics = (
+            f.mean(),
+            jnp.linalg.norm(z_new),
+            jnp.sqrt(res.mean()),
+            jnp.linalg.norm(grad),
+        )
         if not v1:
             metrics += (jnp.sqrt(lin.mean()),)
-        carry = (x_new, x, y_new, y, u_full, e_new, ep_new, s_new, z_new,
-                 last.at[idx].set(t), t + 1)
+        carry = (
+            x_new,
+            x,
+            y_new,
+            y,
+            u_full,
+            e_new,
+            ep_new,
+            s_new,
+            z_new,
+            last.at[idx].set(t),
+            t + 1,
+        )
         return carry, metrics
 
     if v1:
-        e = jnp.broadcast_to(solver.hessian_floor * jnp.eye(dy, dtype=y.dtype), (m, dy, dy))
+        e = jnp.broadcast_to(
+            solver.hessian_floor * jnp.eye(dy, dtype=y.dtype), (m, dy, dy)
+        )
     else:
         e = jnp.zeros_like(y)
     zeros = jnp.zeros_like(y)
-    carry = (x, x, y, y, zeros, e, e, zeros, jnp.zeros_like(x), jnp.full((m,), -1),
-             jnp.array(0))
+    carry = (
+        x,
+        x,
+        y,
+        y,
+        zeros,
+        e,
+        e,
+        zeros,
+        jnp.zeros_like(x),
+        jnp.full((m,), -1),
+        jnp.array(0),
+    )
     step_keys = jax.vmap(jr.fold_in, (None, 0))(jr.split(key)[1], jnp.arange(num_steps))
     return lax.scan(body, carry, step_keys)
 
@@ -132,9 +178,20 @@ def throughput():
     bench, data, val, train = digits_setup()
     rows = []
     for version, steps, repeats in ((2, 1000, 15), (1, 60, 9)):
+        # every setting explicit, as the fused baseline reads them
         solver = bl.solvers.BSVRB(
-            version=version, blocks_per_step=PER_STEP, eta=0.5, tau=0.5, tau_v=0.5,
-            gamma=1.0, hessian_floor=1e-2,
+            version=version,
+            blocks_per_step=PER_STEP,
+            eta=0.5,
+            tau=0.5,
+            tau_v=0.5,
+            gamma=1.0,
+            hessian_floor=1e-2,
+            alpha=0.9,
+            beta=0.9,
+            v_radius=10.0,
+            lower_update="all",
+            block_sampling="independent",
         )
         key = jr.PRNGKey(0)
         state0 = solver.init(bench.problem, bench.x0, bench.y0, jr.split(key)[0])
@@ -142,36 +199,50 @@ def throughput():
         def bare(k, s=solver, n=steps, state0=state0):
             # solver.step in a plain scan: bl.run without its non-finite guard
             keys = jax.vmap(jr.fold_in, (None, 0))(jr.split(k)[1], jnp.arange(n))
-            return lax.scan(lambda st, kk: s.step(bench.problem, st, data, kk), state0, keys)
+            return lax.scan(
+                lambda st, kk: s.step(bench.problem, st, data, kk), state0, keys
+            )
 
-        library = jax.jit(lambda k, s=solver, n=steps: bl.run(
-            bench.problem, s, bench.x0, bench.y0, data, n, k))
+        library = jax.jit(
+            lambda k, s=solver, n=steps: bl.run(
+                bench.problem, s, bench.x0, bench.y0, data, n, k
+            )
+        )
         bare = jax.jit(bare)
-        fused = jax.jit(lambda k, s=solver, n=steps: fused_bsvrb(bench, val, train, s, n, k))
+        fused = jax.jit(
+            lambda k, s=solver, n=steps: fused_bsvrb(bench, val, train, s, n, k)
+        )
         a, _ = library(key)
         (b_x, *_), _ = fused(key)
         times = interleaved_median_times(
-            {"bl.run": lambda: library(key), "bare": lambda: bare(key),
-             "fused": lambda: fused(key)},
+            {
+                "bl.run": lambda: library(key),
+                "bare": lambda: bare(key),
+                "fused": lambda: fused(key),
+            },
             repeats=repeats,
         )
-        rows.append({
-            "version": f"v{version}",
-            "steps per call": steps,
-            "bl.run steps/s": steps / times["bl.run"],
-            "fused steps/s": steps / times["fused"],
-            "ratio bl.run/fused": times["bl.run"] / times["fused"],
-            "ratio step-in-scan/fused": times["bare"] / times["fused"],
-            "max |x - x_fused|": float(jnp.max(jnp.abs(a.x - b_x))),
-        })
+        rows.append(
+            {
+                "version": f"v{version}",
+                "steps per call": steps,
+                "bl.run steps/s": steps / times["bl.run"],
+                "fused steps/s": steps / times["fused"],
+                "ratio bl.run/fused": times["bl.run"] / times["fused"],
+                "ratio step-in-scan/fused": times["bare"] / times["fused"],
+                "max |x - x_fused|": float(jnp.max(jnp.abs(a.x - b_x))),
+            }
+        )
     print_table(
         f"Steps/second, digits per-class HPO (m=10, I={PER_STEP}, B={BATCH}, dy=65, "
-        "float32; same draws, so x agrees to rounding; 'step-in-scan' is solver.step in "
-        "a bare lax.scan, i.e. bl.run without its per-step non-finite guard)", rows,
+        "float32; same draws, so x agrees to rounding; 'step-in-scan' is solver.step "
+        "in "
+        "a bare lax.scan, i.e. bl.run without its per-step non-finite guard)",
+        rows,
     )
 
 
-# --- 2. parallel speed-up ---------------------------------------------------------------
+# --- 2. parallel speed-up -------------------------------------------------------------
 
 
 def gradient_norms(bench, solver, num_steps, num_seeds):
@@ -197,66 +268,173 @@ def speedup():
     for per_step, batch in configs:
         bench = bl.problems.multiblock_quadratic(num_blocks=m, batch_size=batch, seed=1)
         solver = bl.solvers.BSVRB(
-            version=2, blocks_per_step=per_step, eta=0.05, beta=0.02, alpha=0.5, gamma=1.0,
-            tau=0.1, tau_v=0.1, lower_update="sampled",
+            version=2,
+            blocks_per_step=per_step,
+            eta=0.05,
+            beta=0.02,
+            alpha=0.5,
+            gamma=1.0,
+            tau=0.1,
+            tau_v=0.1,
+            lower_update="sampled",
         )
         norms = gradient_norms(bench, solver, num_steps, seeds)
         row = {"I": per_step, "B": batch or 16}
         for target in targets:
             below = norms <= target
-            median = float(np.median(np.where(below.any(1), below.argmax(1), num_steps)))
-            row[f"iters to {target}"] = median if median < num_steps else f">={num_steps}"
+            median = float(
+                np.median(np.where(below.any(1), below.argmax(1), num_steps))
+            )
+            row[f"iters to {target}"] = (
+                median if median < num_steps else f">={num_steps}"
+            )
         row["floor (median last 100)"] = float(np.median(norms[:, -100:]))
         rows.append(row)
     first = f"iters to {targets[0]}"
     base = rows[0][first]
     for row in rows:
-        row[f"speed-up vs I=1 ({targets[0]})"] = base / row[first] if row["B"] == 4 else "-"
+        row[f"speed-up vs I=1 ({targets[0]})"] = (
+            base / row[first] if row["B"] == 4 else "-"
+        )
     print_table(
         f"Median iterations until ||grad F(x_t)|| <= target, from {0.18:.2f} "
         f"(multiblock_quadratic, m={m}, n=16 rows per block; v2, eta=0.05, beta=0.02, "
         f"alpha=0.5, gamma=1, tau=tau_v=0.1, lower_update='sampled'; {seeds} seeds, "
-        f"{num_steps} steps)", rows,
+        f"{num_steps} steps)",
+        rows,
     )
 
 
-# --- 3. digits ----------------------------------------------------------------------------
+# --- 3. defaults ----------------------------------------------------------------------
+
+
+def defaults():
+    num_steps, seeds = 4000, 4
+    rows = []
+    for version in (1, 2):
+        for s, t in ((1.0, 1.0), (0.02, 50.0), (50.0, 0.02)):
+            bench = bl.problems.multiblock_quadratic(
+                num_blocks=12, lower_condition=5.0, lower_scale=s, upper_scale=t
+            )
+            solver = bl.solvers.BSVRB(version=version, blocks_per_step=3)
+            norms = gradient_norms(bench, solver, num_steps, seeds)
+            ratios = norms / float(jnp.linalg.norm(bench.hypergradient(bench.x0)))
+            below = ratios <= 1e-2
+            first = np.where(below.any(1), below.argmax(1), num_steps)
+            rows.append(
+                {
+                    "version": f"v{version}",
+                    "s": s,
+                    "t": t,
+                    "first step <= 1e-2 (median)": float(np.median(first)),
+                    "mean ratio, last 200 (median)": float(
+                        np.median(ratios[:, -200:].mean(1))
+                    ),
+                }
+            )
+    print_table(
+        "Defaults, multiblock_quadratic(num_blocks=12, lower_condition=5), I=3: "
+        f"||grad F(x_t)|| / ||grad F(x_0)||, {seeds} seeds, {num_steps} steps",
+        rows,
+    )
+
+
+def clipping():
+    num_steps = 4000
+    rows = []
+    for scale in (1.0, 5.0):
+        bench = bl.problems.quadratic(
+            dim_x=100, dim_y=100, num_samples=1024, batch_size=64, upper_scale=scale
+        )
+        # v* = (d2_yy g)^-1 grad_y f at (x0, y*(x0)), on the full lower data
+        problem, x0 = bench.problem, bench.x0
+        y_star = bench.lower_solution(x0)
+        hessian = jax.hessian(problem.lower, argnums=1)(x0, y_star, bench.data.lower)
+        grad_y = jax.grad(problem.upper, argnums=1)(x0, y_star, None)
+        v_star = float(jnp.linalg.norm(jnp.linalg.solve(hessian, grad_y)))
+        for radius in (None, 10.0):
+            solver = bl.solvers.BSVRB(version=2, v_radius=radius)
+            norms = gradient_norms(bench, solver, num_steps, 2)
+            ratios = norms / float(jnp.linalg.norm(bench.hypergradient(x0)))
+            rows.append(
+                {
+                    "upper_scale": scale,
+                    "|v*(x0)|": v_star,
+                    "v_radius": str(radius),
+                    "ratio after 1000 (median)": float(np.median(ratios[:, 999])),
+                    "ratio after 4000 (median)": float(np.median(ratios[:, -1])),
+                }
+            )
+    print_table(
+        "One lower problem (quadratic 100/100, n=1024, batch 64, f scaled by "
+        "upper_scale), BSVRB v2 defaults with and without a clipping radius for v",
+        rows,
+    )
+
+
+# --- 4. digits ------------------------------------------------------------------------
 
 
 def digits():
     bench, data, _, _ = digits_setup()
     rows = []
-    start = {k: float(v) for k, v in bench.evaluate(bench.x0, bench.lower_solution(bench.x0)).items()}
-    rows.append({"run": "x0 = -4 (lambda = 0.018), y*(x0)",
-                 "val loss at y*(x)": start["val_loss_at_solution"],
-                 "test acc at y*(x)": start["test_accuracy_at_solution"],
-                 "val loss at y": "-", "test acc at y": "-", "seconds": "-"})
-    for version, steps in ((2, 3000), (1, 1000)):
-        solver = bl.solvers.BSVRB(
-            version=version, blocks_per_step=PER_STEP, eta=0.5, beta=0.1, alpha=0.5,
-            gamma=1.0, tau=0.5, tau_v=0.5, hessian_floor=1e-2,
-        )
+    start = {
+        k: float(v)
+        for k, v in bench.evaluate(bench.x0, bench.lower_solution(bench.x0)).items()
+    }
+    rows.append(
+        {
+            "run": "x0 = -4 (lambda = 0.018), y*(x0)",
+            "val loss at y*(x)": start["val_loss_at_solution"],
+            "test acc at y*(x)": start["test_accuracy_at_solution"],
+            "val loss at y": "-",
+            "test acc at y": "-",
+            "seconds": "-",
+        }
+    )
+    runs = [
+        (2, 3000, dict(eta=0.5, beta=0.1, alpha=0.5, gamma=1.0, tau=0.5, tau_v=0.5)),
+        (
+            1,
+            1000,
+            dict(eta=0.5, beta=0.1, alpha=0.5, gamma=1.0, tau=0.5, hessian_floor=1e-2),
+        ),
+        (2, 3000, {}),
+        (1, 1000, {}),
+    ]
+    for version, steps, fields in runs:
+        solver = bl.solvers.BSVRB(version=version, blocks_per_step=PER_STEP, **fields)
         t0 = time.perf_counter()
-        state, history = bl.run(bench.problem, solver, bench.x0, bench.y0, data, steps,
-                                jr.PRNGKey(0))
+        state, history = bl.run(
+            bench.problem, solver, bench.x0, bench.y0, data, steps, jr.PRNGKey(0)
+        )
         jax.block_until_ready(state)
         seconds = time.perf_counter() - t0
         x, y = solver.params(state)
         ev = {k: float(v) for k, v in bench.evaluate(x, y).items()}
-        rows.append({
-            "run": f"BSVRB v{version}, {steps} steps (I={PER_STEP}, B={BATCH})",
-            "val loss at y*(x)": ev["val_loss_at_solution"],
-            "test acc at y*(x)": ev["test_accuracy_at_solution"],
-            "val loss at y": ev["val_loss"],
-            "test acc at y": ev["test_accuracy"],
-            "seconds": seconds,
-        })
-        print(f"v{version} final log-regularisation per class: "
-              + " ".join(f"{v:.2f}" for v in np.asarray(x)))
-    print_table("Per-class regularisation of one-vs-rest logistic regression on digits", rows)
+        rows.append(
+            {
+                "run": f"BSVRB v{version}, {steps} steps (I={PER_STEP}, B={BATCH}), "
+                + ("explicit" if fields else "defaults"),
+                "val loss at y*(x)": ev["val_loss_at_solution"],
+                "test acc at y*(x)": ev["test_accuracy_at_solution"],
+                "val loss at y": ev["val_loss"],
+                "test acc at y": ev["test_accuracy"],
+                "seconds": seconds,
+            }
+        )
+        print(
+            f"v{version} final log-regularisation per class: "
+            + " ".join(f"{v:.2f}" for v in np.asarray(x))
+        )
+    print_table(
+        "Per-class regularisation of one-vs-rest logistic regression on digits", rows
+    )
 
 
 if __name__ == "__main__":
     throughput()
     speedup()
+    defaults()
+    clipping()
     digits()

@@ -5,8 +5,24 @@
    quadratic's two functions, timed side by side; ratio target <= 1.10x.
 2. Time-to-target on `bl.problems.quadratic` against `bl.solvers.ImplicitDiff`: steps
    and wall time of `bl.run` until ||x - x*|| <= 1e-3 ||x*||.
+3. Defaults on the registry problems the family applies to (single block, no lower
+   constraints): status, the problem's own metric against its baseline, seconds.
+4. The scale battery: relative hyper-objective gap (F(x_K) - F*) / (F(x_0) - F*) of
+   `quadratic(lower_condition=20, lower_scale=s, upper_scale=t)` after 3000 steps with
+   defaults, and of the condition-50 quadratic (lower Hessian eigenvalues on [1, 50]).
+
+    python benchmarks/penalty.py [--tables throughput target defaults battery]
+                                 [--steps N] [--problems NAME ...] [--x64]
+
+Sections 1 and 2 run in float64; 3 and 4 in float32 unless `--x64`. Timings are wall
+times on whatever else the machine is doing: compare ratios within one table.
 """
 
+import argparse
+import sys
+import time
+
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -15,8 +31,6 @@ from _timing import interleaved_median_times, median_time, print_table
 
 import bilevel as bl
 
-
-jax.config.update("jax_enable_x64", True)
 
 DIM_X, DIM_Y = 20, 200
 SIGMA = 5e-3
@@ -297,7 +311,136 @@ def time_to_target_table(bench, rows, lipschitz, budget=20000, tolerance=1e-3):
     )
 
 
+# --- defaults on the registry ---------------------------------------------------------
+
+SOLVERS = ("Penalty", "VPBGD", "F2SA")
+# Registry problems with a single lower level and no lower constraints (the family's
+# capabilities); `imaml` also with its task pool declared deterministic (every draw
+# returns the whole pool), to show the deterministic rules there.
+REGISTRY = (
+    "quadratic", "ridge_hpo", "logreg_hpo", "hypercleaning", "distillation",
+    "imaml", "hyper_representation",
+)
+
+
+def _baseline(bench):
+    values = bench.evaluate(bench.x0, bench.y0)
+    return float(values[bench.baseline] if bench.baseline else values[bench.metric])
+
+
+def _deterministic_pool(bench):
+    """iMAML's task pool as full-batch data (the same batches, flagged
+    deterministic)."""
+    data = bl.FullBatch(upper=bench.data.query, lower=bench.data.support)
+    return eqx.tree_at(lambda b: b.data, bench, data)
+
+
+def defaults_row(label, bench, solver_name, steps):
+    solver = getattr(bl.solvers, solver_name)()
+    start = time.perf_counter()
+    result = bl.solve(
+        bench.problem, solver, bench.x0, bench.y0, bench.data, num_steps=steps,
+        key=jr.PRNGKey(0), log_every=max(1, steps // 10), progress=False,
+    )
+    jax.block_until_ready(result.x)
+    seconds = time.perf_counter() - start
+    metric = float(bench.evaluate(result.x, result.y)[bench.metric])
+    baseline = _baseline(bench)
+    better = metric > baseline if bench.maximize else metric < baseline
+    return {
+        "problem": label,
+        "solver": solver_name,
+        "status": result.status.value,
+        "metric": bench.metric,
+        "value": metric,
+        "baseline": baseline,
+        "better": better,
+        "steps": int(result.num_steps),
+        "seconds": seconds,
+    }
+
+
+def defaults_table(steps, problems):
+    rows = []
+    for name in problems:
+        bench = bl.problems.make(name)
+        cases = [(name, bench)]
+        if name == "imaml":
+            cases.append(("imaml (pool as FullBatch)", _deterministic_pool(bench)))
+        for label, case in cases:
+            for solver_name in SOLVERS:
+                rows.append(defaults_row(label, case, solver_name, steps))
+                print(rows[-1], flush=True)
+    dtype = jnp.result_type(float).name
+    print_table(
+        f"defaults on the registry: {steps} steps, {dtype}, each problem's metric "
+        "against its baseline (`better`: strictly better)",
+        rows,
+    )
+
+
+# --- the scale battery ----------------------------------------------------------------
+
+
+def battery_table(steps):
+    def gap(bench, x):
+        value = lambda v: float(bench.evaluate(v, bench.y0)["hyper_objective"])  # noqa
+        best = value(bench.solution)
+        return (value(x) - best) / (value(bench.x0) - best)
+
+    cases = [
+        (f"kappa 20, s={s:g}, t={t:g}", 20, s, t)
+        for s in (0.02, 1.0, 50.0) for t in (0.02, 1.0, 50.0)
+    ] + [("kappa 50, s=1, t=1", 50, 1.0, 1.0)]
+    rows = []
+    for label, kappa, s, t in cases:
+        with jax.numpy_rank_promotion("allow"):
+            bench = bl.problems.quadratic(
+                10, 10, lower_condition=kappa, lower_scale=s, upper_scale=t
+            )
+        row = {"problem": label}
+        for solver_name in SOLVERS:
+            solver = getattr(bl.solvers, solver_name)()
+            state, history = bl.run(
+                bench.problem, solver, bench.x0, bench.y0, bench.data, steps
+            )
+            finite = bool(jnp.all(history["finite"]))
+            x = solver.params(state)[0]
+            row[solver_name] = f"{gap(bench, x):.2e}" + ("" if finite else " (!)")
+        rows.append(row)
+        print(row, flush=True)
+    dtype = jnp.result_type(float).name
+    print_table(
+        f"scale battery: relative gap (F(x_K) - F*) / (F(x_0) - F*) after {steps} "
+        f"steps with defaults, quadratic(10, 10), {dtype}; (!) marks a non-finite run",
+        rows,
+    )
+
+
+def main(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--tables", nargs="+", default=["throughput", "target", "defaults", "battery"],
+    )
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--problems", nargs="+", default=list(REGISTRY))
+    parser.add_argument("--x64", action="store_true")
+    args = parser.parse_args(argv)
+    if args.x64:
+        jax.config.update("jax_enable_x64", True)
+    if "defaults" in args.tables:
+        defaults_table(args.steps, args.problems)
+    if "battery" in args.tables:
+        battery_table(args.steps)
+    if {"throughput", "target"} & set(args.tables):
+        jax.config.update("jax_enable_x64", True)
+        bench, rows, lipschitz = quadratic_setup()
+        if "throughput" in args.tables:
+            throughput_table(bench, rows, lipschitz)
+        if "target" in args.tables:
+            time_to_target_table(bench, rows, lipschitz)
+
+
 if __name__ == "__main__":
-    bench, rows, lipschitz = quadratic_setup()
-    throughput_table(bench, rows, lipschitz)
-    time_to_target_table(bench, rows, lipschitz)
+    # under `make bench` (benchmarks/run_all.py) the arguments are run_all's
+    main(sys.argv[1:] if sys.argv[0].endswith("penalty.py") else [])

@@ -17,6 +17,7 @@ from ._conditions import (
     stationarity_condition,
 )
 from ._misc import Frozen, merge_variable, split_variable
+from ._projection import Projection, project_at
 
 
 def _describe(tree: PyTree) -> str:
@@ -103,7 +104,10 @@ class BilevelProblem(eqx.Module):
       given. A plain callable is treated as a general (non-symmetric) map; wrap it in
       [`bilevel.OptimalityCondition`][] to declare symmetry.
     - `lower_constraints`: $h(x, y) \to$ 1-D array, feasible where $\le 0$.
-    - `project_x`, `project_y`: Euclidean projections onto simple sets $X$ and $Y$.
+    - `project_x`, `project_y`: Euclidean projections onto simple sets $X$ and $Y$
+      (e.g. functions of `optax.projections`). A set that depends on $x$, $Y(x)$, is
+      declared with [`bilevel.projection`][]: `project_y=bl.projection(fn)` with
+      `fn(x, y)`.
     - `project_feasible`: $(x, y) \mapsto (x, y)$, projection onto
       $\{x \in X, y \in Y, h(x, y) \le 0\}$.
 
@@ -119,6 +123,14 @@ class BilevelProblem(eqx.Module):
     project_x: Callable | None = None
     project_y: Callable | None = None
     project_feasible: Callable | None = None
+    # Decided once at construction: under `jit` the problem is rebuilt from its leaves
+    # and `lower` is no longer the same object as the condition's.
+    _custom_condition: bool = eqx.field(static=True, init=False, repr=False)
+
+    def __post_init__(self):
+        self._custom_condition = self.optimality is not None and not is_stationarity_of(
+            self.optimality, self.lower
+        )
 
     def __check_init__(self):
         _check_callable("upper", self.upper, optional=False)
@@ -146,9 +158,7 @@ class BilevelProblem(eqx.Module):
         """True when `optimality` is given and is not the stationarity condition of
         `lower` (re-tagged conditions such as `OptimalityCondition(
         stationarity_condition(lower).fn, symmetric=True)` do not count)."""
-        if self.optimality is None:
-            return False
-        return not is_stationarity_of(self.optimality, self.lower)
+        return self._custom_condition
 
     def check_variables(self, x: PyTree, y: PyTree) -> None:
         """Validate `x` and `y` alone: floating-point pytrees."""
@@ -240,9 +250,10 @@ def apply_project_x(problem: Any, x: PyTree) -> PyTree:
 
 
 def apply_project_y(problem: Any, x: PyTree, y: PyTree) -> PyTree:
-    """`problem.project_y(y)` at upper variable `x`, or `y` when the problem has no set
-    Y."""
-    return y if problem.project_y is None else problem.project_y(y)
+    """$P_{Y(x)}(y)$: `problem.project_y(y)`, or `project_y(x, y)` for a set that
+    depends on `x` (declared with [`bilevel.projection`][]); `y` when the problem has
+    no set Y."""
+    return y if problem.project_y is None else project_at(problem.project_y, x, y)
 
 
 class _OnParams(eqx.Module):
@@ -267,6 +278,12 @@ class _OnParams(eqx.Module):
         if self.output == "xy":
             return split_variable(out[0])[0], split_variable(out[1])[0]
         return split_variable(out)[0]
+
+
+def _lift_project_y(project_y: Callable | None, lift: Callable) -> Callable | None:
+    if isinstance(project_y, Projection):
+        return Projection(lift(project_y.fn, "xy", "y"))
+    return lift(project_y, "y", "y")
 
 
 def lift_problem(problem: Any, x_frozen: Frozen, y_frozen: Frozen) -> Any:
@@ -297,6 +314,6 @@ def lift_problem(problem: Any, x_frozen: Frozen, y_frozen: Frozen) -> Any:
         optimality=optimality,
         lower_constraints=lift(problem.lower_constraints, "xy"),
         project_x=project_x,
-        project_y=lift(problem.project_y, "y", "y"),
+        project_y=_lift_project_y(problem.project_y, lift),
         project_feasible=lift(problem.project_feasible, "xy", "xy"),
     )

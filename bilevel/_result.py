@@ -7,16 +7,21 @@ import equinox as eqx
 from jaxtyping import Array, PyTree
 
 
-class Status(str, enum.Enum):
-    """Why a run of [`bilevel.solve`][] stopped.
+class Status(enum.StrEnum):
+    """Why a run stopped.
 
-    - `converged`: the tracked stationarity measure fell below `tol`.
+    - `converged`: the tracked stationarity measure fell below `tol`
+      ([`bilevel.solve`][] only).
     - `max_steps`: the step budget ran out (not an error: inspect the history).
-    - `nonfinite`: a NaN or inf appeared in the solver state or its metrics; the result
-      holds the last good state and the step at which the problem appeared.
-    - `diverged`: the run blew up while staying finite (the upper loss or the lower
-      residual grew past the documented factor of its start); the result holds the last
-      good state.
+    - `nonfinite`: a step produced a NaN or inf (in a metric, or in the state at the end
+      of a compiled chunk); the result holds the last good state.
+    - `diverged`: the run blew up while staying finite: `|upper_loss|` or
+      `lower_residual` grew past `divergence` (default $10^6$) times its size at the
+      start (the largest value over the first 10 steps; see [`bilevel.run`][]); the
+      result holds the last good state.
+
+    Inside compiled code (the `status` of a [`bilevel.LoopState`][]) a status is an
+    integer [`code`][bilevel.Status.code]; `Status.from_code` converts it back.
     """
 
     converged = "converged"
@@ -24,8 +29,25 @@ class Status(str, enum.Enum):
     nonfinite = "nonfinite"
     diverged = "diverged"
 
-    def __str__(self) -> str:
-        return self.value
+    @property
+    def code(self) -> int:
+        """The integer stored in a [`bilevel.LoopState`][]: 0 `max_steps` (running,
+        no failure), 1 `nonfinite`, 2 `diverged`, 3 `converged`."""
+        return _CODES[self]
+
+    @classmethod
+    def from_code(cls, code: Any) -> "Status":
+        """The status of an integer code (a Python int or a scalar array)."""
+        return _STATUSES[int(code)]
+
+
+_CODES = {
+    Status.max_steps: 0,
+    Status.nonfinite: 1,
+    Status.diverged: 2,
+    Status.converged: 3,
+}
+_STATUSES = {code: status for status, code in _CODES.items()}
 
 
 class Result(eqx.Module):
@@ -33,11 +55,15 @@ class Result(eqx.Module):
 
     **Fields:**
 
-    - `x`, `y`: final upper and lower iterates (the last finite ones on `nonfinite`).
+    - `x`, `y`: final upper and lower iterates (the last good ones on `nonfinite` or
+      `diverged`).
     - `state`: the full solver state, for warm-starting another run.
-    - `history`: dict of 1-D arrays, one row per log point; always has `"step"`.
+    - `history`: dict of 1-D arrays, one row per log point; always has `"step"` (the
+      steps done at that point). On `nonfinite` / `diverged` the last row holds the
+      metrics of the step that failed (the NaN or the blow-up), its `step` the steps
+      kept.
     - `status`: a [`bilevel.Status`][].
-    - `num_steps`: the number of steps actually taken.
+    - `num_steps`: the number of steps actually taken (kept).
     """
 
     x: PyTree[Array]

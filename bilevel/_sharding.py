@@ -18,7 +18,11 @@ from jaxtyping import PyTree
 
 def auto_mesh(mesh: Mesh) -> Mesh:
     """The same devices and axis names with every axis `Auto`."""
-    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+    return Mesh(
+        mesh.devices,
+        mesh.axis_names,
+        axis_types=(AxisType.Auto,) * len(mesh.axis_names),
+    )
 
 
 def _in_explicit_context() -> bool:

@@ -257,6 +257,11 @@ class AbstractBilevelSolver(eqx.Module, Generic[SolverState]):
 
     supports: ClassVar[frozenset[str]] = frozenset({"single_block"})
 
+    init_needs_data: ClassVar[bool] = False
+    """True for solvers whose state depends on the data (one memory per batch, step
+    sizes estimated on a first batch): their `_init` takes the data as a fifth
+    argument."""
+
     def __check_init__(self):
         check_hyperparameters(self)
 
@@ -270,17 +275,26 @@ class AbstractBilevelSolver(eqx.Module, Generic[SolverState]):
         return ""
 
     def init(
-        self, problem: Any, x0: PyTree, y0: PyTree, key: PRNGKeyArray | None = None
+        self,
+        problem: Any,
+        x0: PyTree,
+        y0: PyTree,
+        key: PRNGKeyArray | None = None,
+        data: Any = None,
     ) -> SolverState:
-        """Initial state (pure)."""
+        """Initial state (pure). `data` is the data the run will step on (as given to
+        `step`); solvers with `init_needs_data` size their memories or estimate their
+        step sizes from it, the others ignore it."""
         check_supported(self, problem)
         problem.check_variables(x0, y0)
         x0, x_frozen = split_variable(x0)
         y0, y_frozen = split_variable(y0)
         key = jax.random.PRNGKey(0) if key is None else key
+        extra = (as_data(data),) if self.init_needs_data else ()
         if x_frozen.is_empty and y_frozen.is_empty:
-            return self._init(problem, x0, y0, key)
-        state = self._init(lift_problem(problem, x_frozen, y_frozen), x0, y0, key)
+            return self._init(problem, x0, y0, key, *extra)
+        lifted = lift_problem(problem, x_frozen, y_frozen)
+        state = self._init(lifted, x0, y0, key, *extra)
         return _SplitState(state, x_frozen, y_frozen)
 
     def step(

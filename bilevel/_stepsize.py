@@ -7,23 +7,29 @@ iterations), so they cost a handful of gradient evaluations.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
-from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
+import optax
+from jaxtyping import Array, Bool, Int, PRNGKeyArray, PyTree, Scalar
 
-from ._misc import tree_norm, tree_scale
+from ._linear import solve_adjoint
+from ._misc import tree_axpy, tree_dot, tree_norm, tree_scale, tree_sub
+from ._problem import apply_project_x
 
 
 def random_direction(key: PRNGKeyArray, like: PyTree[Array]) -> PyTree[Array]:
     """A standard normal pytree shaped like `like`, scaled to unit norm."""
     leaves, treedef = jtu.tree_flatten(like)
     keys = jr.split(key, max(len(leaves), 1))
-    noise = [jr.normal(k, jnp.shape(u), jnp.result_type(u)) for k, u in zip(keys, leaves)]
+    noise = [
+        jr.normal(k, jnp.shape(u), jnp.result_type(u)) for k, u in zip(keys, leaves)
+    ]
     direction = jtu.tree_unflatten(treedef, noise)
     return tree_scale(1 / tree_norm(direction), direction)
 
@@ -41,6 +47,18 @@ def operator_norm(
     keep a safety margin. A zero operator gives 0.
     """
 
+    return power_iteration(matvec, random_direction(key, like), num_iters)[0]
+
+
+def power_iteration(
+    matvec: Callable[[PyTree], PyTree], vector: PyTree[Array], num_iters: int | Array
+) -> tuple[Scalar, PyTree[Array]]:
+    r"""`num_iters` power iterations $v \leftarrow Av / \|Av\|$ from the unit vector
+    `vector`: the last $\|Av\|$ (an estimate of $\|A\|_2$ from below, 0 for a zero
+    operator or `num_iters=0`) and the last $v$, from which a later call can resume
+    (warm start: one iteration per call then tracks a slowly changing operator).
+    `num_iters` may be a traced integer."""
+
     def body(_, carry):
         v, _ = carry
         w = matvec(v)
@@ -48,10 +66,9 @@ def operator_norm(
         safe = jnp.where(norm > 0, norm, jnp.ones_like(norm))
         return tree_scale(1 / safe, w), norm
 
-    v0 = random_direction(key, like)
-    norm0 = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(like)))
-    _, norm = lax.fori_loop(0, num_iters, body, (v0, norm0))
-    return norm
+    norm0 = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(vector)))
+    vector, norm = lax.fori_loop(0, num_iters, body, (vector, norm0))
+    return norm, vector
 
 
 def lower_curvature(
@@ -74,3 +91,525 @@ def lower_curvature(
         return operator_norm(jvp, y, key, num_iters)
     vjp = jax.linear_transpose(jvp, y)
     return jnp.sqrt(operator_norm(lambda v: vjp(jvp(v))[0], y, key, num_iters))
+
+
+# -------------------------------------------------------------------------------------
+# ImplicitDiff / Unrolled
+
+
+FIRST_POWER_ITERATIONS = 20
+"""Power iterations of a first curvature estimate; later steps refine it by one each."""
+
+
+def _lower_linearised(problem: Any, x: PyTree, y: PyTree, batch: Any):
+    r"""$\nabla_y g(x, y)$ and $v \mapsto \nabla^2_{yy} g(x, y)\,v$, not differentiated
+    (step-size rules)."""
+    x, y = lax.stop_gradient((x, y))
+    return jax.linearize(jax.grad(lambda v: problem.lower(x, v, batch)), y)
+
+
+def lower_hessian_norm(
+    problem: Any,
+    x: PyTree[Array],
+    y: PyTree[Array],
+    batch: Any,
+    vector: PyTree[Array],
+    num_iters: int | Array,
+) -> tuple[Scalar, PyTree[Array]]:
+    r"""$\|\nabla^2_{yy} g(x, y)\|_2$ by power iteration on Hessian-vector products,
+    warm-started from the unit vector `vector` (see `power_iteration`); returns the
+    estimate and the vector to resume from."""
+    _, hvp = _lower_linearised(problem, x, y, batch)
+    return power_iteration(hvp, lax.stop_gradient(vector), num_iters)
+
+
+def tracked_lower_curvature(
+    problem: Any,
+    x: PyTree[Array],
+    y: PyTree[Array],
+    batch: Any,
+    previous: Scalar,
+    vector: PyTree[Array],
+    step: Int[Array, ""],
+) -> tuple[Scalar, PyTree[Array]]:
+    r"""Running estimate $\hat L_k$ of $\|\nabla^2_{yy} g\|$ for inner steps
+    $1/\hat L_k$: the largest of the previous estimate, power iteration
+    (`FIRST_POWER_ITERATIONS` iterations at step 0, then one per step from the previous
+    vector) and the curvature along the current gradient,
+    $\|\nabla^2_{yy} g\, u\|$ with $u = \nabla_y g / \|\nabla_y g\|$.
+
+    The estimate never falls, so one iteration on a new minibatch, whose Hessian has
+    other leading directions, cannot underestimate it; it grows at once with a network
+    that sharpens while it trains. The gradient term catches a curvature that jumps
+    in a new direction when $x$ moves (e.g. a regularisation weight $e^{x_i}$ that grows
+    twentyfold in one outer step), which one power iteration from the old leading
+    vector would miss: the first inner step moves along that gradient."""
+    grad, hvp = _lower_linearised(problem, x, y, batch)
+    iterations = jnp.where(step == 0, FIRST_POWER_ITERATIONS, 1)
+    estimate, vector = power_iteration(hvp, lax.stop_gradient(vector), iterations)
+    unit = tree_scale(inverse_or_zero(tree_norm(grad)), grad)
+    along_gradient = tree_norm(hvp(unit))
+    return jnp.maximum(jnp.maximum(estimate, along_gradient), previous), vector
+
+
+def inverse_or_zero(value: Scalar) -> Scalar:
+    """`1 / value`, or 0 where `value` is not positive (no usable curvature)."""
+    positive = value > 0
+    return jnp.where(positive, 1 / jnp.where(positive, value, 1), 0).astype(value.dtype)
+
+
+class AdaptiveStepState(NamedTuple):
+    """State of `adaptive_gradient_descent`: the previous iterate and gradient, the
+    last step $\\lambda_{k-1}$, the ratio
+    $\\theta_{k-1} = \\lambda_{k-1}/\\lambda_{k-2}$ and whether the last step was the
+    probe ($\\theta = \\infty$)."""
+
+    previous_params: PyTree[Array]
+    previous_grad: PyTree[Array]
+    step_size: Scalar
+    ratio: Scalar
+    after_probe: Bool[Array, ""]
+
+
+def adaptive_gradient_descent(probe: float = 1e-3) -> optax.GradientTransformation:
+    r"""Gradient descent with the adaptive step of Malitsky and Mishchenko (2020,
+    "Adaptive gradient descent without descent", ICML), as an optax transformation:
+
+    $\lambda_k = \min\big(\sqrt{1 + \theta_{k-1}}\,\lambda_{k-1},\;
+    \frac{\|x_k - x_{k-1}\|}{2\|g_k - g_{k-1}\|}\big)$,
+    $\theta_k = \lambda_k / \lambda_{k-1}$, $x_{k+1} = x_k - \lambda_k g_k$.
+
+    The second term is the inverse of a local curvature estimate of $F$ from two
+    successive gradients, so the step follows the scale of $F$: multiplying $F$ by $t$
+    divides every $\lambda_k$ by $t$ and leaves the iterates unchanged; the first term
+    bounds the growth of the step (by about the golden ratio per iteration once
+    $\theta$ has settled). No function values are needed, which suits hypergradients
+    computed at an approximate lower solution. For convex $F$ with a locally Lipschitz
+    gradient the iterates converge (the paper's theorem 1).
+
+    The first step is a probe moving $x$ by `probe` $\cdot \max(1, \|x_0\|)$ (so
+    $\theta_0 = \infty$ and $\lambda_1$ is the local estimate alone; if the gradient
+    did not change, $\lambda_1 = 2\lambda_0$); if the gradient is zero, the probe is
+    retried at the next step. When $x$ does not move, $\lambda$ is kept.
+    """
+
+    def init(params):
+        zeros = jtu.tree_map(jnp.zeros_like, params)
+        scalar = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(params)))
+        return AdaptiveStepState(zeros, zeros, scalar, scalar, jnp.array(False))
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("adaptive_gradient_descent needs `params` in `update`")
+        grad_norm = tree_norm(grads)
+        first = probe * jnp.maximum(tree_norm(params), 1) * inverse_or_zero(grad_norm)
+        moved = tree_norm(tree_sub(params, state.previous_params))
+        change = tree_norm(tree_sub(grads, state.previous_grad))
+        local = _ratio_or_inf(moved, 2 * change)
+        grown = jnp.where(
+            state.after_probe,
+            jnp.where(jnp.isfinite(local), jnp.inf, 2 * state.step_size),
+            jnp.sqrt(1 + state.ratio) * state.step_size,
+        )
+        adapted = jnp.where(moved > 0, jnp.minimum(grown, local), state.step_size)
+        started = state.step_size > 0
+        step = jnp.where(started, adapted, first).astype(grad_norm.dtype)
+        ratio = jnp.where(started, step * inverse_or_zero(state.step_size), 0)
+        updates = tree_scale(-step, grads)
+        new_state = AdaptiveStepState(
+            params, grads, step, ratio.astype(step.dtype), ~started
+        )
+        return updates, new_state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _ratio_or_inf(numerator: Scalar, denominator: Scalar) -> Scalar:
+    """`numerator / denominator`, or infinity where the denominator is not positive."""
+    ratio = numerator * inverse_or_zero(denominator)
+    return jnp.where(denominator > 0, ratio, jnp.inf)
+
+
+def default_inner_optimizer(
+    problem: Any, data: Any, step: Scalar
+) -> optax.GradientTransformation:
+    r"""The default inner steps of ImplicitDiff and Unrolled, of size `step` ($1/\hat L$
+    for a curvature estimate $\hat L$): `accelerated_descent` on deterministic data
+    without a set $Y$ (restarted at every outer step), plain gradient descent with
+    minibatches (momentum would accumulate their noise) or projections."""
+    if data.deterministic and problem.project_y is None:
+        return accelerated_descent(step)
+    return optax.sgd(step)
+
+
+def gradient_mapping_norm(problem, x, grad, step) -> Scalar:
+    r"""$\|\nabla F\|$, or with a set $X$ the gradient mapping
+    $\|x - P_X(x - \eta\nabla F)\| / \eta$ ($\eta$ the outer step, 1 when unknown)."""
+    if problem.project_x is None:
+        return tree_norm(grad)
+    dtype = jnp.result_type(*jtu.tree_leaves(grad))
+    step = jnp.asarray(1.0 if step is None else step, dtype)
+    step = jnp.where(step > 0, step, 1)
+    moved = apply_project_x(problem, tree_axpy(-step, grad, x))
+    return tree_norm(tree_sub(x, moved)) / step
+
+
+class AcceleratedState(NamedTuple):
+    """State of `accelerated_descent`: the last gradient-step point and the count."""
+
+    previous: PyTree[Array]
+    count: Int[Array, ""]
+
+
+def accelerated_descent(step_size: Scalar | float) -> optax.GradientTransformation:
+    r"""Nesterov's accelerated gradient method with the momentum schedule for convex
+    functions, as an optax transformation whose parameters are the extrapolated points
+    $z_k$ (where the gradient is taken):
+
+    $y_{k+1} = z_k - \eta\nabla g(z_k)$, $z_{k+1} = y_{k+1} + \frac{k}{k+3}(y_{k+1} -
+    y_k)$ (Nesterov 1983), with $\eta = $ `step_size` $\le 1/L$.
+
+    It needs no strong-convexity constant, and is a smooth map of its inputs, so
+    unrolled differentiation goes through it: after $K$ steps the error is
+    $O(L\|y_0 - y^*\|^2/K^2)$ for convex $g$ instead of gradient descent's $O(1/K)$.
+    """
+
+    def init(params):
+        return AcceleratedState(params, jnp.zeros((), jnp.int32))
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("accelerated_descent needs `params` in `update`")
+        step = tree_axpy(-step_size, grads, params)
+        k = state.count.astype(jnp.result_type(*jtu.tree_leaves(params)))
+        momentum = k / (k + 3)
+        extrapolated = tree_axpy(momentum, tree_sub(step, state.previous), step)
+        updates = tree_sub(extrapolated, params)
+        return updates, AcceleratedState(step, state.count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------------------
+# penalty family (Penalty, VPBGD, F2SA): tracked curvature and adaptive outer steps
+
+
+class PowerIteration(eqx.Module):
+    """A warm-started power iteration: the current estimate of $\\|A\\|_2$ and the unit
+    vector it came from, carried in a solver state so that a slowly changing operator
+    is tracked with one product per step."""
+
+    norm: Scalar
+    vector: PyTree[Array]
+
+
+def start_power_iteration(key: PRNGKeyArray, like: PyTree[Array]) -> PowerIteration:
+    """A random unit start vector shaped like `like` and the estimate 0."""
+    vector = random_direction(key, like)
+    zero = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(like)))
+    return PowerIteration(zero, vector)
+
+
+def continue_power_iteration(
+    matvec: Callable[[PyTree], PyTree], estimate: PowerIteration, num_iters: Any
+) -> PowerIteration:
+    """`num_iters` more power iterations from `estimate` (a traced count is allowed:
+    under `jax.vmap` all runs share the count, so no run pays for another's)."""
+
+    def iterate(_, current: PowerIteration) -> PowerIteration:
+        image = matvec(current.vector)
+        norm = tree_norm(image)
+        divisor = jnp.where(norm > 0, norm, jnp.ones_like(norm))
+        return PowerIteration(norm, tree_scale(1 / divisor, image))
+
+    result = lax.fori_loop(0, num_iters, iterate, estimate)
+    return lax.stop_gradient(result)
+
+
+def hessian_product(
+    fn: Callable[[PyTree], Scalar], point: PyTree[Array]
+) -> Callable[[PyTree], PyTree]:
+    r"""$v \mapsto \nabla^2 \mathrm{fn}(\text{point})\, v$ (forward over reverse)."""
+    grad = jax.grad(fn)
+    return lambda v: jax.jvp(grad, (point,), (v,))[1]
+
+
+class SecantStep(eqx.Module):
+    """State of the adaptive step of Malitsky and Mishchenko: the last step size, the
+    ratio of the last two, and the last point and direction."""
+
+    lr: Scalar
+    ratio: Scalar
+    point: PyTree[Array]
+    direction: PyTree[Array]
+
+
+def start_secant_step(point: PyTree[Array]) -> SecantStep:
+    """Before the first step: no previous point (its fields are placeholders)."""
+    zero = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(point)))
+    zeros = jtu.tree_map(jnp.zeros_like, point)
+    return SecantStep(zero, jnp.ones_like(zero), point, zeros)
+
+
+def secant_step(
+    state: SecantStep,
+    point: PyTree[Array],
+    direction: PyTree[Array],
+    first_lr: Scalar,
+    first: Any,
+    reliable: Any = True,
+) -> tuple[Scalar, SecantStep]:
+    r"""The step size of adaptive gradient descent without descent (Malitsky and
+    Mishchenko, ICML 2020) for the direction field $d$ at $x_k$:
+
+    $\alpha_k = \min\big(\sqrt{1 + \theta_{k-1}}\,\alpha_{k-1},\;
+    \|x_k - x_{k-1}\| / (2\|d_k - d_{k-1}\|)\big)$, $\theta_k = \alpha_k/\alpha_{k-1}$,
+
+    i.e. half the inverse of the local curvature seen along the last step, allowed to
+    grow by at most $\sqrt{1 + \theta}$ per step. Invariant to scaling the objective;
+    meant for exact (deterministic) directions. `first_lr` is used when `first` is
+    true ($\theta_0 = 1$); a step that cannot be measured (no move, or no change of
+    $d$) only grows the previous one. When `reliable` is false (the caller knows that
+    $d_k$ is too inexact for its secant to mean anything, e.g. an inner solve that
+    lags behind), the previous step is halved instead.
+    """
+    moved = tree_norm(tree_sub(point, state.point))
+    change = tree_norm(tree_sub(direction, state.direction))
+    grown = jnp.sqrt(1 + state.ratio) * state.lr
+    measurable = (moved > 0) & (change > 0)
+    secant = moved / (2 * jnp.where(measurable, change, jnp.ones_like(change)))
+    lr = jnp.where(measurable, jnp.minimum(grown, secant), grown)
+    lr = jnp.where(reliable, lr, state.lr / 2)
+    lr = jnp.where(first, first_lr, lr)
+    ratio = jnp.where(first, jnp.ones_like(lr), lr / state.lr)
+    lr = lax.stop_gradient(lr)
+    return lr, SecantStep(lr, lax.stop_gradient(ratio), point, direction)
+
+
+# --------------------------------------------------------------------------------------
+# SLBAMM / BOREP / LVHBA
+
+
+def hessian_norm(
+    fn: Callable[[PyTree[Array]], Scalar],
+    primals: PyTree[Array],
+    key: PRNGKeyArray,
+    num_iters: int = 20,
+) -> Scalar:
+    r"""Power-iteration estimate of $\|\nabla^2 \mathrm{fn}(\mathrm{primals})\|_2$ for a
+    scalar function of one pytree (forward-over-reverse Hessian-vector products)."""
+    _, hvp = jax.linearize(jax.grad(fn), primals)
+    return operator_norm(hvp, primals, key, num_iters)
+
+
+def spectrum_bounds(
+    matvec: Callable[[PyTree], PyTree],
+    like: PyTree[Array],
+    key: PRNGKeyArray,
+    num_iters: int = 20,
+) -> tuple[Scalar, Scalar]:
+    r"""Estimates of the largest and smallest eigenvalues $L$ and $m$ of a symmetric
+    positive semidefinite operator: $L$ by power iteration, then $m = L -
+    \|L I - A\|_2$ by power iteration on the shifted operator. Both approach from the
+    inside of the spectrum ($L$ from below, $m$ from above), so $L/m$ underestimates
+    the condition number when the iterations have not converged."""
+    first, second = jr.split(key)
+    largest = operator_norm(matvec, like, first, num_iters)
+    shifted = operator_norm(
+        lambda v: tree_sub(tree_scale(largest, v), matvec(v)), like, second, num_iters
+    )
+    return largest, jnp.maximum(largest - shifted, 0)
+
+
+def jacobian_norm(
+    fn: Callable[[PyTree[Array]], PyTree[Array]],
+    primals: PyTree[Array],
+    key: PRNGKeyArray,
+    num_iters: int = 20,
+) -> Scalar:
+    r"""Power-iteration estimate of $\|\partial\,\mathrm{fn}(\mathrm{primals})\|_2$, the
+    largest singular value of the Jacobian, as $\sqrt{\|J^\top J\|_2}$."""
+    _, jvp = jax.linearize(fn, primals)
+    vjp = jax.linear_transpose(jvp, primals)
+    return jnp.sqrt(operator_norm(lambda v: vjp(jvp(v))[0], primals, key, num_iters))
+
+
+def hyper_curvature(
+    upper: Callable[[PyTree[Array], PyTree[Array]], Scalar],
+    gradient: Callable[[PyTree[Array], PyTree[Array]], PyTree[Array]],
+    x: PyTree[Array],
+    y: PyTree[Array],
+    key: PRNGKeyArray,
+    num_iters: int = 10,
+    max_steps: int = 50,
+) -> Scalar:
+    r"""Estimate of the curvature $L_\Phi = \|\nabla^2\Phi(x)\|_2$ of the
+    hyper-objective $\Phi(x) = F(x, y^*(x))$, $G(x, y^*(x)) = 0$ (`upper` $= F$,
+    `gradient` $= G$, the gradient in $y$ of a convex lower objective), from $(x, y)$.
+
+    It is taken at the Newton point $\hat y = y - (\partial_y G)^{-1} G(x, y)$, which is
+    $y^*(x)$ when $G$ is affine in $y$ and closer to it than $y$ otherwise (at an
+    arbitrary $y$ the sensitivity of $y^*$ can vanish, e.g. $y = 0$ for a weight decay
+    $e^x y$). With the sensitivity $J = -(\partial_y G)^{-1}\partial_x G$ of $y^*$ at
+    $(x, \hat y)$ and the adjoint $v = (\partial_y G)^{-1}\nabla_y F$, the Hessian of
+    $\Phi$ is the reduced Hessian of the Lagrangian $\mathcal L = F - \langle G,
+    v\rangle$,
+    $\nabla^2\Phi = \begin{pmatrix} I \\ J \end{pmatrix}^\top \nabla^2\mathcal L
+    \begin{pmatrix} I \\ J \end{pmatrix}$ (exact at $\hat y = y^*(x)$), whose norm
+    is estimated by `num_iters` power iterations. Each product takes two
+    conjugate-gradient solves with $\partial_y G$ (at most `max_steps` Hessian-vector
+    products each, relative tolerance $10^{-3}$: an estimate, not a certificate), so
+    $\partial_y G$ must be symmetric positive semidefinite and nonsingular on the range
+    of $\partial_x G$ and of $\nabla_y F$ (a direction of non-positive curvature ends a
+    solve early).
+    """
+
+    def solver_at(y):
+        residual, hvp = jax.linearize(lambda v: gradient(x, v), y)
+        return residual, lambda rhs: _conjugate_gradient(hvp, rhs, max_steps)
+
+    residual, solve = solver_at(y)
+    y = tree_sub(y, solve(residual))
+    _, solve = solver_at(y)
+    _, cross = jax.linearize(lambda u: gradient(u, y), x)
+    cross_t = jax.linear_transpose(cross, x)
+    adjoint = solve(jax.grad(upper, argnums=1)(x, y))
+
+    def lagrangian(xy):
+        return upper(*xy) - tree_dot(gradient(*xy), adjoint)
+
+    _, upper_hvp = jax.linearize(jax.grad(lagrangian), (x, y))
+
+    def gauss_newton(w):
+        direction = (w, tree_scale(-1.0, solve(cross(w))))
+        h_x, h_y = upper_hvp(direction)
+        (back,) = cross_t(solve(h_y))
+        return tree_sub(h_x, back)
+
+    return operator_norm(gauss_newton, x, key, num_iters)
+
+
+def _conjugate_gradient(matvec, rhs: PyTree[Array], max_steps: int) -> PyTree[Array]:
+    r"""Conjugate gradients for $A u = b$ from $u = 0$, until $\|b - Au\| \le 10^{-3}
+    \|b\|$, `max_steps`, or a direction of non-positive curvature. (lineax's CG declares
+    a breakdown when $p^\top A p < 100\, n\, \epsilon\, \|r\|^2$, an absolute test
+    that a large float32 system of small curvature fails.)"""
+
+    def cond(carry):
+        _, _, _, rr, k = carry
+        return (k < max_steps) & (rr > 1e-6 * rr0)
+
+    def body(carry):
+        u, r, p, rr, k = carry
+        ap = matvec(p)
+        curvature = tree_dot(p, ap)
+        alpha = jnp.where(curvature > 0, rr / jnp.where(curvature > 0, curvature, 1), 0)
+        u = tree_axpy(alpha, p, u)
+        r = tree_axpy(-alpha, ap, r)
+        rr_new = tree_dot(r, r)
+        beta = rr_new / jnp.where(rr > 0, rr, 1)
+        k = jnp.where(curvature > 0, k + 1, max_steps)
+        return u, r, tree_axpy(beta, p, r), rr_new, k
+
+    rr0 = tree_dot(rhs, rhs)
+    zeros = jtu.tree_map(jnp.zeros_like, rhs)
+    u, *_ = lax.while_loop(cond, body, (zeros, rhs, rhs, rr0, 0))
+    return u
+
+
+# -------------------------------------------------------------------------------------
+# BSVRB
+
+
+def hyper_hessian_product(
+    problem: Any,
+    x: PyTree[Array],
+    y: PyTree[Array],
+    direction: PyTree[Array],
+    upper_batch: Any,
+    lower_batch: Any,
+) -> PyTree[Array]:
+    r"""$\nabla^2\tilde F(x)\,d$ for the hyper-objective linearised in $y$,
+    $\tilde F(x') = f(x', y + J(x' - x))$ with
+    $J = -(\partial_y\Phi)^{-1}\partial_x\Phi$ at $(x, y)$:
+    $\nabla^2\tilde F = [I; J]^\top\nabla^2 f\,[I; J]$, the Hessian of
+    $F(x) = f(x, y^*(x))$ at $y = y^*(x)$ without the terms in the third derivatives
+    of $g$ (exact when $g$ is quadratic). $d$ = `direction`.
+
+    Two matrix-free solves with $\partial_y\Phi$ (its default solver), for a condition
+    with a symmetric Jacobian such as $\Phi = \nabla_y g$.
+    """
+    condition = problem.condition
+    _, cross_d = jax.jvp(lambda u: condition(u, y, lower_batch), (x,), (direction,))
+    _, response, _, _ = solve_adjoint(condition, x, y, (lower_batch,), cross_d, None)
+    grad = jax.grad(problem.upper, argnums=(0, 1))
+    _, (hess_x, hess_y) = jax.jvp(
+        lambda u, w: grad(u, w, upper_batch),
+        (x, y),
+        (direction, tree_scale(-1, response)),
+    )
+    _, adjoint, _, _ = solve_adjoint(condition, x, y, (lower_batch,), hess_y, None)
+    _, vjp = jax.vjp(lambda u: condition(u, y, lower_batch), x)
+    return tree_sub(hess_x, vjp(adjoint)[0])
+
+
+# -------------------------------------------------------------------------------------
+# Stochastic single-loop (SOBA, SABA, SRBA, MA-SOBA)
+
+
+def upper_curvature(
+    problem: Any,
+    x: PyTree[Array],
+    y: PyTree[Array],
+    batch: Any,
+    key: PRNGKeyArray,
+    num_iters: int = 20,
+) -> Scalar:
+    r"""Estimate of $L_f = \|\nabla^2 f(x, y)\|_2$, the smoothness of the upper
+    objective in $(x, y)$ jointly (power iteration on Hessian-vector products)."""
+
+    def grad(xy):
+        return jax.grad(lambda u: problem.upper(u[0], u[1], batch))(xy)
+
+    _, hvp = jax.linearize(grad, (x, y))
+    return operator_norm(hvp, (x, y), key, num_iters)
+
+
+def single_loop_step_sizes(
+    problem: Any,
+    x: PyTree[Array],
+    y: PyTree[Array],
+    upper_batches: Any,
+    lower_batches: Any,
+    key: PRNGKeyArray,
+    fraction: float = 0.5,
+) -> tuple[Scalar, Scalar]:
+    r"""Default steps of the joint $(y, v, x)$ methods: $\rho = c / L_g$ for $y$ and $v$
+    and $\gamma = c / L_f$ for $x$, $c$ = `fraction`, with $L_g$ the largest lower
+    curvature ([`lower_curvature`][bilevel._stepsize.lower_curvature]) and $L_f$ the
+    largest upper curvature (`upper_curvature`) at $(x, y)$ over the given batches
+    (stacked along a leading axis, one per draw).
+
+    $y$ and $v$ take gradient steps on $g$ and on $\frac12 v^\top\nabla^2_{yy} g\, v +
+    v^\top\nabla_y f$, both $L_g$-smooth on every batch probed; the hyper-objective
+    scales like $f$ (scaling $g$ changes neither $y^*(x)$ nor $\nabla^2_{xy} g\,v^*$),
+    so the $x$ step follows $1/L_f$. Multiplying $g$ by $s$ or $f$ by $t$ leaves every
+    iteration unchanged. The default $c = 1/2$ keeps a margin below $1/L$, beyond which
+    variance-reduced steps on small batches diverge (power iteration also
+    underestimates $L$ slightly). A zero curvature (e.g. an upper objective without
+    second-order terms) falls back on the other level's.
+    """
+    lower_key, upper_key = jr.split(key)
+    leaves = jtu.tree_leaves((upper_batches, lower_batches))
+    num = jnp.shape(leaves[0])[0] if leaves else 1
+
+    def largest(curvature, batches, key):
+        keys = jr.split(key, num)
+        values = jax.vmap(lambda b, k: curvature(problem, x, y, b, k))(batches, keys)
+        return jnp.max(values)
+
+    lower = largest(lower_curvature, lower_batches, lower_key)
+    upper = largest(upper_curvature, upper_batches, upper_key)
+    lower = jnp.where(lower > 0, lower, jnp.where(upper > 0, upper, 1.0))
+    upper = jnp.where(upper > 0, upper, lower)
+    return fraction / lower, fraction / upper

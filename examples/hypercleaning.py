@@ -10,9 +10,10 @@ to training on all labels (no cleaning) and on the clean labels only (oracle).
 """
 
 import jax.numpy as jnp
+from _common import timed_run
 
 import bilevel as bl
-from _common import print_table, timed_run
+from bilevel.cli import format_table
 
 
 def row(model, method, accuracy, f1="-", seconds=None, steps="-"):
@@ -32,38 +33,71 @@ def main():
     # Richardson steps (omega = 0.1, about 1/L), as in Lorraine et al. (2020).
     neumann = bl.Richardson(num_steps=20, omega=0.1)
     runs = {
-        "linear": (200, {
-            "ImplicitDiff": bl.solvers.ImplicitDiff(inner_steps=20, inner_lr=0.1, outer_lr=100.0),
-            "Unrolled": bl.solvers.Unrolled(inner_steps=20, inner_lr=0.1, outer_lr=100.0),
-            "VPBGD": bl.solvers.VPBGD(penalty=1.0, x_lr=100.0, y_lr=0.1, z_lr=0.1, z_steps=5),
-            "F2SA": bl.solvers.F2SA(
-                penalty=1.0, penalty_growth=0.0, y_lr=0.1, y_lr_decay=0.0, z_lr=0.1,
-                z_lr_decay=0.0, x_ratio=1000.0, y_steps=5, z_steps=5,
-            ),
-        }),
-        "mlp": (100, {
-            "ImplicitDiff": bl.solvers.ImplicitDiff(
-                inner_steps=20, inner_lr=0.1, outer_lr=100.0, linear_solver=neumann
-            ),
-            "Unrolled": bl.solvers.Unrolled(inner_steps=20, inner_lr=0.1, outer_lr=100.0),
-        }),
+        "linear": (
+            200,
+            {
+                "ImplicitDiff": bl.solvers.ImplicitDiff(
+                    inner_steps=20, inner_lr=0.1, outer_lr=100.0
+                ),
+                "Unrolled": bl.solvers.Unrolled(
+                    inner_steps=20, inner_lr=0.1, outer_lr=100.0
+                ),
+                "VPBGD": bl.solvers.VPBGD(
+                    penalty=1.0, x_lr=100.0, y_lr=0.1, z_lr=0.1, z_steps=5
+                ),
+                "F2SA": bl.solvers.F2SA(
+                    penalty=1.0,
+                    penalty_growth=0.0,
+                    y_lr=0.1,
+                    y_lr_decay=0.0,
+                    z_lr=0.1,
+                    z_lr_decay=0.0,
+                    x_ratio=1000.0,
+                    y_steps=5,
+                    z_steps=5,
+                ),
+            },
+        ),
+        "mlp": (
+            100,
+            {
+                "ImplicitDiff": bl.solvers.ImplicitDiff(
+                    inner_steps=20, inner_lr=0.1, outer_lr=100.0, linear_solver=neumann
+                ),
+                "Unrolled": bl.solvers.Unrolled(
+                    inner_steps=20, inner_lr=0.1, outer_lr=100.0
+                ),
+            },
+        ),
     }
     rows = []
     for model, (num_steps, solvers) in runs.items():
         bench = bl.problems.hypercleaning(corruption=0.3, model=model)
         start = bench.evaluate(bench.x0, bench.y0)
-        rows.append(row(model, "no cleaning (uniform weights)", start["baseline_test_accuracy"]))
-        rows.append(row(model, "oracle (clean labels only)", start["oracle_test_accuracy"]))
+        rows.append(
+            row(model, "no cleaning (uniform weights)", start["baseline_test_accuracy"])
+        )
+        rows.append(
+            row(model, "oracle (clean labels only)", start["oracle_test_accuracy"])
+        )
         for name, solver in solvers.items():
             (x, y), seconds = timed_run(bench, solver, num_steps)
             metrics = bench.evaluate(x, y)
-            rows.append(row(
-                model, name, metrics["refit_test_accuracy"], metrics["f1_corrupted"],
-                seconds, num_steps,
-            ))
-    print(f"hypercleaning (digits, 500 train / 200 validation, 30% corrupted), "
-          f"{jnp.result_type(float)}")
-    print_table(rows)
+            rows.append(
+                row(
+                    model,
+                    name,
+                    metrics["refit_test_accuracy"],
+                    metrics["f1_corrupted"],
+                    seconds,
+                    num_steps,
+                )
+            )
+    print(
+        f"hypercleaning (digits, 500 train / 200 validation, 30% corrupted), "
+        f"{jnp.result_type(float)}"
+    )
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 import bilevel as bl
-from _common import print_table
+from bilevel.cli import format_table
 
 
 def timed(fn):
@@ -33,11 +33,17 @@ def main():
     configs = {
         "digits": dict(
             bench=dict(task="digits", num_ways=3, num_shots=1, num_tasks=64),
-            metric="meta_test_accuracy", steps=60, inner_lr=0.05, outer_lr=0.5,
+            metric="meta_test_accuracy",
+            steps=60,
+            inner_lr=0.05,
+            outer_lr=0.5,
         ),
         "sinusoid": dict(
             bench=dict(task="sinusoid", num_shots=10, num_queries=10, num_tasks=64),
-            metric="meta_test_mse", steps=60, inner_lr=0.02, outer_lr=0.1,
+            metric="meta_test_mse",
+            steps=60,
+            inner_lr=0.02,
+            outer_lr=0.1,
         ),
     }
     rows = []
@@ -45,9 +51,15 @@ def main():
         bench = bl.problems.imaml(**cfg["bench"])
         metric, steps = cfg["metric"], cfg["steps"]
         start = bench.evaluate(bench.x0, bench.y0)
-        rows.append({"task": task, "method": "no meta-learning", "steps": "-",
-                     metric.replace("meta_test_", ""): float(start[f"baseline_{metric}"]),
-                     "wall_s": "-"})
+        rows.append(
+            {
+                "task": task,
+                "method": "no meta-learning",
+                "steps": "-",
+                metric.replace("meta_test_", ""): float(start[f"baseline_{metric}"]),
+                "wall_s": "-",
+            }
+        )
         solvers = {
             "ImplicitDiff (pool)": bl.solvers.ImplicitDiff(
                 inner_steps=20, inner_lr=cfg["inner_lr"], outer_lr=cfg["outer_lr"]
@@ -59,22 +71,39 @@ def main():
         results = {}
         for name, solver in solvers.items():
             (state, _), seconds = timed(
-                lambda s=solver: bl.run(bench.problem, s, bench.x0, bench.y0, bench.data, steps)
+                lambda s=solver: bl.run(
+                    bench.problem, s, bench.x0, bench.y0, bench.data, steps
+                )
             )
             results[name] = (solver.params(state)[0], seconds)
-        (theta, _), seconds = timed(lambda: bl.problems.imaml_meta_train(
-            bench, jr.PRNGKey(0), num_steps=steps, meta_batch_size=8, outer_lr=cfg["outer_lr"]
-        ))
+        (theta, _), seconds = timed(
+            lambda: bl.problems.imaml_meta_train(
+                bench,
+                jr.PRNGKey(0),
+                num_steps=steps,
+                meta_batch_size=8,
+                outer_lr=cfg["outer_lr"],
+            )
+        )
         results["episodic iMAML"] = (theta, seconds)
         for name, (theta, seconds) in results.items():
             value = bench.evaluate(theta, bench.y0)[metric]
-            rows.append({"task": task, "method": name, "steps": steps,
-                         metric.replace("meta_test_", ""): float(value),
-                         "wall_s": f"{seconds:.1f}"})
-    print(f"imaml: meta-test metric after adaptation (100 tasks), {jnp.result_type(float)}")
+            rows.append(
+                {
+                    "task": task,
+                    "method": name,
+                    "steps": steps,
+                    metric.replace("meta_test_", ""): float(value),
+                    "wall_s": f"{seconds:.1f}",
+                }
+            )
+    print(
+        "imaml: meta-test metric after adaptation (100 tasks),",
+        jnp.result_type(float),
+    )
     # the two tasks report different metrics: print one table each
     for task in configs:
-        print_table([r for r in rows if r["task"] == task])
+        print(format_table([r for r in rows if r["task"] == task]))
 
 
 if __name__ == "__main__":

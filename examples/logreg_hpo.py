@@ -9,9 +9,10 @@ best single global L2 weight chosen by grid search.
 """
 
 import jax.numpy as jnp
+from _common import timed_run
 
 import bilevel as bl
-from _common import print_table, timed_run
+from bilevel.cli import format_table
 
 
 NUM_STEPS = 300
@@ -29,17 +30,30 @@ def row(method, validation_loss, test_accuracy, seconds=None):
 def main():
     bench = bl.problems.logreg_hpo()
     solvers = {
-        "ImplicitDiff": bl.solvers.ImplicitDiff(inner_steps=20, inner_lr=0.2, outer_lr=10.0),
+        "ImplicitDiff": bl.solvers.ImplicitDiff(
+            inner_steps=20, inner_lr=0.2, outer_lr=10.0
+        ),
         "Unrolled": bl.solvers.Unrolled(inner_steps=20, inner_lr=0.2, outer_lr=10.0),
-        "VPBGD": bl.solvers.VPBGD(penalty=10.0, x_lr=1.0, y_lr=0.02, z_lr=0.2, z_steps=10),
+        "VPBGD": bl.solvers.VPBGD(
+            penalty=10.0, x_lr=1.0, y_lr=0.02, z_lr=0.2, z_steps=10
+        ),
         "F2SA": bl.solvers.F2SA(
-            penalty=10.0, penalty_growth=0.0, y_lr=0.02, y_lr_decay=0.0, z_lr=0.2,
-            z_lr_decay=0.0, x_ratio=50.0,
+            penalty=10.0,
+            penalty_growth=0.0,
+            y_lr=0.02,
+            y_lr_decay=0.0,
+            z_lr=0.2,
+            z_lr_decay=0.0,
+            x_ratio=50.0,
         ),
     }
     start = bench.evaluate(bench.x0, bench.y0)
     rows = [
-        row("x0 (every weight 1)", start["validation_loss"], start["refit_test_accuracy"]),
+        row(
+            "x0 (every weight 1)",
+            start["validation_loss"],
+            start["refit_test_accuracy"],
+        ),
         row(
             "global weight (grid of 13)",
             start["baseline_validation_loss"],
@@ -50,10 +64,17 @@ def main():
         (x, y), seconds = timed_run(bench, solver, NUM_STEPS)
         metrics = bench.evaluate(x, y)
         rows.append(
-            row(name, metrics["validation_loss"], metrics["refit_test_accuracy"], seconds)
+            row(
+                name,
+                metrics["validation_loss"],
+                metrics["refit_test_accuracy"],
+                seconds,
+            )
         )
-    print(f"logreg_hpo (breast cancer), {NUM_STEPS} outer steps, {jnp.result_type(float)}")
-    print_table(rows)
+    print(
+        f"logreg_hpo (breast cancer), {NUM_STEPS} outer steps, {jnp.result_type(float)}"
+    )
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

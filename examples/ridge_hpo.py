@@ -12,9 +12,10 @@ import time
 
 import jax
 import jax.numpy as jnp
+from _common import timed_run
 
 import bilevel as bl
-from _common import print_table, timed_run
+from bilevel.cli import format_table
 
 
 NUM_STEPS = 300
@@ -45,21 +46,33 @@ def row(method, metrics, seconds=None):
 def main():
     bench = bl.problems.ridge_hpo(num_noise_features=10)
     solvers = {
-        "ImplicitDiff": bl.solvers.ImplicitDiff(inner_steps=20, inner_lr=0.2, outer_lr=5.0),
+        "ImplicitDiff": bl.solvers.ImplicitDiff(
+            inner_steps=20, inner_lr=0.2, outer_lr=5.0
+        ),
         "Unrolled": bl.solvers.Unrolled(inner_steps=20, inner_lr=0.2, outer_lr=5.0),
-        "VPBGD": bl.solvers.VPBGD(penalty=10.0, x_lr=0.5, y_lr=0.02, z_lr=0.2, z_steps=10),
+        "VPBGD": bl.solvers.VPBGD(
+            penalty=10.0, x_lr=0.5, y_lr=0.02, z_lr=0.2, z_steps=10
+        ),
         "F2SA": bl.solvers.F2SA(
-            penalty=10.0, penalty_growth=0.0, y_lr=0.02, y_lr_decay=0.0, z_lr=0.2,
-            z_lr_decay=0.0, x_ratio=25.0,
+            penalty=10.0,
+            penalty_growth=0.0,
+            y_lr=0.02,
+            y_lr_decay=0.0,
+            z_lr=0.2,
+            z_lr_decay=0.0,
+            x_ratio=25.0,
         ),
     }
     start = bench.evaluate(bench.x0, bench.lower_solution(bench.x0))
     rows = [
         row("x0 (every weight 1)", start),
-        row("global weight (grid of 25)", {
-            "validation_loss": start["baseline_validation_loss"],
-            "refit_test_mse": start["baseline_test_mse"],
-        }),
+        row(
+            "global weight (grid of 25)",
+            {
+                "validation_loss": start["baseline_validation_loss"],
+                "refit_test_mse": start["baseline_test_mse"],
+            },
+        ),
     ]
     (x, y), seconds = closed_form_descent(bench, lr=5.0)
     rows.append(row("closed-form hypergradient", bench.evaluate(x, y), seconds))
@@ -70,7 +83,7 @@ def main():
         f"ridge_hpo (diabetes + 10 noise features), {NUM_STEPS} outer steps, "
         f"{jnp.result_type(float)}"
     )
-    print_table(rows)
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

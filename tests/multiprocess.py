@@ -28,8 +28,14 @@ def _environment(port: int, num_processes: int, process_id: int, devices: int) -
     return env
 
 
-def launch(script: str, num_processes: int, devices: int, *, timeout: float = 90,
-           args: tuple[str, ...] = ()) -> list[dict]:
+def launch(
+    script: str,
+    num_processes: int,
+    devices: int,
+    *,
+    timeout: float = 90,
+    args: tuple[str, ...] = (),
+) -> list[dict]:
     """Run `script` (source text) in `num_processes` processes with `devices` CPU
     devices each; every process must print one JSON object as its last stdout line.
     Returns those objects by process id. Raises `RuntimeError` with the outputs when a
@@ -60,6 +66,8 @@ def launch(script: str, num_processes: int, devices: int, *, timeout: float = 90
                 process.wait()
     failed = [i for i, p in enumerate(processes) if p.returncode != 0]
     if failed:
-        details = "\n".join(f"--- process {i}:\n{outputs[i][1][-3000:]}" for i in failed)
+        details = "\n".join(
+            f"--- process {i}:\n{outputs[i][1][-3000:]}" for i in failed
+        )
         raise RuntimeError(f"processes {failed} failed:\n{details}")
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]

@@ -1,9 +1,12 @@
-"""BSVRB v1/v2 (specs/bsvrb.md): an independent dense NumPy re-implementation with block
-sampling and minibatches, deterministic implicit-gradient descent and the closed-form
-optimum of the multi-block quadratic (T3), speed-up in I and B, the compositional problem
-(T4), the multi-temperature logistic problem against Newton + IFT (T5), the digits
-problem, sharding over 4 host devices, and input errors."""
+"""BSVRB v1/v2 (Hu et al., ICML 2023): an independent dense NumPy re-implementation
+with block sampling and minibatches (iterates and metrics), deterministic
+implicit-gradient descent and the closed-form optimum of a multi-block quadratic (T3),
+the defaults on a 12-block quadratic and their scale invariance, a single lower problem
+as one block, speed-up in I and B, a compositional problem (T4), multi-temperature
+logistic regression against Newton + IFT (T5), the digits problem, recorded histories,
+sharding over 4 host devices, and input errors."""
 
+import functools as ft
 import json
 import os
 import pathlib
@@ -24,7 +27,7 @@ from bilevel.solvers._bsvrb import project_hessian
 from .helpers import central_difference, relative_error
 
 
-# ---------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------
 # T3: multi-block quadratic, written out here so the reference can use the matrices.
 #   g_i(x, y) = 1/(2|S|) sum_{k in S} (a_ik' y)^2 + mu/2 |y|^2 - y'(B_i x - c_i)
 #   f_i(x, y) = 1/2 |y - b_i|^2 + rho/2 |x|^2
@@ -37,15 +40,20 @@ SHIFT = np.asarray(jr.normal(_k[2], (M, DY)))
 TARGET = np.asarray(jr.normal(_k[3], (M, DY)))
 
 
-_COUPLING, _SHIFT, _TARGET = jnp.asarray(COUPLING), jnp.asarray(SHIFT), jnp.asarray(TARGET)
+_COUPLING, _SHIFT, _TARGET = (
+    jnp.asarray(COUPLING),
+    jnp.asarray(SHIFT),
+    jnp.asarray(TARGET),
+)
 
 
-def t3_lower(x, y, batch, i):
-    return 0.5 * jnp.mean((batch @ y) ** 2) + 0.5 * MU * y @ y - y @ (_COUPLING[i] @ x - _SHIFT[i])
+def t3_lower(x, y, batch, i):  # in the dtype of y (float32 runs stay float32)
+    shift = _COUPLING[i].astype(y.dtype) @ x - _SHIFT[i].astype(y.dtype)
+    return 0.5 * jnp.mean((batch @ y) ** 2) + 0.5 * MU * y @ y - y @ shift
 
 
 def t3_upper(x, y, batch, i):
-    return 0.5 * jnp.sum((y - _TARGET[i]) ** 2) + 0.5 * RHO * x @ x
+    return 0.5 * jnp.sum((y - _TARGET[i].astype(y.dtype)) ** 2) + 0.5 * RHO * x @ x
 
 
 T3 = bl.MultiBlockProblem(t3_upper, t3_lower, num_blocks=M)
@@ -76,19 +84,19 @@ class CyclicBlocks(bl.AbstractData):
 
 
 def numpy_bsvrb(cfg, sampled, batch_size, x, y, num_steps):
-    """BSVRB on T3 in dense NumPy from the update rules of specs/bsvrb.md §3.3-3.4 (our
-    initialisation: prev = current, estimators start from a block's first sample, first
-    STORM step with beta = 1). `sampled[t]` is the set of blocks of step t."""
+    """BSVRB on T3 in dense NumPy from the update rules of Hu et al. (ICML 2023),
+    Algorithms 1-2 (our initialisation: prev = current, estimators start from a block's
+    first sample, first STORM step with beta = 1). `sampled[t]` is the set of blocks of
+    step t. Returns the final (x, y) and every step's metrics by their definitions:
+    means over the sampled blocks at the step's iterate, |G_t| and |z_{t+1}|."""
     x, y = np.array(x, float), np.array(y, float)
-    m, I = M, len(sampled[0])
+    m, per_step = M, len(sampled[0])
     alpha, beta, eta, tau = cfg.alpha, cfg.beta, cfg.eta, cfg.tau
-    gamma = cfg.gamma if not isinstance(cfg.gamma, str) else (
-        1 - alpha if I == m else (m - I) / (I * (1 - alpha)) + (1 - alpha)
-    )
+    gamma = cfg.gamma if not isinstance(cfg.gamma, str) else (1 - alpha) * m / per_step
     xp, yp = x.copy(), y.copy()
     u, v, s = np.zeros_like(y), np.zeros_like(y), np.zeros_like(y)
     vp = v.copy()
-    H = np.stack([cfg.hessian_floor * np.eye(DY)] * m)
+    H = np.zeros((m, DY, DY))  # never read: a block's first visit sets it
     Hp = H.copy()
     z = np.zeros_like(x)
     last = -np.ones(m, int)
@@ -101,9 +109,11 @@ def numpy_bsvrb(cfg, sampled, batch_size, x, y, num_steps):
         n = np.linalg.norm(w)
         return w if cfg.v_radius is None or n <= cfg.v_radius else w * cfg.v_radius / n
 
+    metrics = {name: [] for name in METRIC_NAMES[cfg.version]}
     for t in range(num_steps):
         G, Gp = np.zeros_like(x), np.zeros_like(x)
         u_new, s_new, H_new, H_used = u.copy(), s.copy(), H.copy(), H.copy()
+        losses, lower_sq, linear_sq = [], [], []
         for i in sampled[t]:
             rows = ROWS[i][(t * batch_size + np.arange(batch_size)) % N]
             A = rows.T @ rows / batch_size + MU * np.eye(DY)
@@ -112,9 +122,13 @@ def numpy_bsvrb(cfg, sampled, batch_size, x, y, num_steps):
             def grad_g(x_, y_):
                 return A @ y_ - (Bi @ x_ - ci)
 
+            losses.append(0.5 * np.sum((y[i] - bi) ** 2) + 0.5 * RHO * x @ x)
+            lower_sq.append(np.sum(grad_g(x, y[i]) ** 2))
             fresh = last[i] < 0
             a, c = (1.0, 0.0) if fresh else (alpha, gamma)
-            u_new[i] = (1 - a) * u[i] + (a + c) * grad_g(x, y[i]) - c * grad_g(xp, yp[i])
+            u_new[i] = (
+                (1 - a) * u[i] + (a + c) * grad_g(x, y[i]) - c * grad_g(xp, yp[i])
+            )
             if cfg.version == 1:
                 H_new[i] = project((1 - a) * H[i] + (a + c) * A - c * A)
                 H_used[i] = H_new[i] if fresh else H[i]
@@ -125,11 +139,21 @@ def numpy_bsvrb(cfg, sampled, batch_size, x, y, num_steps):
             else:
                 q = A @ v[i] - (y[i] - bi)
                 q_prev = A @ vp[i] - (yp[i] - bi)
+                linear_sq.append(np.sum(q**2))
                 s_new[i] = (1 - a) * s[i] + (a + c) * q - c * q_prev
                 G += RHO * x + Bi.T @ v[i]
                 Gp += RHO * xp + Bi.T @ vp[i]
-        G, Gp = G / I, Gp / I
+        G, Gp = G / per_step, Gp / per_step
         z = G if t == 0 else (1 - beta) * (z - Gp) + G
+        values = dict(
+            upper_loss=np.mean(losses),
+            lower_residual=np.sqrt(np.mean(lower_sq)),
+            grad_norm=np.linalg.norm(G),
+            direction_norm=np.linalg.norm(z),
+            linear_residual=np.sqrt(np.mean(linear_sq or [0.0])),
+        )
+        for name in metrics:
+            metrics[name].append(values[name])
         x_next = x - eta * z
         y_next, v_next = y.copy(), v.copy()
         moving = range(m) if cfg.lower_update == "all" else sampled[t]
@@ -145,46 +169,78 @@ def numpy_bsvrb(cfg, sampled, batch_size, x, y, num_steps):
         xp, yp, vp = x, y, v
         Hp = H_used if cfg.version == 1 else Hp
         x, y, v, u, s, H = x_next, y_next, v_next, u_new, s_new, H_new
-    return x, y
+    return x, y, metrics
+
+
+METRIC_NAMES = {
+    1: ("upper_loss", "grad_norm", "lower_residual", "direction_norm"),
+    2: (
+        "upper_loss",
+        "grad_norm",
+        "lower_residual",
+        "direction_norm",
+        "linear_residual",
+    ),
+}
 
 
 REFERENCE_CASES = [
-    # (version, lower_update, extra fields); v_radius=0.3 makes the v2 ball projection
-    # active (|v*| is about 1 here), hessian_floor=1.2 > mu clips Hessian eigenvalues.
-    (1, "all", dict(hessian_floor=1.2)),
-    (2, "lazy", dict(v_radius=0.3)),
-    (2, "sampled", dict(gamma=1.0)),
+    # (version, lower_update, extra fields, dtype); v_radius=0.3 makes the v2 ball
+    # projection active (|v*| is about 1 here), hessian_floor=1.2 > mu clips Hessian
+    # eigenvalues; both block samplings.
+    (1, "all", dict(hessian_floor=1.2), jnp.float64),
+    (2, "lazy", dict(v_radius=0.3, block_sampling="independent"), jnp.float64),
+    (2, "sampled", dict(gamma=1.0), jnp.float64),
+    (1, "sampled", dict(hessian_floor=0.5), jnp.float32),
+    (2, "lazy", dict(v_radius=0.3), jnp.float32),
 ]
 
 
-@pytest.mark.parametrize("version,mode,extra", REFERENCE_CASES)
-def test_matches_numpy_reference_with_block_sampling(version, mode, extra):
+@pytest.mark.parametrize("version,mode,extra,dtype", REFERENCE_CASES)
+def test_matches_numpy_reference_with_block_sampling(version, mode, extra, dtype):
     # I = 2 of 6 blocks, B = 3 of 8 rows: MSVR corrections, first-visit initialisation,
-    # lazy catch-up, projections and the per-block data protocol all act. The sampled sets
-    # are read back from the state (blocks whose last_sampled == t). The arithmetic is
-    # identical up to summation order, so float64 agreement to 1e-10 is expected.
+    # lazy catch-up, projections, the per-block data protocol and the metric definitions
+    # all act. The sampled sets are read back from the state (blocks whose
+    # last_sampled == t). Same arithmetic up to summation order: float64 agrees to
+    # 1e-10; float32 (eps 1.2e-7, 12 steps of contractions) to 1e-4.
     per_step, batch = 2, 3
     solver = bl.solvers.BSVRB(
-        version=version, blocks_per_step=per_step, eta=0.2, beta=0.7, alpha=0.6,
-        tau=0.2, tau_v=0.3, lower_update=mode, **extra,
+        version=version,
+        blocks_per_step=per_step,
+        eta=0.2,
+        beta=0.7,
+        alpha=0.6,
+        tau=0.2,
+        tau_v=0.3,
+        lower_update=mode,
+        **extra,
     )
-    data = CyclicBlocks(jnp.asarray(ROWS), batch, per_step)
-    x0, y0 = jnp.ones(DX), jnp.zeros((M, DY))
+    data = CyclicBlocks(jnp.asarray(ROWS, dtype), batch, per_step)
+    x0, y0 = jnp.ones(DX, dtype), jnp.zeros((M, DY), dtype)
     state = solver.init(T3, x0, y0, jr.PRNGKey(0))
     step = eqx.filter_jit(solver.step)
-    sampled = []
+    sampled, history = [], []
     for t in range(12):
-        state, _ = step(T3, state, data, jr.PRNGKey(t))
+        state, metrics = step(T3, state, data, jr.PRNGKey(t))
         sampled.append(np.flatnonzero(np.asarray(state.last_sampled) == t))
+        history.append(metrics)
     assert all(len(s) == per_step for s in sampled)
-    x_ref, y_ref = numpy_bsvrb(solver, sampled, batch, x0, y0, 12)
-    np.testing.assert_allclose(state.x, x_ref, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(state.y, y_ref, rtol=1e-10, atol=1e-12)
+    assert state.x.dtype == state.y.dtype == history[-1]["grad_norm"].dtype == dtype
+    x_ref, y_ref, metrics_ref = numpy_bsvrb(solver, sampled, batch, x0, y0, 12)
+    rtol, atol = (1e-10, 1e-12) if dtype == jnp.float64 else (1e-4, 1e-5)
+    np.testing.assert_allclose(state.x, x_ref, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(state.y, y_ref, rtol=rtol, atol=atol)
+    assert set(history[0]) == set(METRIC_NAMES[version])
+    for name, reference in metrics_ref.items():
+        np.testing.assert_allclose(
+            [h[name] for h in history], reference, rtol=rtol, atol=atol, err_msg=name
+        )
 
 
-# ---------------------------------------------------------------------------------------
-# T3 deterministic: I = m, full batches, alpha = beta = 1, gamma = 0 is implicit-gradient
-# descent; all lower-update modes coincide; the iterates reach the closed-form optimum.
+# -------------------------------------------------------------------------------------
+# T3 deterministic: I = m, full batches, alpha = beta = 1, gamma = 0 is
+# implicit-gradient descent; all lower-update modes coincide; the iterates reach the
+# closed-form optimum.
 
 M_FULL = np.einsum("mnk,mnl->mkl", ROWS, ROWS) / N + MU * np.eye(DY)[None]
 RESPONSE = np.linalg.solve(M_FULL, COUPLING)  # A_i^-1 B_i
@@ -212,24 +268,36 @@ def numpy_implicit_gradient_descent(version, eta, tau, tau_v, num_steps):
     return x, y
 
 
-# (v1, "all"), (v2, "lazy") and (v2, "sampled") run in the block-sampling reference test.
+# (v1, "all"), (v2, "lazy"), (v2, "sampled") run in the block-sampling reference test.
 @pytest.mark.parametrize("version,mode", [(1, "lazy"), (2, "all")])
 def test_full_blocks_is_deterministic_implicit_gradient_descent(version, mode):
     solver = bl.solvers.BSVRB(
-        version=version, eta=0.5, alpha=1.0, beta=1.0, tau=0.25, tau_v=0.25,
-        lower_update=mode, v_radius=None,
+        version=version,
+        eta=0.5,
+        alpha=1.0,
+        beta=1.0,
+        tau=0.25,
+        tau_v=0.25,
+        lower_update=mode,
+        v_radius=None,
+        hessian_floor=1e-3,  # every step size given: no curvature estimate
     )
-    data = bl.FullBatch(upper=None, lower=jnp.asarray(ROWS))  # shared pool: batch = all rows
+    data = bl.FullBatch(
+        upper=None, lower=jnp.asarray(ROWS)
+    )  # shared pool: batch = all rows
     problem = bl.MultiBlockProblem(
         t3_upper, lambda x, y, rows, i: t3_lower(x, y, rows[i], i), num_blocks=M
     )
-    state, history = bl.run(problem, solver, jnp.zeros(DX), jnp.zeros((M, DY)), data, 400)
+    state, history = bl.run(
+        problem, solver, jnp.zeros(DX), jnp.zeros((M, DY)), data, 400
+    )
     x_ref, y_ref = numpy_implicit_gradient_descent(version, 0.5, 0.25, 0.25, 400)
     # same arithmetic in a different order: float64 rounding only
     np.testing.assert_allclose(state.x, x_ref, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(state.y, y_ref, rtol=1e-10, atol=1e-12)
-    # the iteration is linear with spectral radius 0.81 (v1) / 0.92 (v2) (computed from its
-    # dense matrix), so after 400 steps from |x*| ~ 1 the error is < 1e-13: 1e-8 is safe
+    # the iteration is linear with spectral radius 0.81 (v1) / 0.92 (v2) (computed from
+    # its dense matrix), so after 400 steps from |x*| ~ 1 the error is < 1e-13: 1e-8 is
+    # safe
     np.testing.assert_allclose(state.x, X_STAR, atol=1e-8)
     y_star = RESPONSE @ X_STAR - OFFSET
     np.testing.assert_allclose(state.y, y_star, atol=1e-8)
@@ -237,7 +305,161 @@ def test_full_blocks_is_deterministic_implicit_gradient_descent(version, mode):
     assert float(history["lower_residual"][-1]) < 1e-8
 
 
-# ---------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------
+# Defaults (issue 14): 12 blocks with Hessian eigenvalues in [1, 5], I = 3 blocks per
+# step, full per-block data; the lower objectives multiplied by s, the upper ones by t.
+# The constants and (s, t) travel in the data, so one compiled run serves every scale
+# pair and seed (vmap), in either dtype.
+
+M12, N12, DX12, DY12, RHO12 = 12, 8, 3, 4, 0.1
+_r = np.random.default_rng(12)
+_LEFT = np.linalg.qr(_r.standard_normal((M12, N12, DY12)))[0]  # orthonormal columns
+_RIGHT = np.linalg.qr(_r.standard_normal((M12, DY12, DY12)))[0]
+_EIGS = np.linspace(1.0, 5.0, DY12)  # of A_i = rows' rows / n + I
+ROWS12 = np.sqrt(N12 * (_EIGS - 1.0)) * _LEFT @ np.swapaxes(_RIGHT, 1, 2)
+COUPLING12 = _r.standard_normal((M12, DY12, DX12)) / np.sqrt(DX12)
+SHIFT12, TARGET12 = _r.standard_normal((M12, DY12)), _r.standard_normal((M12, DY12))
+A12 = np.einsum("mnk,mnl->mkl", ROWS12, ROWS12) / N12 + np.eye(DY12)
+RESPONSE12 = np.linalg.solve(A12, COUPLING12)  # y_i*(x) = A_i^-1 (B_i x - c_i)
+OFFSET12 = np.linalg.solve(A12, SHIFT12[..., None])[..., 0]
+SCALES = [(1.0, 1.0), (0.02, 50.0), (50.0, 0.02)]
+
+
+def q12_lower(x, y, batch, i):
+    shift = batch["coupling"][i] @ x - batch["shift"][i]
+    value = 0.5 * jnp.mean((batch["rows"][i] @ y) ** 2) + 0.5 * y @ y - y @ shift
+    return batch["scale"] * value
+
+
+def q12_upper(x, y, batch, i):
+    value = 0.5 * jnp.sum((y - batch["target"][i]) ** 2) + 0.5 * RHO12 * x @ x
+    return batch["scale"] * value
+
+
+Q12 = bl.MultiBlockProblem(q12_upper, q12_lower, num_blocks=M12)
+
+
+def q12_hypergradient(x):
+    """grad F(x) / t in closed form (float64)."""
+    residual = jnp.einsum("mkd,d->mk", RESPONSE12, x) - OFFSET12 - TARGET12
+    return jnp.einsum("mkd,mk->d", RESPONSE12, residual) / M12 + RHO12 * x
+
+
+@ft.cache
+def default_runs(version, dtype, num_steps=4000, num_seeds=4):
+    """|grad F(x_t)| / |grad F(x_0)| of BSVRB(version, blocks_per_step=3) with
+    defaults, shape (scale pairs, seeds, steps)."""
+    solver = bl.solvers.BSVRB(version=version, blocks_per_step=3)
+    lower = {"rows": ROWS12, "coupling": COUPLING12, "shift": SHIFT12}
+    x0, y0 = jnp.zeros(DX12, dtype), jnp.zeros((M12, DY12), dtype)
+    start = jnp.linalg.norm(q12_hypergradient(jnp.zeros(DX12)))
+
+    @jax.jit
+    @ft.partial(jax.vmap, in_axes=(0, 0, None))
+    @ft.partial(jax.vmap, in_axes=(None, None, 0))
+    def run(s, t, key):
+        cast = ft.partial(jax.tree_util.tree_map, lambda u: jnp.asarray(u, dtype))
+        data = bl.FullBatch(
+            upper=cast({"target": TARGET12, "scale": t}),
+            lower=cast({**lower, "scale": s}),
+        )
+        state = solver.init(Q12, x0, y0, key)
+
+        def body(state, key):
+            state, _ = solver.step(Q12, state, data, key)
+            grad = q12_hypergradient(state.x.astype(jnp.float64))
+            return state, jnp.linalg.norm(grad) / start
+
+        return jax.lax.scan(body, state, jr.split(key, num_steps))[1]
+
+    s, t = (jnp.asarray(column) for column in zip(*SCALES))
+    return np.asarray(run(s, t, jr.split(jr.PRNGKey(0), num_seeds)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("version", [1, 2])
+def test_defaults_converge_with_block_sampling(version, dtype):
+    ratios = default_runs(version, dtype)[0]  # s = t = 1, 4 seeds
+    # The floor is the block-sampling noise of the STORM direction: the mean over the
+    # last 200 of 4000 steps measured at most 1.5e-3 (v1) / 1.6e-3 (v2) over the seeds
+    # (float32 the same to 3 digits); first below 1e-2 after a median of 307 (v1) / 412
+    # (v2) steps, at most 351 / 520. The target 1e-2 keeps a margin >= 6.
+    assert np.median(ratios[:, -200:].mean(axis=1)) < 1e-2
+    assert np.all(np.min(ratios, axis=1) < 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("version", [1, 2])
+def test_defaults_are_scale_invariant(version, dtype):
+    # Every default follows the problem's scale (tau ~ 1/s, eta ~ 1/t, mu' ~ s; alpha,
+    # beta, gamma are dimensionless, no clipping radius), so in exact arithmetic the x
+    # iterates do not depend on (s, t): the relative hypergradient curves agree to
+    # rounding (measured 6e-10 in float64). float32 rounding (1e-7) perturbs a
+    # contracting iteration, so there we ask for the same steps to reach 1e-2 (within
+    # 10%) and the same final level (within a factor 2).
+    ratios = default_runs(version, dtype)
+    if dtype == jnp.float64:
+        np.testing.assert_allclose(
+            ratios[1:], np.broadcast_to(ratios[:1], ratios[1:].shape), rtol=1e-6
+        )
+    hits = np.argmax(ratios < 1e-2, axis=-1)
+    finals = ratios[..., -200:].mean(axis=-1)
+    np.testing.assert_allclose(np.median(hits, axis=1), np.median(hits[0]), rtol=0.1)
+    np.testing.assert_allclose(
+        np.median(finals, axis=1), np.median(finals[0]), rtol=1.0
+    )
+
+
+# -------------------------------------------------------------------------------------
+# A single lower problem (bl.BilevelProblem) is one block: T3's block 0.
+
+A0 = ROWS[0].T @ ROWS[0] / N + MU * np.eye(DY)
+M0 = np.linalg.solve(A0, COUPLING[0])
+X0_STAR = np.linalg.solve(
+    M0.T @ M0 + RHO * np.eye(DX), M0.T @ (TARGET[0] + np.linalg.solve(A0, SHIFT[0]))
+)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("version", [1, 2])
+def test_single_block_problem(version, dtype):
+    single = bl.BilevelProblem(
+        lambda x, y, b: t3_upper(x, y, b, 0), lambda x, y, b: t3_lower(x, y, b, 0)
+    )
+    one_block = bl.MultiBlockProblem(
+        lambda x, y, b, i: t3_upper(x, y, b, 0),
+        lambda x, y, b, i: t3_lower(x, y, b, 0),
+        num_blocks=1,
+    )
+    data = bl.FullBatch(upper=None, lower=jnp.asarray(ROWS[0], dtype))
+    x0, y0 = jnp.zeros(DX, dtype), jnp.zeros(DY, dtype)
+    solver = bl.solvers.BSVRB(version=version)  # defaults
+    state, history = bl.run(single, solver, x0, y0, data, 600)
+    x, y = solver.params(state)
+    assert x.shape == (DX,) and y.shape == (DY,) and y.dtype == dtype
+    if dtype == jnp.float64:  # the same draws and arithmetic as a MultiBlockProblem
+        state_m, _ = bl.run(one_block, solver, x0, y0[None], data, 600)
+        np.testing.assert_array_equal(state.x, state_m.x)
+    # deterministic, I = m: measured 2e-15 (v1) / 1e-6 (v2) relative error after 500
+    # steps in float64 and 1e-6 in float32
+    assert np.linalg.norm(np.asarray(x, float) - X0_STAR) < 1e-5 * np.linalg.norm(
+        X0_STAR
+    )
+    # metrics of the first step, at (x0, y0) = (0, 0): f = |b|^2 / 2, grad_y g = c, and
+    # v1's G = grad_x f - d2_xy g A^-1 grad_y f = -B' A^-1 b (exact fresh Hessian)
+    rtol = 1e-12 if dtype == jnp.float64 else 1e-5
+    np.testing.assert_allclose(
+        history["upper_loss"][0], 0.5 * TARGET[0] @ TARGET[0], rtol
+    )
+    np.testing.assert_allclose(
+        history["lower_residual"][0], np.linalg.norm(SHIFT[0]), rtol
+    )
+    if version == 1:
+        grad = -COUPLING[0].T @ np.linalg.solve(A0, TARGET[0])
+        np.testing.assert_allclose(history["grad_norm"][0], np.linalg.norm(grad), rtol)
+
+
+# -------------------------------------------------------------------------------------
 # T3 speed-up: iterations to a target hypergradient norm fall as I and B grow.
 
 
@@ -270,14 +492,21 @@ def test_iterations_to_target_fall_as_blocks_and_batch_grow():
     for per_step, batch in ((2, 4), (8, 4), (8, None)):
         bench = bl.problems.multiblock_quadratic(num_blocks=8, batch_size=batch, seed=1)
         solver = bl.solvers.BSVRB(
-            version=2, blocks_per_step=per_step, eta=0.1, beta=0.05, alpha=0.5, gamma=1.0,
-            tau=0.1, tau_v=0.1, lower_update="sampled",
+            version=2,
+            blocks_per_step=per_step,
+            eta=0.1,
+            beta=0.05,
+            alpha=0.5,
+            gamma=1.0,
+            tau=0.1,
+            tau_v=0.1,
+            lower_update="sampled",
         )
         times[per_step, batch] = np.median(hitting_times(solver, bench, 0.02, 400, 12))
     assert times[2, 4] > 1.5 * times[8, 4] and times[8, 4] > times[8, None], times
 
 
-# ---------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------
 # T4: compositional problem, Hessian of g_i = 1: v1 and v2 reach the same point, the
 # minimiser of F(w) = 1/m sum_i softplus(h_i(w)), h_i(w) = a_i'w + 1/2 w'D_i w.
 
@@ -306,7 +535,9 @@ def t4_newton_minimiser():
     @jax.jit
     def solve():
         def newton(_, w):
-            return w - jnp.linalg.solve(jax.hessian(objective)(w), jax.grad(objective)(w))
+            return w - jnp.linalg.solve(
+                jax.hessian(objective)(w), jax.grad(objective)(w)
+            )
 
         w = jax.lax.fori_loop(0, 30, newton, jnp.zeros(D4))
         return w, jnp.linalg.norm(jax.grad(objective)(w))
@@ -321,7 +552,14 @@ def t4_runs():
     runs = {}
     for version in (1, 2):
         solver = bl.solvers.BSVRB(
-            version=version, eta=0.5, alpha=1.0, beta=1.0, tau=0.5, tau_v=1.0, v_radius=None
+            version=version,
+            eta=0.5,
+            alpha=1.0,
+            beta=1.0,
+            tau=0.5,
+            tau_v=1.0,
+            v_radius=None,
+            hessian_floor=1e-3,
         )
         state, _ = bl.run(T4, solver, jnp.zeros(D4), jnp.zeros((M4, 1)), None, 600)
         runs[version] = state
@@ -338,10 +576,12 @@ def test_compositional_v1_and_v2_reach_the_newton_minimiser(t4_runs):
         np.testing.assert_allclose(t4_runs[version].y[:, 0], u_star, atol=1e-9)
     np.testing.assert_allclose(t4_runs[1].x, t4_runs[2].x, atol=1e-9)
     # v1's Hessian estimate is exactly 1 (MSVR of a constant, projection inactive)
-    np.testing.assert_allclose(t4_runs[1].hessian, np.ones((M4, 1, 1)), atol=1e-14)
+    np.testing.assert_allclose(
+        t4_runs[1].estimator.hessian, np.ones((M4, 1, 1)), atol=1e-14
+    )
 
 
-# ---------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------
 # T5: multi-temperature logistic hyperparameter optimisation (scaled down): with the
 # upper variable frozen (eta = 0) the STORM direction z approaches the Newton + IFT
 # hypergradient.
@@ -350,10 +590,13 @@ N5, D5, M5, LAM5 = 200, 5, 8, 5e-2
 _k5 = jr.split(jr.PRNGKey(11), 6)
 FEAT5 = jnp.concatenate([jnp.ones((N5, 1)), jr.normal(_k5[0], (N5, D5))], axis=1)
 LABEL5 = jnp.sign(FEAT5 @ jr.normal(_k5[1], (D5 + 1,)) + 0.5 * jr.normal(_k5[2], (N5,)))
-VAL5 = jnp.concatenate([jnp.ones((N5 // 2, 1)), jr.normal(_k5[3], (N5 // 2, D5))], axis=1)
+VAL5 = jnp.concatenate(
+    [jnp.ones((N5 // 2, 1)), jr.normal(_k5[3], (N5 // 2, D5))], axis=1
+)
 VAL_LABEL5 = jnp.sign(VAL5 @ jr.normal(_k5[1], (D5 + 1,)))
 SIGMA5 = 1.0 + 10.0 * jr.uniform(_k5[4], (M5,))
 P0 = jr.normal(_k5[5], (N5,))
+T5_KEY = jr.PRNGKey(5)
 
 
 def logistic(w, feat, label, i):
@@ -362,7 +605,10 @@ def logistic(w, feat, label, i):
 
 def t5_lower(p, w, batch, i):
     feat, label, index = batch
-    return jnp.mean(jax.nn.sigmoid(p[index]) * logistic(w, feat, label, i)) + 0.5 * LAM5 * w @ w
+    return (
+        jnp.mean(jax.nn.sigmoid(p[index]) * logistic(w, feat, label, i))
+        + 0.5 * LAM5 * w @ w
+    )
 
 
 def t5_upper(p, w, batch, i):
@@ -386,7 +632,9 @@ def t5_reference():
     @jax.vmap
     def block(i):
         def newton(_, w):
-            return w - jnp.linalg.solve(hess_w(P0, w, T5_TRAIN, i), grad_w(P0, w, T5_TRAIN, i))
+            return w - jnp.linalg.solve(
+                hess_w(P0, w, T5_TRAIN, i), grad_w(P0, w, T5_TRAIN, i)
+            )
 
         w = jax.lax.fori_loop(0, 30, newton, jnp.zeros(D5 + 1))
         cross = jax.jacfwd(grad_w, argnums=0)(P0, w, T5_TRAIN, i)
@@ -400,9 +648,18 @@ def t5_reference():
 
 
 def test_t5_full_estimate_matches_newton_ift(t5_reference):
-    # v1 (dense projected Hessians, non-constant in y); v2 is checked stochastically below
-    solver = bl.solvers.BSVRB(version=1, eta=0.0, alpha=1.0, beta=1.0, tau=2.0,
-                              tau_v=2.0, hessian_floor=1e-3, v_radius=None)
+    # v1 (dense projected Hessians, non-constant in y); v2 is checked stochastically
+    # below
+    solver = bl.solvers.BSVRB(
+        version=1,
+        eta=0.0,
+        alpha=1.0,
+        beta=1.0,
+        tau=2.0,
+        tau_v=2.0,
+        hessian_floor=1e-3,
+        v_radius=None,
+    )
     data = bl.FullBatch(upper=T5_VAL, lower=T5_TRAIN)
     state, _ = bl.run(T5, solver, P0, jnp.zeros((M5, D5 + 1)), data, 200)
     # deterministic: y_i converges linearly (rate <= 1 - 2 * 0.05 = 0.9 per step, so
@@ -414,21 +671,182 @@ def test_t5_stochastic_estimate_approaches_newton_ift(t5_reference):
     # I = 4 of 8 blocks, 50 of 200 training rows and 25 of 100 validation rows per
     # block: the STORM average (beta = 0.02) of the block- and batch-sampled
     # hypergradients at a frozen x. Per-draw relative noise of G is O(1); the
-    # exponential average over ~1/beta draws brings it to about 0.1-0.15.
-    solver = bl.solvers.BSVRB(version=2, blocks_per_step=4, eta=0.0, alpha=0.2, beta=0.02,
-                              gamma=1.0, tau=1.0, tau_v=1.0, v_radius=None)
-    data = bl.Minibatch(upper=T5_VAL, lower=T5_TRAIN, batch_size=50, upper_batch_size=25)
-    state, _ = bl.run(T5, solver, P0, jnp.zeros((M5, D5 + 1)), data, 600, jr.PRNGKey(5))
-    # measured 0.09-0.13 for five keys (0.11 for this one): a 2x margin
-    assert relative_error(state.z, t5_reference) < 0.3
+    # exponential average over ~1/beta draws brings it below 0.1.
+    solver = bl.solvers.BSVRB(
+        version=2,
+        blocks_per_step=4,
+        eta=0.0,
+        alpha=0.2,
+        beta=0.02,
+        gamma=1.0,
+        tau=1.0,
+        tau_v=1.0,
+        v_radius=None,
+    )
+    data = bl.Minibatch(
+        upper=T5_VAL, lower=T5_TRAIN, batch_size=50, upper_batch_size=25
+    )
+    y0 = jnp.zeros((M5, D5 + 1))
+
+    @jax.vmap
+    def direction(key):
+        return bl.run(T5, solver, P0, y0, data, 600, key)[0].z
+
+    errors = [relative_error(z, t5_reference) for z in direction(jr.split(T5_KEY, 8))]
+    # measured 0.076-0.094 over these 8 keys (median 0.078): a margin of 2.5 on the
+    # median and 3 on the worst key
+    assert np.median(errors) < 0.2 and np.max(errors) < 0.3, errors
 
 
-# ---------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------
+# Recorded histories: every metric of every step and the final (x, y) of BSVRB v1 and v2
+# with explicit hyperparameters on T3 (per-block rows) and T5 (a shared pool), recorded
+# before the estimator/sampler refactor of issue 20 (metric names mapped to the current
+# contract: the old `grad_norm` |z| is `direction_norm`, the old `hypergradient_norm`
+# |G_t| is `grad_norm`). Regenerate with `python -m tests.test_bsvrb` only after a
+# deliberate change of behaviour.
+
+HISTORY_FILE = pathlib.Path(__file__).parent / "data" / "bsvrb_histories.json"
+HISTORY_STEPS = 15
+# block_sampling="independent": the sampling of the recorded code (a later field)
+_T3_FIELDS = dict(
+    eta=0.2,
+    beta=0.7,
+    alpha=0.6,
+    gamma=0.8,
+    tau=0.2,
+    tau_v=0.3,
+    block_sampling="independent",
+)
+_T5_FIELDS = dict(
+    eta=0.5,
+    beta=0.5,
+    alpha=0.3,
+    gamma=1.5,
+    tau=1.0,
+    tau_v=0.8,
+    block_sampling="independent",
+)
+HISTORY_CASES = {
+    "v1_t3_all": (
+        "t3",
+        dict(
+            version=1,
+            blocks_per_step=2,
+            lower_update="all",
+            hessian_floor=1.2,
+            **_T3_FIELDS,
+        ),
+    ),
+    "v2_t3_lazy": (
+        "t3",
+        dict(
+            version=2,
+            blocks_per_step=2,
+            lower_update="lazy",
+            v_radius=0.3,
+            **_T3_FIELDS,
+        ),
+    ),
+    "v2_t3_sampled_shards_box": (
+        "t3_box",
+        dict(
+            version=2,
+            blocks_per_step=4,
+            num_shards=2,
+            lower_update="sampled",
+            v_radius=None,
+            **_T3_FIELDS,
+        ),
+    ),
+    "v1_t5_lazy": (
+        "t5_full",
+        dict(
+            version=1,
+            blocks_per_step=4,
+            lower_update="lazy",
+            hessian_floor=0.02,
+            **_T5_FIELDS,
+        ),
+    ),
+    "v2_t5_all": (
+        "t5",
+        dict(
+            version=2, blocks_per_step=4, lower_update="all", v_radius=2.0, **_T5_FIELDS
+        ),
+    ),
+}
+
+
+def _history_setup(name):
+    """(problem, x0, y0, data) of a recorded case."""
+    if name.startswith("t3"):
+        project = (lambda x: jnp.clip(x, -0.5, 0.5)) if name == "t3_box" else None
+        problem = bl.MultiBlockProblem(
+            t3_upper, t3_lower, num_blocks=M, project_x=project
+        )
+        data = bl.BlockMinibatch(upper=None, lower=jnp.asarray(ROWS), batch_size=3)
+        return problem, jnp.ones(DX), jnp.zeros((M, DY)), data
+    if name == "t5_full":  # one pool shared by the blocks
+        data = bl.FullBatch(upper=T5_VAL, lower=T5_TRAIN)
+    else:  # every block samples its own copy of the pool
+
+        def tile(tree):
+            return jax.tree_util.tree_map(lambda u: jnp.stack([u] * M5), tree)
+
+        data = bl.BlockMinibatch(
+            upper=tile(T5_VAL), lower=tile(T5_TRAIN), batch_size=40, upper_batch_size=20
+        )
+    return T5, P0, jnp.zeros((M5, D5 + 1)), data
+
+
+def run_history(case):
+    """Final (x, y) and the per-step metrics of one recorded case (float64)."""
+    name, fields = HISTORY_CASES[case]
+    problem, x0, y0, data = _history_setup(name)
+    solver = bl.solvers.BSVRB(**fields)
+    state, history = bl.run(
+        problem, solver, x0, y0, data, HISTORY_STEPS, jr.PRNGKey(17)
+    )
+    x, y = solver.params(state)
+    return {
+        "x": np.asarray(x),
+        "y": np.asarray(y),
+        **{k: np.asarray(v) for k, v in history.items() if k != "finite"},
+    }
+
+
+@pytest.mark.parametrize("case", sorted(HISTORY_CASES))
+def test_reproduces_recorded_history(case):
+    # Same draws and the same arithmetic as the recorded run, so only the order of
+    # floating-point operations may differ: float64 agreement to rtol 1e-12.
+    recorded = json.loads(HISTORY_FILE.read_text())[case]
+    out = run_history(case)
+    assert set(recorded) <= set(out), sorted(set(recorded) - set(out))
+    if HISTORY_CASES[case][0] == "t3_box":
+        # with a set X, grad_norm is now the gradient mapping |x - P(x - eta G)| / eta
+        # (the metric contract), recorded as |G|: at feasible x (every step after the
+        # first, x0 = 1 lies outside the box) it is at most |G| (P is nonexpansive)
+        mapping, norm = out.pop("grad_norm")[1:], np.asarray(recorded.pop("grad_norm"))
+        assert np.all(mapping <= norm[1:] * (1 + 1e-12)) and np.any(mapping < norm[1:])
+    for name, values in recorded.items():
+        np.testing.assert_allclose(
+            out[name],
+            np.asarray(values),
+            rtol=1e-12,
+            atol=1e-300,
+            err_msg=f"{case}: {name}",
+        )
+
+
+# -------------------------------------------------------------------------------------
 # Problems: closed forms of multiblock_quadratic, Newton solution of multiblock_hpo.
 
 
 def test_multiblock_quadratic_closed_forms():
-    bench = bl.problems.multiblock_quadratic(num_blocks=8, seed=3)  # sizes of the test above
+    bench = bl.problems.multiblock_quadratic(
+        num_blocks=8, seed=3
+    )  # sizes of the test above
     problem, rows = bench.problem, bench.data.lower
     x = jnp.array([0.3, -1.0, 0.5])
     blocks = jnp.arange(8)
@@ -441,7 +859,9 @@ def test_multiblock_quadratic_closed_forms():
     @jax.jit
     def stationarity(x):
         y = bench.lower_solution(x)
-        grads = jax.vmap(jax.grad(problem.lower, argnums=1), (None, 0, 0, 0))(x, y, rows, blocks)
+        grads = jax.vmap(jax.grad(problem.lower, argnums=1), (None, 0, 0, 0))(
+            x, y, rows, blocks
+        )
         return jnp.max(jnp.abs(grads))
 
     assert float(stationarity(x)) < 1e-12  # y* is stationary (float64 rounding)
@@ -478,10 +898,13 @@ def test_multiblock_hpo_newton_solution_and_hypergradient(hpo):
     @jax.jit
     def hyper_objective(x):
         y = hpo.lower_solution(x)
-        return jnp.mean(jax.vmap(hpo.problem.upper, (None, 0, None, 0))(x, y, val, blocks))
+        return jnp.mean(
+            jax.vmap(hpo.problem.upper, (None, 0, None, 0))(x, y, val, blocks)
+        )
 
-    solver = bl.solvers.BSVRB(version=1, eta=0.0, alpha=1.0, beta=1.0, tau=10.0,
-                              hessian_floor=1e-4)
+    solver = bl.solvers.BSVRB(
+        version=1, eta=0.0, alpha=1.0, beta=1.0, tau=10.0, hessian_floor=1e-4
+    )
     state, _ = bl.run(hpo.problem, solver, x, y_star, hpo.data, 1)
     direction = jnp.linspace(1.0, -0.5, 10)
     fd = central_difference(hyper_objective, x, direction, eps=1e-5)
@@ -490,7 +913,7 @@ def test_multiblock_hpo_newton_solution_and_hypergradient(hpo):
     np.testing.assert_allclose(state.z @ direction, fd, rtol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------
 # Sharding over 4 host devices (subprocess: the device count is fixed at JAX start-up).
 
 SHARDING_SCRIPT = textwrap.dedent(
@@ -527,9 +950,10 @@ SHARDING_SCRIPT = textwrap.dedent(
                             for u, w in leaves),
             "moved": float(np.max(np.abs(np.asarray(b.y - bench.y0)))),
             "y": spec(b.y), "u": spec(b.u), "x": spec(b.x),
-            "estimator": spec(b.hessian if version == 1 else b.v),
+            "estimator": spec(b.estimator.hessian if version == 1 else b.estimator.v),
             "single": len(a.y.sharding.device_set),
-            "gathers": len(re.findall(r" (all-gather|all-to-all|collective-permute)\\(", hlo)),
+            "gathers": len(re.findall(
+                r" (all-gather|all-to-all|collective-permute)\\(", hlo)),
             "reductions": len(re.findall(r" all-reduce\\(", hlo)),
         }
     print("RESULT" + json.dumps(out))
@@ -545,12 +969,16 @@ def test_sharded_run_equals_single_device_run():
     }
     root = pathlib.Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, "-c", SHARDING_SCRIPT], env=env, cwd=root,
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", SHARDING_SCRIPT],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
-    out = json.loads(line[len("RESULT"):])
+    line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT")][-1]
+    out = json.loads(line[len("RESULT") :])
     assert out["devices"] == 4
     for version in ("v1", "v2"):
         res = out[version]
@@ -566,14 +994,44 @@ def test_sharded_run_equals_single_device_run():
         assert res["gathers"] == 0 and res["reductions"] >= 1, res
 
 
-# ---------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------
+# BlockMinibatch: block i's batches come from block i's rows.
+
+
+def test_block_minibatch_draws_from_the_block():
+    rows = jnp.arange(4 * 6, dtype=jnp.float64).reshape(
+        4, 6
+    )  # row k of block i = 6i + k
+    data = bl.BlockMinibatch(
+        upper=rows, lower=rows[..., None], batch_size=4, upper_batch_size=2
+    )
+    blocks = jnp.array([3, 0, 2], dtype=jnp.int32)
+    keys = jr.split(jr.PRNGKey(0), 3)
+    lower = jax.vmap(data.block_lower_batch, (0, None, 0))(keys, 0, blocks)
+    upper = jax.vmap(data.block_upper_batch, (0, None, 0))(keys, 0, blocks)
+    assert lower.shape == (3, 4, 1) and upper.shape == (3, 2)
+    for batch, block in zip(np.asarray(lower[..., 0]), np.asarray(blocks)):
+        assert len(set(batch)) == 4 and set(batch) <= set(
+            range(6 * block, 6 * block + 6)
+        )
+    assert np.all(np.asarray(upper) // 6 == np.asarray(blocks)[:, None])
+    assert data.num_blocks == 4 and not data.deterministic
+    assert bl.BlockMinibatch(upper=None, lower=rows, batch_size=None).deterministic
+    assert bl.BlockMinibatch(upper=None, lower=rows, batch_size=6).deterministic
+    assert not bl.BlockMinibatch(
+        upper=None, lower=rows, batch_size=6, sampling="with_replacement"
+    ).deterministic
+
+
+# -------------------------------------------------------------------------------------
 # Projection and errors.
 
 
 def test_project_hessian_is_the_euclidean_projection():
     # First-order optimality of the projection onto the closed convex set
-    # C = {H symmetric, H >= floor I}: <M - P, Q - P> <= 0 for every Q in C (200 random
-    # Q), P in C, and P idempotent; 1e-10 allows for float64 eigendecomposition rounding.
+    # C = {H symmetric, H >= floor I}: <M - P, Q - P> <= 0 for every Q in C (200
+    # random Q), P in C, and P idempotent; 1e-10 allows for float64 eigendecomposition
+    # rounding.
     floor = 0.5
 
     @jax.jit
@@ -623,18 +1081,31 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="exceeds num_blocks"):
         bl.solvers.BSVRB(blocks_per_step=7).init(T3, x0, y0, jr.PRNGKey(0))
     with pytest.raises(ValueError, match="multiples of num_shards"):
-        bl.solvers.BSVRB(blocks_per_step=3, num_shards=2).init(T3, x0, y0, jr.PRNGKey(0))
-    with pytest.raises(ValueError, match="infinite for alpha=1"):
-        bl.solvers.BSVRB(blocks_per_step=2, alpha=1.0).init(T3, x0, y0, jr.PRNGKey(0))
+        bl.solvers.BSVRB(blocks_per_step=3, num_shards=2).init(
+            T3, x0, y0, jr.PRNGKey(0)
+        )
     with pytest.raises(ValueError, match="leading block axis"):
         bl.solvers.BSVRB().init(T3, x0, jnp.zeros((M + 1, DY)), jr.PRNGKey(0))
-    single = bl.BilevelProblem(lambda x, y, b: x @ x, lambda x, y, b: y @ y)
-    with pytest.raises(TypeError, match="MultiBlockProblem"):
-        bl.solvers.BSVRB().init(single, x0, y0, jr.PRNGKey(0))
+    boxed = bl.BilevelProblem(
+        lambda x, y, b: x @ x,
+        lambda x, y, b: y @ y,
+        project_y=lambda y: jnp.clip(y, 0.0, 1.0),
+    )
+    with pytest.raises(ValueError, match="BSVRB does not support .*project_y"):
+        bl.solvers.BSVRB().init(boxed, x0, y0[0], jr.PRNGKey(0))
     with pytest.raises(ValueError, match="leading \\(block, sample\\) axes"):
-        bl.solvers.BlockMinibatch(upper=None, lower=(jnp.zeros((4, 5, 2)), jnp.zeros((4, 6))))
-    wrong = bl.solvers.BlockMinibatch(upper=None, lower=jnp.zeros((M + 2, N, DY)))
+        bl.BlockMinibatch(upper=None, lower=(jnp.zeros((4, 5, 2)), jnp.zeros((4, 6))))
+    wrong = bl.BlockMinibatch(upper=None, lower=jnp.zeros((M + 2, N, DY)))
     with pytest.raises(ValueError, match="the data has 8 blocks"):
         bl.run(T3, bl.solvers.BSVRB(), x0, y0, wrong, 2)
     with pytest.raises(ValueError, match="disagree on the number of blocks"):
-        bl.solvers.BlockMinibatch(upper=jnp.zeros((3, 5)), lower=jnp.zeros((4, 5)))
+        bl.BlockMinibatch(upper=jnp.zeros((3, 5)), lower=jnp.zeros((4, 5)))
+
+
+if __name__ == "__main__":  # regenerate the recorded histories (see above)
+    HISTORY_FILE.parent.mkdir(exist_ok=True)
+    records = {
+        case: {k: v.tolist() for k, v in run_history(case).items()}
+        for case in sorted(HISTORY_CASES)
+    }
+    HISTORY_FILE.write_text(json.dumps(records, indent=1) + "\n")

@@ -1,4 +1,5 @@
-"""implicit_diff and hypergradient against closed forms, finite differences and jaxopt."""
+"""implicit_diff and hypergradient against closed forms, finite differences and
+jaxopt."""
 
 import equinox as eqx
 import jax
@@ -14,7 +15,8 @@ import bilevel as bl
 from .helpers import central_difference, relative_error
 
 
-# Ridge regression with per-feature weights exp(x): y*(x) = (A^T A + diag e^x)^{-1} A^T b.
+# Ridge regression with per-feature weights exp(x): y*(x) = (A^T A + diag e^x)^{-1} A^T
+# b.
 A = jr.normal(jr.PRNGKey(0), (12, 4))
 B = jnp.linspace(-1.0, 1.0, 12)
 
@@ -61,7 +63,8 @@ def test_gradient_with_respect_to_data_arguments():
 
 
 def test_second_order_stays_implicit():
-    # Forward-over-reverse Hessian: the JVP rule must itself be differentiated implicitly.
+    # Forward-over-reverse Hessian: the JVP rule must itself be differentiated
+    # implicitly.
     def loss(fn):
         return lambda x: jnp.sum(jnp.sin(fn(x)))
 
@@ -73,16 +76,24 @@ def test_second_order_stays_implicit():
 def test_forward_and_reverse_agree_with_finite_differences():
     # check_grads compares jvp/vjp with central differences (float64, eps 1e-6 -> 1e-6).
     jax.test_util.check_grads(
-        lambda x: ridge_solve(x, A, B), (X,), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6
+        lambda x: ridge_solve(x, A, B),
+        (X,),
+        order=1,
+        modes=("fwd", "rev"),
+        atol=1e-6,
+        rtol=1e-6,
     )
 
 
 def test_closed_over_hyperparameter_gets_its_true_gradient():
-    # `lam` is a tracer captured by both the condition and the solver: closure conversion
-    # must turn it into an explicit input; a silent zero would fail this test.
+    # `lam` is a tracer captured by both the condition and the solver: closure
+    # conversion must turn it into an explicit input; a silent zero would fail this
+    # test.
     def hyper(lam):
         def lower(x, y):
-            return 0.5 * jnp.sum((A @ y - B) ** 2) + 0.5 * lam * jnp.sum(jnp.exp(x) * y**2)
+            return 0.5 * jnp.sum((A @ y - B) ** 2) + 0.5 * lam * jnp.sum(
+                jnp.exp(x) * y**2
+            )
 
         @bl.implicit_diff(bl.stationarity_condition(lower))
         def solve(x):
@@ -109,10 +120,26 @@ class Weights(eqx.Module):
 def test_pytree_variables(kind):
     # x = {"scale": ...} / (scale,) / Module; y as dict / tuple / Module; compare with
     # the flat closed form of the same problem.
-    pack_x = {"dict": lambda v: {"scale": v}, "tuple": lambda v: (v,), "module": lambda v: Weights(v, jnp.zeros(()))}[kind]
-    unpack_x = {"dict": lambda p: p["scale"], "tuple": lambda p: p[0], "module": lambda p: p.w}[kind]
-    pack_y = {"dict": lambda v: {"a": v[:2], "b": v[2:]}, "tuple": lambda v: (v[:2], v[2:]), "module": lambda v: Weights(v, jnp.zeros(()))}[kind]
-    unpack_y = {"dict": lambda p: jnp.concatenate([p["a"], p["b"]]), "tuple": lambda p: jnp.concatenate(p), "module": lambda p: p.w}[kind]
+    pack_x = {
+        "dict": lambda v: {"scale": v},
+        "tuple": lambda v: (v,),
+        "module": lambda v: Weights(v, jnp.zeros(())),
+    }[kind]
+    unpack_x = {
+        "dict": lambda p: p["scale"],
+        "tuple": lambda p: p[0],
+        "module": lambda p: p.w,
+    }[kind]
+    pack_y = {
+        "dict": lambda v: {"a": v[:2], "b": v[2:]},
+        "tuple": lambda v: (v[:2], v[2:]),
+        "module": lambda v: Weights(v, jnp.zeros(())),
+    }[kind]
+    unpack_y = {
+        "dict": lambda p: jnp.concatenate([p["a"], p["b"]]),
+        "tuple": lambda p: jnp.concatenate(p),
+        "module": lambda p: p.w,
+    }[kind]
 
     def lower(x, y):
         extra = jnp.sum(y.b**2) if kind == "module" else 0.0
@@ -153,10 +180,12 @@ def _quadratic():
 def test_hypergradient_matches_closed_form(solver, tol):
     bench = _quadratic()
     x = jnp.array([0.5, -1.0, 2.0])
-    grad, info = bl.hypergradient(bench.problem, x, bench.lower_solution(x), bench.data.lower, solver)
+    grad, info = bl.hypergradient(
+        bench.problem, x, bench.lower_solution(x), bench.data.lower, solver
+    )
     assert relative_error(grad, bench.hypergradient(x)) < tol
     assert float(info.optimality_residual) < 1e-10
-    assert float(info["linear_residual"]) < 1e-7
+    assert float(info.linear_residual) < 1e-7
     assert bool(info.linear_converged)
 
 
@@ -165,9 +194,15 @@ def test_hypergradient_reports_unconverged_lower_level_and_truncated_solve():
     x = jnp.array([0.5, -1.0, 2.0])
     y_bad = bench.lower_solution(x) + 0.1
     _, info = bl.hypergradient(
-        bench.problem, x, y_bad, bench.data.lower, lx.CG(rtol=1e-12, atol=1e-12, max_steps=2)
+        bench.problem,
+        x,
+        y_bad,
+        bench.data.lower,
+        lx.CG(rtol=1e-12, atol=1e-12, max_steps=2),
     )
-    assert float(info.optimality_residual) > 1e-2  # the IFT point is reported as unconverged
+    assert (
+        float(info.optimality_residual) > 1e-2
+    )  # the IFT point is reported as unconverged
     assert not bool(info.linear_converged)  # truncated, returned with its status
     assert int(info.linear_steps) == 2
     assert float(info.linear_residual) > 1e-6
@@ -182,7 +217,9 @@ def test_hypergradient_equals_finite_differences_of_hyperobjective():
         return bench.problem.upper(x, bench.lower_solution(x), None)
 
     fd = central_difference(hyperobjective, x, direction)
-    grad, _ = bl.hypergradient(bench.problem, x, bench.lower_solution(x), bench.data.lower)
+    grad, _ = bl.hypergradient(
+        bench.problem, x, bench.lower_solution(x), bench.data.lower
+    )
     assert abs(float(grad @ direction) - float(fd)) < 1e-7  # FD error ~1e-9 at eps 1e-6
 
 
@@ -191,7 +228,9 @@ def test_hypergradient_vmaps_over_hyperparameters():
     xs = jr.normal(jr.PRNGKey(3), (4, 3))
 
     def one(x):
-        return bl.hypergradient(bench.problem, x, bench.lower_solution(x), bench.data.lower)[0]
+        return bl.hypergradient(
+            bench.problem, x, bench.lower_solution(x), bench.data.lower
+        )[0]
 
     batched = jax.vmap(one)(xs)
     looped = jnp.stack([one(x) for x in xs])
@@ -223,7 +262,9 @@ def test_import_does_not_import_jaxopt():
     import sys
 
     code = "import sys, bilevel; print('jaxopt' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "False"
 
 

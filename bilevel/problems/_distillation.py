@@ -255,7 +255,7 @@ def distillation(
     if batch_size is None:
         data = FullBatch(upper=train_data, lower=None)
     else:
-        data = Minibatch(upper=train_data, lower=None, batch_size=batch_size, seed=seed)
+        data = Minibatch(upper=train_data, lower=None, batch_size=batch_size)
     return Benchmark(
         name="distillation",
         problem=problem,

@@ -211,7 +211,7 @@ def hypercleaning(
     if batch_size is None:
         data = FullBatch(upper=val_data, lower=train_data)
     else:
-        data = Minibatch(upper=val_data, lower=train_data, batch_size=batch_size, seed=seed)
+        data = Minibatch(upper=val_data, lower=train_data, batch_size=batch_size)
     return Benchmark(
         name="hypercleaning",
         problem=BilevelProblem(_ValidationLoss(), lower, optimality=condition),

@@ -146,7 +146,7 @@ def hyper_representation(
     if batch_size is None:
         data = FullBatch(upper=query, lower=support)
     else:
-        data = Minibatch(upper=query, lower=support, batch_size=batch_size, seed=seed)
+        data = Minibatch(upper=query, lower=support, batch_size=batch_size)
     return Benchmark(
         name="hyper_representation",
         problem=BilevelProblem(upper, lower),

@@ -144,7 +144,7 @@ def logreg_hpo(
     if batch_size is None:
         data = FullBatch(upper=val_data, lower=train_data)
     else:
-        data = Minibatch(upper=val_data, lower=train_data, batch_size=batch_size, seed=seed)
+        data = Minibatch(upper=val_data, lower=train_data, batch_size=batch_size)
     return Benchmark(
         name="logreg_hpo",
         problem=BilevelProblem(_ValidationLoss(), _RegularisedLoss()),

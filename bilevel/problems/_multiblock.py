@@ -10,9 +10,8 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float
 
-from .._data import FullBatch, Minibatch
+from .._data import BlockMinibatch, FullBatch, Minibatch
 from .._problem import MultiBlockProblem
-from ..solvers._bsvrb import BlockMinibatch
 from ._benchmark import Benchmark
 from ._common import (
     accuracy,
@@ -22,6 +21,7 @@ from ._common import (
     split_indices,
     standardize,
 )
+from ._quadratic import _rows_with_spectrum
 
 
 def multiblock_quadratic(
@@ -34,19 +34,22 @@ def multiblock_quadratic(
     batch_size: int | None = None,
     lower_reg: float = 1.0,
     upper_reg: float = 0.1,
+    lower_condition: float | None = None,
+    lower_scale: float = 1.0,
+    upper_scale: float = 1.0,
 ) -> Benchmark:
-    r"""Multi-block quadratic with finite-sum lower levels (oracle T3 of the BSVRB
-    spec):
+    r"""Multi-block quadratic with finite-sum lower levels (the multi-block test problem
+    of Hu et al., ICML 2023, in closed form):
 
-    $g_i(x, y_i) = \frac{1}{2n}\sum_{k=1}^n (a_{ik}^\top y_i)^2 + \frac{\mu}{2}\|y_i\|^2
-    - y_i^\top(B_i x - c_i)$, $\quad f_i(x, y_i) = \frac12\|y_i - b_i\|^2 +
-    \frac{\rho}{2}\|x\|^2$.
+    $g_i(x, y_i) = s\,[\frac{1}{2n}\sum_{k=1}^n (a_{ik}^\top y_i)^2 +
+    \frac{\mu}{2}\|y_i\|^2 - y_i^\top(B_i x - c_i)]$, $\quad f_i(x, y_i) =
+    t\,[\frac12\|y_i - b_i\|^2 + \frac{\rho}{2}\|x\|^2]$.
 
     With $A_i = \frac1n\sum_k a_{ik}a_{ik}^\top + \mu I$ and $M_i = A_i^{-1}B_i$:
     $y_i^*(x) = A_i^{-1}(B_i x - c_i)$,
-    $\nabla F(x) = \frac1m\sum_i M_i^\top(y_i^* - b_i) + \rho x$, and
+    $\nabla F(x) = t\,[\frac1m\sum_i M_i^\top(y_i^* - b_i) + \rho x]$, and
     $x^* = (\frac1m\sum_i M_i^\top M_i + \rho I)^{-1}\frac1m\sum_i M_i^\top(b_i +
-    A_i^{-1}c_i)$.
+    A_i^{-1}c_i)$; none depends on $s$, and only $\nabla F$ on $t$.
 
     **Arguments:**
 
@@ -54,39 +57,68 @@ def multiblock_quadratic(
     - `num_samples`: $n$ rows $a_{ik}$ per block.
     - `batch_size`: rows per lower batch ($B$; default: all $n$, deterministic).
     - `lower_reg` $\mu > 0$, `upper_reg` $\rho \ge 0$.
+    - `lower_condition`: if given, every block's rows are built so that $A_i$ has
+      eigenvalues log-spaced on $[\mu, \mu\kappa]$, $\kappa$ = `lower_condition`
+      (needs $n \ge$ `dim_y`; default: Gaussian rows).
+    - `lower_scale`, `upper_scale`: $s > 0$ and $t > 0$.
 
-    Data: a [`bilevel.solvers.BlockMinibatch`][] over the rows, shape `(m, n, dim_y)`;
+    Data: a [`bilevel.BlockMinibatch`][] over the rows, shape `(m, n, dim_y)`;
     the upper level has none.
     """
     if min(num_blocks, dim_x, dim_y, num_samples) < 1:
         raise ValueError("multiblock_quadratic: sizes must be >= 1")
     if lower_reg <= 0 or upper_reg < 0:
         raise ValueError("multiblock_quadratic: need lower_reg > 0 and upper_reg >= 0")
+    if lower_scale <= 0 or upper_scale <= 0:
+        raise ValueError(
+            "multiblock_quadratic: need lower_scale > 0 and upper_scale > 0"
+        )
+    if lower_condition is not None and not 1 <= lower_condition < float("inf"):
+        raise ValueError(
+            f"multiblock_quadratic: lower_condition must be >= 1, got {lower_condition}"
+        )
+    if lower_condition is not None and num_samples < dim_y:
+        raise ValueError(
+            "multiblock_quadratic: lower_condition needs num_samples >= dim_y, got "
+            f"{num_samples} < {dim_y}"
+        )
     rows, coupling, shift, target, response, offset, solution = _quadratic_arrays(
-        seed, num_blocks, dim_x, dim_y, num_samples, lower_reg, upper_reg
+        seed,
+        num_blocks,
+        dim_x,
+        dim_y,
+        num_samples,
+        lower_reg,
+        upper_reg,
+        lower_condition,
     )
 
     def lower(x, y, batch, i):
-        return (
+        value = (
             0.5 * jnp.mean((batch @ y) ** 2)
             + 0.5 * lower_reg * y @ y
             - y @ (coupling[i] @ x - shift[i])
         )
+        return lower_scale * value
 
     def upper(x, y, batch, i):
-        return 0.5 * jnp.sum((y - target[i]) ** 2) + 0.5 * upper_reg * x @ x
+        value = 0.5 * jnp.sum((y - target[i]) ** 2) + 0.5 * upper_reg * x @ x
+        return upper_scale * value
 
     def lower_solution(x):
         return response @ x - offset
 
     def hypergradient(x):
         residual = lower_solution(x) - target
-        return jnp.einsum("mkd,mk->d", response, residual) / num_blocks + upper_reg * x
+        mean = jnp.einsum("mkd,mk->d", response, residual) / num_blocks
+        return upper_scale * (mean + upper_reg * x)
 
     def evaluate(x, y):
         y_star = lower_solution(x)
         blocks = jnp.arange(num_blocks)
-        objective = jnp.mean(jax.vmap(upper, (None, 0, None, 0))(x, y_star, None, blocks))
+        objective = jnp.mean(
+            jax.vmap(upper, (None, 0, None, 0))(x, y_star, None, blocks)
+        )
         return {
             "hyper_objective": objective,
             "hypergradient_norm": jnp.linalg.norm(hypergradient(x)),
@@ -109,11 +141,21 @@ def multiblock_quadratic(
     )
 
 
-@ft.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _quadratic_arrays(seed, num_blocks, dim_x, dim_y, num_samples, lower_reg, upper_reg):
+@ft.partial(jax.jit, static_argnums=(1, 2, 3, 4, 7))
+def _quadratic_arrays(
+    seed, num_blocks, dim_x, dim_y, num_samples, lower_reg, upper_reg, condition
+):
     """Random data and closed forms of `multiblock_quadratic` (one compiled call)."""
     k_rows, k_b, k_c, k_t = jr.split(jr.PRNGKey(seed), 4)
-    rows = jr.normal(k_rows, (num_blocks, num_samples, dim_y))
+    if condition is None:
+        rows = jr.normal(k_rows, (num_blocks, num_samples, dim_y))
+    else:  # (the helper broadcasts a vector against a matrix: allow rank promotion)
+        with jax.numpy_rank_promotion("allow"):
+            rows = jax.vmap(
+                lambda k: _rows_with_spectrum(
+                    k, num_samples, dim_y, lower_reg, condition
+                )
+            )(jr.split(k_rows, num_blocks))
     coupling = jr.normal(k_b, (num_blocks, dim_y, dim_x)) / np.sqrt(dim_x)
     shift = jr.normal(k_c, (num_blocks, dim_y))
     target = jr.normal(k_t, (num_blocks, dim_y))
@@ -160,14 +202,16 @@ def multiblock_hpo(
     - `init_log_reg`: $x_0$ (every class).
     - `newton_steps`: Newton iterations used by `evaluate` for $y^*(x)$.
 
-    `evaluate(x, y)` returns the validation loss $F$ at $y$ and at $y^*(x)$ (Newton, float64
-    where enabled), the test accuracy of the argmax over the 10 classifiers at both, and
-    $\max_i\|y_i - y_i^*(x)\|$.
+    `evaluate(x, y)` returns the validation loss $F$ at $y$ and at $y^*(x)$ (Newton,
+    float64 where enabled), the test accuracy of the argmax over the 10 classifiers at
+    both, and $\max_i\|y_i - y_i^*(x)\|$.
     """
     check_int("multiblock_hpo", "newton_steps", newton_steps)
     images, digits = load_dataset("digits")
     n_train, n_val = len(digits) // 2, len(digits) // 4
-    train, val, test = split_indices(len(digits), (n_train, n_val, None), seed, "multiblock_hpo")
+    train, val, test = split_indices(
+        len(digits), (n_train, n_val, None), seed, "multiblock_hpo"
+    )
     features = standardize(images[train], images)[1]
     features = np.concatenate([features, np.ones((len(digits), 1))], axis=1)
 
@@ -197,7 +241,9 @@ def multiblock_hpo(
             hess = jax.hessian(lower, argnums=1)
 
             def body(_, w):
-                step = jnp.linalg.solve(hess(x, w, train_data, i), grad(x, w, train_data, i))
+                step = jnp.linalg.solve(
+                    hess(x, w, train_data, i), grad(x, w, train_data, i)
+                )
                 return w - step
 
             return jax.lax.fori_loop(0, newton_steps, body, jnp.zeros(dim, x.dtype))
@@ -229,7 +275,6 @@ def multiblock_hpo(
             lower=train_data,
             batch_size=batch_size,
             upper_batch_size=upper_batch_size,
-            seed=seed,
         )
     return Benchmark(
         name="multiblock_hpo",

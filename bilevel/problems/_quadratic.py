@@ -93,7 +93,7 @@ def quadratic(
     if batch_size is None:
         data = FullBatch(upper=None, lower=rows)
     else:
-        data = Minibatch(upper=None, lower=rows, batch_size=batch_size, seed=seed)
+        data = Minibatch(upper=None, lower=rows, batch_size=batch_size)
     return Benchmark(
         name="quadratic",
         problem=BilevelProblem(upper, lower),

@@ -15,11 +15,26 @@ from ._ridge import ridge_hpo
 from ._svm import svm_hpo
 
 
+class UnknownProblemError(KeyError, ValueError):
+    """An unknown problem name, from `registry[name]` or `make(name)`: one error, which
+    `except KeyError` and `except ValueError` both catch."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _unknown(name: str, available) -> UnknownProblemError:
+    return UnknownProblemError(
+        f"unknown problem {name!r}; available: {', '.join(sorted(available))}"
+    )
+
+
 class _Registry(Mapping):
     """Every problem constructor by name (a read-only mapping). Each constructor
-    documents its parameters in its docstring (`help(bl.problems.registry["ridge_hpo"])`)
-    and returns a [`bilevel.problems.Benchmark`][]. Unknown names raise a `KeyError`
-    listing the available ones; see also [`bilevel.problems.make`][]."""
+    documents its parameters in its docstring
+    (`help(bl.problems.registry["ridge_hpo"])`) and returns a
+    [`bilevel.problems.Benchmark`][]. Unknown names raise a `KeyError` listing the
+    available ones (also a `ValueError`); see also [`bilevel.problems.make`][]."""
 
     def __init__(self, constructors: dict[str, Callable[..., Benchmark]]):
         self._constructors = dict(constructors)
@@ -28,9 +43,7 @@ class _Registry(Mapping):
         try:
             return self._constructors[name]
         except KeyError:
-            raise KeyError(
-                f"unknown problem {name!r}; available: {sorted(self._constructors)}"
-            ) from None
+            raise _unknown(name, self._constructors) from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._constructors)
@@ -57,8 +70,8 @@ registry: Mapping[str, Callable[..., Benchmark]] = _Registry(
     }
 )
 """Every problem constructor by name (a read-only mapping): `registry["ridge_hpo"]` is
-[`bilevel.problems.ridge_hpo`][]. Unknown names raise a `KeyError` listing the valid
-ones; [`bilevel.problems.make`][] also checks the parameters."""
+[`bilevel.problems.ridge_hpo`][]. Unknown names raise a `KeyError` (also a `ValueError`)
+listing the valid ones; [`bilevel.problems.make`][] also checks the parameters."""
 
 def parameters(name: str) -> dict[str, object]:
     """The parameters of the constructor registered as `name`, with their defaults
@@ -70,11 +83,10 @@ def parameters(name: str) -> dict[str, object]:
 def make(name: str, **params: object) -> Benchmark:
     """Build the problem registered as `name` with keyword parameters `params`.
 
-    Raises `ValueError` for an unknown name or an unknown parameter (listing the valid
-    ones), before any data is loaded.
+    Raises `ValueError` for an unknown name (the same error as `registry[name]`, also a
+    `KeyError`) or an unknown parameter, listing the valid ones, before any data is
+    loaded.
     """
-    if name not in registry:
-        raise ValueError(f"unknown problem {name!r}; available: {sorted(registry)}")
     valid = parameters(name)
     unknown = sorted(set(params) - set(valid))
     if unknown:

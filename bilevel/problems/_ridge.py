@@ -164,7 +164,7 @@ def ridge_hpo(
     if batch_size is None:
         data = FullBatch(upper=val_data, lower=train_data)
     else:
-        data = Minibatch(upper=val_data, lower=train_data, batch_size=batch_size, seed=seed)
+        data = Minibatch(upper=val_data, lower=train_data, batch_size=batch_size)
     return Benchmark(
         name="ridge_hpo",
         problem=BilevelProblem(_ValidationLoss(), _RidgeLower()),

@@ -1,5 +1,6 @@
-"""Approximate implicit differentiation (AID): warm-started inner steps, an IFT
-hypergradient through a warm-started matrix-free linear solve, an optax outer step."""
+"""Approximate implicit differentiation (AID): warm-started inner solves, an IFT
+hypergradient through a warm-started matrix-free linear solve, an adaptive outer
+step."""
 
 from typing import Any, ClassVar
 
@@ -9,14 +10,22 @@ import jax.random as jr
 import jax.tree_util as jtu
 import lineax as lx
 import optax
-from jaxtyping import Array, Int, PyTree
+import optimistix as optx
+from jaxtyping import Array, Int, PyTree, Scalar
 
-from .._data import as_data
-from .._implicit import hypergradient
-from .._inner import default_optimizer, inner_steps, inner_steps_until
-from .._misc import tree_norm
+from .._implicit import HypergradientInfo, hypergradient
+from .._inner import inner_steps, inner_steps_until, minimise_inner
+from .._linear import Richardson
 from .._problem import apply_project_x
-from .._solver import AbstractBilevelSolver
+from .._solver import AbstractBilevelSolver, count, positive
+from .._stepsize import (
+    adaptive_gradient_descent,
+    default_inner_optimizer,
+    gradient_mapping_norm,
+    inverse_or_zero,
+    random_direction,
+    tracked_lower_curvature,
+)
 
 
 class _ImplicitDiffState(eqx.Module):
@@ -25,6 +34,8 @@ class _ImplicitDiffState(eqx.Module):
     outer_state: Any
     inner_state: Any
     adjoint: PyTree[Array]
+    curvature: Scalar
+    direction: PyTree[Array]
     step: Int[Array, ""]
 
 
@@ -34,111 +45,253 @@ class ImplicitDiff(AbstractBilevelSolver):
 
     Each outer step $k$:
 
-    1. $y \leftarrow$ `inner_steps` warm-started optimizer steps on $g(x_k, \cdot)$
-       (projected onto $Y$ if the problem has `project_y`), or, with `inner_tol`, steps
-       until $\|\Phi(x_k, y)\| \le$ `inner_tol` (at most `inner_steps`; deterministic
-       data only);
+    1. inner solve, warm-started from the previous $y$: `inner_steps` iterations on
+       $g(x_k, \cdot)$ (projected onto $Y$ if the problem has `project_y`), or, with
+       `inner_tol`, iterations until $\|\Phi(x_k, y)\| \le$ `inner_tol` (at most
+       `inner_steps`; deterministic data only);
     2. $\nabla F(x_k) = \nabla_x f - \partial_x\Phi^\top w$ with
-       $\partial_y\Phi^\top w = \nabla_y f$, solved matrix-free and warm-started from the
-       previous $w$ (see [`bilevel.hypergradient`][]);
+       $\partial_y\Phi^\top w = \nabla_y f$, solved matrix-free and warm-started from
+       the previous $w$ (see [`bilevel.hypergradient`][]);
     3. $x_{k+1} = P_X(x_k + \text{outer update})$.
 
     With minibatch data, each inner step draws a lower batch; the hypergradient uses one
     upper batch and an independent lower batch.
 
+    **Default step sizes** (each explicit setting wins over its default):
+
+    - inner: step $1/\hat L$, $\hat L$ a running power-iteration estimate of
+      $\|\nabla^2_{yy} g\|$ (20 Hessian-vector products at the first step, then one per
+      step, warm-started, on the step's lower batch; it never decreases); Nesterov's
+      accelerated gradient method, restarted at every outer step from the warm start,
+      on deterministic data without a set $Y$, plain gradient descent otherwise;
+    - outer: gradient descent whose step is the smallest of a bounded growth of the
+      last one (Malitsky and Mishchenko, 2020), the inverse of a local Lipschitz
+      estimate of $\nabla F$ and half the Barzilai-Borwein step, all from successive
+      hypergradients (`adaptive_gradient_descent`; the first step is a probe moving $x$
+      by $10^{-3}\max(1, \|x_0\|)$);
+    - adjoint: with minibatches, `inner_steps` Richardson iterations from zero with
+      step $1/\hat L$ (bounded where CG diverges on singular batch Hessians); on
+      deterministic data, the default of [`bilevel.hypergradient`][].
+
+    These rules follow the scale of the problem: multiplying $g$ or $f$ by a constant
+    changes no iterate.
+
     **Arguments:**
 
     - `inner_steps`: inner iterations per outer step (default 20).
-    - `inner_lr`: step of the default inner gradient descent (default 0.1).
+    - `inner_lr`: step of the inner gradient descent (default: see above).
     - `inner_optimizer`: any optax transformation (overrides `inner_lr`); its state is
       carried across outer steps.
+    - `inner_solver`: an optimistix minimiser (e.g. `optx.LBFGS(rtol, atol)`) run for
+      at most `inner_steps` iterations from the warm start (deterministic data, no
+      set $Y$); it stops on its own tolerances.
     - `inner_tol`: optional residual tolerance for the inner loop.
-    - `outer_lr`: step of the default outer gradient descent (default 0.1).
+    - `outer_lr`: step of a plain outer gradient descent (default: adaptive, above).
     - `outer_optimizer`: any optax transformation (overrides `outer_lr`).
-    - `linear_solver`: lineax solver for the adjoint (default: CG for a symmetric PSD
-      condition, GMRES otherwise).
+    - `linear_solver`: lineax solver for the adjoint (default: see
+      [`bilevel.hypergradient`][]).
 
-    Metrics: `upper_loss` $f(x_k, y)$, `grad_norm` $\|\nabla F\|$, `lower_residual`
-    $\|\Phi(x_k, y)\|$, `linear_residual`, `linear_steps`.
+    Metrics: `upper_loss` $f(x_k, y)$, `grad_norm` $\|\nabla F\|$ (the gradient mapping
+    with X constrained), `lower_residual` $\|\Phi(x_k, y)\|$, `linear_residual`,
+    `linear_steps`, `hypergradient_status` (0: the adjoint solve met its tolerance and
+    everything is finite; 1: the adjoint solve stopped short; 2: non-finite values),
+    `outer_step` (with the default outer rule), `inner_iterations` (with `inner_tol` or
+    `inner_solver`).
     """
 
     supports: ClassVar[frozenset[str]] = frozenset(
         {"single_block", "project_x", "project_y", "optimality", "stochastic"}
     )
 
-    inner_steps: int = eqx.field(static=True, default=20)
-    inner_lr: float = 0.1
+    inner_steps: int = count(20)
+    inner_lr: float | None = positive(None, optional=True)
     inner_optimizer: optax.GradientTransformation | None = None
-    inner_tol: float | None = None
-    outer_lr: float = 0.1
+    inner_solver: optx.AbstractMinimiser | None = None
+    inner_tol: float | None = positive(None, optional=True)
+    outer_lr: float | None = positive(None, optional=True)
     outer_optimizer: optax.GradientTransformation | None = None
     linear_solver: lx.AbstractLinearSolver | None = None
 
     def __check_init__(self):
-        if not isinstance(self.inner_steps, int) or self.inner_steps < 1:
-            raise ValueError(f"ImplicitDiff: `inner_steps` must be an int >= 1, got {self.inner_steps!r}")
-        if self.inner_tol is not None and not self.inner_tol > 0:
-            raise ValueError("ImplicitDiff: `inner_tol` must be positive or None")
+        if self.inner_solver is not None and (
+            self.inner_optimizer is not None
+            or self.inner_lr is not None
+            or self.inner_tol is not None
+        ):
+            raise ValueError(
+                "ImplicitDiff: `inner_solver` replaces `inner_optimizer`, `inner_lr` "
+                "and `inner_tol` (set tolerances on the optimistix solver); give only "
+                "one"
+            )
 
     def supported_features(self) -> frozenset[str]:
-        if self.inner_tol is None:
+        if self.inner_tol is None and self.inner_solver is None:
             return self.supports
-        return self.supports - {"stochastic"}
+        exclude = {"stochastic"} | ({"project_y"} if self.inner_solver else set())
+        return self.supports - exclude
 
     def unsupported_reason(self, feature: str) -> str:
         if feature == "stochastic" and self.inner_tol is not None:
-            return "`inner_tol` stops on the exact lower residual; drop it for minibatches"
+            return (
+                "`inner_tol` stops on the exact lower residual; drop it for minibatches"
+            )
+        if self.inner_solver is not None:
+            return "`inner_solver` minimises a deterministic, unconstrained lower level"
         return ""
 
-    def _inner(self):
-        return default_optimizer(self.inner_optimizer, self.inner_lr)
+    def _default_inner(self) -> bool:
+        return (
+            self.inner_optimizer is None
+            and self.inner_lr is None
+            and self.inner_solver is None
+        )
 
-    def _outer(self):
-        return default_optimizer(self.outer_optimizer, self.outer_lr)
+    def _stochastic_adjoint(self, problem, data) -> bool:
+        """Default adjoint solve on minibatches: `inner_steps` Richardson iterations
+        from zero (a truncated Neumann series on the step's batch), bounded where CG
+        diverges on a singular batch Hessian. Not warm-started: across batches the
+        iterates would accumulate each batch's noise."""
+        if self.linear_solver is not None or data.deterministic:
+            return False
+        return problem.project_y is None and not problem.has_custom_condition
+
+    def _needs_curvature(self, problem, data) -> bool:
+        return self._default_inner() or self._stochastic_adjoint(problem, data)
+
+    def _adjoint_solve(self, problem, data, state, curvature):
+        """The linear solver and the warm start of the adjoint solve."""
+        if self._stochastic_adjoint(problem, data):
+            omega = inverse_or_zero(curvature)
+            return Richardson(self.inner_steps, omega=omega), None
+        return self.linear_solver, state.adjoint
+
+    def _user_inner(self) -> optax.GradientTransformation | None:
+        if self.inner_optimizer is not None:
+            return self.inner_optimizer
+        return None if self.inner_lr is None else optax.sgd(self.inner_lr)
+
+    def _outer(self) -> optax.GradientTransformation:
+        if self.outer_optimizer is not None:
+            return self.outer_optimizer
+        if self.outer_lr is not None:
+            return optax.sgd(self.outer_lr)
+        return adaptive_gradient_descent()
 
     def _init(self, problem, x0, y0, key):
+        user = self._user_inner()
         return _ImplicitDiffState(
             x=x0,
             y=y0,
             outer_state=self._outer().init(x0),
-            inner_state=self._inner().init(y0),
+            inner_state=None if user is None else user.init(y0),
             adjoint=jtu.tree_map(jnp.zeros_like, y0),
+            curvature=jnp.zeros((), jnp.result_type(*jtu.tree_leaves(y0))),
+            direction=random_direction(key, y0),
             step=jnp.array(0),
         )
 
     def _step(self, problem, state, data, key):
-        data = as_data(data)
         inner_key, upper_key, lower_key = jr.split(key, 3)
         x = state.x
-        if self.inner_tol is None:
-            y, inner_state = inner_steps(
-                problem, self._inner(), x, state.y, state.inner_state, data,
-                inner_key, self.inner_steps, state.step * self.inner_steps,
-            )
-        else:
-            y, inner_state = inner_steps_until(
-                problem, self._inner(), x, state.y, state.inner_state,
-                data.lower_batch(inner_key, state.step), self.inner_steps, self.inner_tol,
-            )
         upper_batch = data.upper_batch(upper_key, state.step)
         lower_batch = data.lower_batch(lower_key, state.step, stream=1)
-        grad, info = hypergradient(
-            problem, x, y, upper_batch, self.linear_solver,
-            lower_batch=lower_batch, warm_start=state.adjoint,
+        curvature, direction = state.curvature, state.direction
+        if self._needs_curvature(problem, data):
+            curvature, direction = tracked_lower_curvature(
+                problem, x, state.y, lower_batch, curvature, direction, state.step
+            )
+        y, inner_state, inner_metrics = self._inner_solve(
+            problem, state, data, inner_key, curvature
         )
-        updates, outer_state = self._outer().update(grad, state.outer_state, x)
+        linear_solver, warm_start = self._adjoint_solve(problem, data, state, curvature)
+        grad, info = hypergradient(
+            problem, x, y, upper_batch, linear_solver,
+            lower_batch=lower_batch, warm_start=warm_start,
+        )  # fmt: skip
+        outer = self._outer()
+        updates, outer_state = outer.update(grad, state.outer_state, x)
         new_x = apply_project_x(problem, optax.apply_updates(x, updates))
+        step_size = self._outer_step(outer_state)
         metrics = {
             "upper_loss": problem.upper(x, y, upper_batch),
-            "grad_norm": tree_norm(grad),
+            "grad_norm": gradient_mapping_norm(problem, x, grad, step_size),
             "lower_residual": info.optimality_residual,
             "linear_residual": info.linear_residual,
             "linear_steps": info.linear_steps,
+            "hypergradient_status": hypergradient_status(info, grad),
+            **inner_metrics,
         }
+        if self.outer_optimizer is None and self.outer_lr is None:
+            metrics["outer_step"] = step_size
         new_state = _ImplicitDiffState(
-            new_x, y, outer_state, inner_state, info.adjoint, state.step + 1
-        )
+            new_x, y, outer_state, inner_state, info.adjoint, curvature, direction,
+            state.step + 1,
+        )  # fmt: skip
         return new_state, metrics
+
+    def _outer_step(self, outer_state) -> Scalar | float | None:
+        """The step of the outer rule when it has one (for the gradient mapping)."""
+        if self.outer_optimizer is not None:
+            return None
+        if self.outer_lr is not None:
+            return self.outer_lr
+        return outer_state.step_size
+
+    def _inner_solve(self, problem, state, data, key, curvature):
+        """The warm-started inner solve: `(y, inner_state, metrics)`."""
+        x, y = state.x, state.y
+        if self.inner_solver is not None:
+            batch = data.lower_batch(key, state.step)
+            y, _, iterations = minimise_inner(
+                problem, self.inner_solver, x, y, batch, self.inner_steps
+            )
+            return y, state.inner_state, {"inner_iterations": iterations}
+        optimizer = self._user_inner()
+        if optimizer is not None:
+            opt_state = state.inner_state
+        else:
+            optimizer = default_inner_optimizer(
+                problem, data, inverse_or_zero(curvature)
+            )
+            opt_state = optimizer.init(y)
+        if self.inner_tol is None:
+            y, opt_state = inner_steps(
+                problem,
+                optimizer,
+                x,
+                y,
+                opt_state,
+                data,
+                key,
+                self.inner_steps,
+                state.step * self.inner_steps,
+            )
+            metrics = {}
+        else:
+            y, opt_state, iterations = inner_steps_until(
+                problem,
+                optimizer,
+                x,
+                y,
+                opt_state,
+                data.lower_batch(key, state.step),
+                self.inner_steps,
+                self.inner_tol,
+            )
+            metrics = {"inner_iterations": iterations}
+        inner_state = None if state.inner_state is None else opt_state
+        return y, inner_state, metrics
 
     def _params(self, state):
         return state.x, state.y
+
+
+def hypergradient_status(info: HypergradientInfo, grad: PyTree[Array]) -> Array:
+    """0 when the adjoint solve met its tolerance and the hypergradient, the residuals
+    and the adjoint are finite; 1 when the solve stopped short (truncated, still
+    usable); 2 when anything is non-finite."""
+    values = (grad, info.adjoint, info.linear_residual, info.optimality_residual)
+    leaves = jtu.tree_leaves(values)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(u)) for u in leaves]))
+    converged = info.linear_status == lx.RESULTS.successful
+    return jnp.where(finite, jnp.where(converged, 0, 1), 2).astype(jnp.int32)

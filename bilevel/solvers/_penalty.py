@@ -1,31 +1,38 @@
-r"""Value-function penalty methods: one shared core exposed as three solvers.
+r"""Value-function penalty methods: one base class, three rules.
 
-All three replace the bilevel problem by the penalised single-level problem
+All three solvers replace the bilevel problem by the penalised single-level problem
 
 $$\min_{x \in X,\, y \in Y}\; f(x, y) + \lambda\,\big(g(x, y) - g^*(x)\big),\qquad
 g^*(x) = \min_{z \in Y} g(x, z),$$
 
-with $\lambda = 1/\sigma$, and track a second lower variable $z \approx \arg\min_Y
-g(x, \cdot)$ for the value function. Since $\nabla g^*(x) = \nabla_x g(x, z^*)$, every
-oracle is first order (no Hessian, no lower-level strong convexity):
+and track a second lower variable $z \approx \arg\min_Y g(x, \cdot)$ for the value
+function. Since $\nabla g^*(x) = \nabla_x g(x, z^*)$, every oracle is first order (no
+Hessian, no lower-level strong convexity):
 
 - $d_x = \nabla_x f(x, y) + \lambda\,(\nabla_x g(x, y) - \nabla_x g(x, z))$,
 - $d_y = \nabla_y f(x, y) + \lambda\,\nabla_y g(x, y)$,
 - $d_z = \nabla_y g(x, z)$.
 
-The solvers differ only in how they schedule $\lambda$ and the step sizes, how many
-warm-started inner steps they take on $y$ and $z$ before the $x$ step (zero means a
-joint step from the same oracles), and whether the directions carry a STORM-type
-recursive momentum. The shared core is `_penalty_step`; [`bilevel.solvers.Penalty`][],
-[`bilevel.solvers.VPBGD`][] and [`bilevel.solvers.F2SA`][] only map their fields to it.
+`_AbstractValuePenalty` holds the state, the step and the metrics; a solver only states
+its rule: the penalty $\lambda_k$, the step sizes, the STORM weight, and how many
+warm-started inner steps it takes on $y$ and $z$ before the $x$ step (zero means a
+joint step from the same oracles). Both $y$ and $z$ start at `y0`. `params` returns
+$(x, y)$: $y$, the minimiser of $f + \lambda g$, is the (optimistic) lower solution
+estimate; $z$ is only a value-function witness, and when $S(x)$ is not a singleton it
+may sit at any of its points.
 
-Both $y$ and $z$ start at `y0` and are warm-started across outer steps. `params`
-returns $(x, y)$: $y$, the minimiser of $f + \lambda g$, is the (optimistic) lower
-solution estimate; $z$ is only a value-function witness, and when $S(x)$ is not a
-singleton it may sit at any of its points.
+Defaults derived from the problem use curvature estimates (power iterations on
+Hessian-vector products, `bilevel/_stepsize.py`): $L_f = \|\nabla^2_{yy} f\|$ and
+$L_g = \|\nabla^2_{yy} g\|$ at the first step (50 iterations each), $L_g$ then tracked
+at $(x_k, z_k)$ by one warm-started iteration per step, and where a rule needs it the
+joint curvature $L_J = \|\nabla^2_{(x, y)}(f + \lambda_k g)\|$ at $(x_k, y_k)$, tracked
+the same way. All are evaluated on the step's own batches. Multiplying $f$ by $t$ and
+$g$ by $s$ multiplies $L_f$ by $t$ and $L_g$ by $s$; the rules below are built so that
+the iterates do not change.
 """
 
-from typing import Any, ClassVar, Literal
+import abc
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax
@@ -36,12 +43,57 @@ import jax.tree_util as jtu
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
 
-from .._data import AbstractData, as_data
+from .._data import AbstractData
 from .._inner import inner_steps
 from .._linear import result_dtype
 from .._misc import tree_axpy, tree_norm, tree_sub
 from .._problem import BilevelProblem, apply_project_x, apply_project_y
-from .._solver import AbstractBilevelSolver
+from .._solver import (
+    AbstractBilevelSolver,
+    Bounds,
+    choice,
+    count,
+    fraction,
+    hyperparameter,
+    nonnegative,
+    positive,
+)
+from .._stepsize import (
+    PowerIteration,
+    SecantStep,
+    continue_power_iteration,
+    hessian_product,
+    secant_step,
+    start_power_iteration,
+    start_secant_step,
+)
+
+
+PENALTY_RATIO = 100.0
+r"""Default $\lambda = 100\,L_f/L_g$: the lower level's curvature, weighted by the
+penalty, dominates the upper level's by a factor 100 (Penalty, VPBGD; F2SA starts at a
+tenth of it and grows)."""
+
+INNER_TOLERANCE = 0.1
+"""Largest estimated relative error of $d_x$ due to the inner solves
+(`_inner_solves_reliable`) at which the adaptive $x$ step may grow; above it the inner
+loops are repeated and, if that does not suffice, the step is halved."""
+
+MAX_INNER_ROUNDS = 10
+"""With deterministic data and the adaptive $x$ step, the inner loops are run up to
+this many times per outer step until the inner solves are reliable."""
+
+FIRST_ITERATIONS = 50
+
+NOISY_DECAY = 1 / 3
+r"""With minibatches the default $x$ step of Penalty's double loop and VPBGD's joint
+step decay as $(k + 1)^{-1/3}$: the noise of $y - z$ is amplified by $\lambda$ in
+$d_x$, so a constant step only reaches a noise floor."""
+
+PEAK_DECAY = 0.99
+"""Step sizes use the largest curvature estimate of the last ~100 steps: the running
+maximum decays by this factor per step."""
+"""Power iterations of each curvature estimate at the first step."""
 
 
 # --------------------------------------------------------------------------------------
@@ -56,12 +108,27 @@ class _Momentum(eqx.Module):
     point: tuple[PyTree[Array], PyTree[Array], PyTree[Array]]
 
 
+class _Curvature(eqx.Module):
+    r"""Curvature estimates: $L_f$ (first step only), $L_g$ (tracked or first step
+    only), $L_J$ (tracked, when a rule uses it), the recent peaks of the last two (what
+    the step sizes use), and $L_f/L_g$ at the first step."""
+
+    upper: PowerIteration
+    lower: PowerIteration
+    joint: PowerIteration | None
+    lower_peak: Scalar
+    joint_peak: Scalar
+    ratio: Scalar
+
+
 class _PenaltyState(eqx.Module):
     x: PyTree[Array]
     y: PyTree[Array]
     z: PyTree[Array]
     momentum: _Momentum | None
     step: Int[Array, ""]
+    curvature: _Curvature | None
+    secant: SecantStep | None
 
 
 class _Rule(eqx.Module):
@@ -73,6 +140,17 @@ class _Rule(eqx.Module):
     y_lr: Scalar
     z_lr: Scalar
     momentum: Scalar
+
+
+class _Needs(NamedTuple):
+    """What a configured solver derives from the problem, for one kind of data."""
+
+    deterministic: bool  # the data's batches never change
+    curvature: bool  # estimate L_f, L_g at the first step
+    track_lower: bool  # and keep tracking L_g
+    joint: bool  # estimate L_J at the first step
+    track_joint: bool  # and keep tracking it
+    secant: bool  # adaptive x step (Malitsky-Mishchenko), starting from 1 / L_J
 
 
 class _Oracles(eqx.Module):
@@ -89,61 +167,21 @@ class _Oracles(eqx.Module):
     g_z_y: PyTree[Array]
 
 
-# --------------------------------------------------------------------------------------
-# Small helpers
-
-
-
 def _scalar(value: Any, dtype) -> Array:
     return jnp.asarray(value, dtype)
 
 
-def _projected_residual(project, y: PyTree[Array], grad: PyTree[Array]) -> Scalar:
-    r"""$\|y - \Pi_Y(y - \nabla)\|$: the projected-gradient residual (step 1);
-    $\|\nabla\|$ without a projection (`project=None`)."""
-    if project is None:
-        return tree_norm(grad)
-    return tree_norm(tree_sub(y, project(tree_sub(y, grad))))
-
-
-def _check_number(owner: str, name: str, value: Any, *, low: float = 0.0,
-                  strict: bool = True, high: float | None = None) -> None:
-    """Validate a float field when it is a concrete Python number (tracers and arrays,
-    e.g. under `jax.vmap` over a hyperparameter, are left alone)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return
-    bad = value <= low if strict else value < low
-    if high is not None:
-        bad = bad or value > high
-    if bad:
-        bound = f"> {low}" if strict else f">= {low}"
-        if high is not None:
-            bound += f" and <= {high}"
-        raise ValueError(f"{owner}: `{name}` must be {bound}, got {value!r}")
-
-
-def _check_steps(owner: str, name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{owner}: `{name}` must be an int >= 0, got {value!r}")
-
-
 # --------------------------------------------------------------------------------------
-# The shared core
+# Pieces of one outer step
 
 
-def _init_state(
-    owner: str, problem: Any, x0: PyTree[Array], y0: PyTree[Array], storm: bool
-) -> _PenaltyState:
-    """Validate the problem and variables; $z_0 = y_0$."""
-    momentum = None
-    if storm:
-        zeros = (
-            jtu.tree_map(jnp.zeros_like, x0),
-            jtu.tree_map(jnp.zeros_like, y0),
-            jtu.tree_map(jnp.zeros_like, y0),
-        )
-        momentum = _Momentum(direction=zeros, point=(x0, y0, y0))
-    return _PenaltyState(x=x0, y=y0, z=y0, momentum=momentum, step=jnp.array(0))
+def _lower_residual(problem: Any, y: PyTree[Array], grad: PyTree[Array]) -> Scalar:
+    r"""$\|\Phi(x, y)\|$ for the problem's own condition, from $\nabla_y g(x, y)$ at
+    hand: $\|\nabla_y g\|$, or $\|y - \Pi_Y(y - \nabla_y g)\|$ with a set $Y$ (the
+    default conditions; the penalty solvers take no custom `optimality`)."""
+    if problem.project_y is None:
+        return tree_norm(grad)
+    return tree_norm(tree_sub(y, problem.project_y(tree_sub(y, grad))))
 
 
 def _penalised_steps(problem, x, y, data, key, rule: _Rule, num_steps: int, step):
@@ -169,7 +207,7 @@ def _penalised_steps(problem, x, y, data, key, rule: _Rule, num_steps: int, step
 
 def _value_steps(problem, x, z, data, key, lr, num_steps: int, step):
     r"""`num_steps` projected gradient steps $z \leftarrow \Pi_Y(z - \gamma\nabla_y
-    g(x, z))$ (the foundation's `inner_steps`, lower stream 0)."""
+    g(x, z))$ (the shared `inner_steps`, lower stream 0)."""
     optimizer = optax.sgd(jnp.asarray(lr, result_dtype(z)))
     first_draw = step * num_steps
     z, _ = inner_steps(
@@ -215,68 +253,289 @@ def _storm(problem, state: _PenaltyState, batches, current, rule: _Rule, point):
     return directions, _Momentum(direction=directions, point=point)
 
 
-def _penalty_step(
-    problem: Any,
-    state: _PenaltyState,
-    data: Any,
-    key: PRNGKeyArray,
-    rule: _Rule,
-    *,
-    y_steps: int,
-    z_steps: int,
-    coupled: bool,
-) -> tuple[_PenaltyState, dict[str, Scalar]]:
-    """One outer iteration of the value-function penalty family.
+def _inner_solves_reliable(problem, y, z, o: _Oracles, rule: _Rule, d_x):
+    r"""Whether the inner solves are accurate enough for $d_x$ to be trusted: its
+    estimated error is at most `INNER_TOLERANCE` $\|d_x\|$.
 
-    1. `z_steps` warm-started projected steps on $g(x_k, \\cdot)$ (value function);
-    2. `y_steps` warm-started projected steps on $f + \\lambda_k g$ (penalised
-       variable);
-    3. oracles at $(x_k, y, z)$; directions, STORM-corrected when the state holds
-       momentum buffers;
-    4. $x \\leftarrow \\Pi_X(x - \\alpha d_x)$, and the joint steps
-       $y \\leftarrow \\Pi_Y(y - \\beta d_y)$ if `y_steps == 0`,
-       $z \\leftarrow \\Pi_Y(z - \\gamma d_z)$ if `z_steps == 0`.
+    The penalty term $p = \lambda(\nabla_x g(x, y) - \nabla_x g(x, z))$ is about
+    $\lambda\nabla^2_{xy} g\,(y - z)$ with $\|y_\sigma - z^*\| \approx
+    \|\Phi_g(y_\sigma)\|/\mu$; an error in $z$ is about $\|\Phi_g(z)\|/\mu$ and one
+    in $y$ about $\|\Phi_h(y)\|/\mu$ ($\Phi_g$, $\Phi_h$: the (projected) gradients
+    of $g$ and of $h = f/\lambda + g$). So the error of $d_x$ is about
+    $\|p\|\,(\|\Phi_g(z)\| + \|\Phi_h(y)\|)/\|\Phi_g(y)\|$, which does not depend on
+    the scales of $f$ and $g$. Requiring it relative to $\|d_x\|$ tightens the inner
+    solves as $x$ converges (decreasing inner tolerances, as in HOAG), down to the
+    rounding error of $d_x$ itself.
     """
-    data = as_data(data)
-    z_key, y_key, oracle_key = jr.split(key, 3)
-    x = state.x
-    z = _value_steps(problem, x, state.z, data, z_key, rule.z_lr, z_steps, state.step)
-    y = _penalised_steps(problem, x, state.y, data, y_key, rule, y_steps, state.step)
-    batches = _oracle_batches(data, oracle_key, state.step, coupled)
-    oracles = _oracles(problem, x, y, z, batches)
-    directions = _directions(oracles, rule.penalty)
-    momentum = None
-    if state.momentum is not None:
-        directions, momentum = _storm(
-            problem, state, batches, directions, rule, (x, y, z)
+    scale = _lower_residual(problem, y, o.g_y_y)
+    grad_h = tree_axpy(1 / rule.penalty, o.f_y, o.g_y_y)
+    error = _lower_residual(problem, y, grad_h) + _lower_residual(problem, z, o.g_z_y)
+    lam = rule.penalty
+    term = lam * tree_norm(tree_sub(o.g_y_x, o.g_z_x))
+    size = tree_norm(o.f_x) + lam * (tree_norm(o.g_y_x) + tree_norm(o.g_z_x))
+    rounding = 256 * jnp.finfo(scale.dtype).eps * size
+    target = INNER_TOLERANCE * jnp.maximum(tree_norm(d_x), rounding)
+    return term * error <= target * scale
+
+
+def _repeat_until_reliable(problem, inner_round, rule: _Rule, carry):
+    """Repeat `inner_round` (both inner loops and the oracles) while the inner solves
+    are not reliable, up to `MAX_INNER_ROUNDS` rounds in all."""
+
+    def unreliable(carry):
+        y, z, oracles, rounds = carry
+        d_x = _directions(oracles, rule.penalty)[0]
+        reliable = _inner_solves_reliable(problem, y, z, oracles, rule, d_x)
+        return (rounds < MAX_INNER_ROUNDS) & ~reliable
+
+    def another(carry):
+        y, z, _, rounds = carry
+        return (*inner_round(y, z), rounds + 1)
+
+    return lax.while_loop(unreliable, another, carry)
+
+
+def _joint_step(problem, x, v, lr, direction, inner_steps: int):
+    r"""$\Pi_Y(v - \text{lr}\cdot d)$ when the variable has no inner loop
+    (`inner_steps == 0`), else `v` as the inner loop left it."""
+    if inner_steps:
+        return v
+    return apply_project_y(problem, x, tree_axpy(-lr, direction, v))
+
+
+def _iterations(step, tracked: bool):
+    """Power iterations this step: `FIRST_ITERATIONS` at the first, then 1 (tracked)
+    or 0."""
+    return jnp.where(step == 0, FIRST_ITERATIONS, 1 if tracked else 0)
+
+
+def _update_lower_curvature(
+    problem, curvature: _Curvature, state: _PenaltyState, batches, tracked: bool
+) -> _Curvature:
+    """$L_f$ at the first step; $L_g$ at $(x_k, z_k)$; their ratio at the first
+    step."""
+    upper_batch, lower_batch, _ = batches
+    x, first = state.x, state.step == 0
+    upper = continue_power_iteration(
+        hessian_product(lambda y: problem.upper(x, y, upper_batch), state.y),
+        curvature.upper,
+        jnp.where(first, FIRST_ITERATIONS, 0),
+    )
+    lower = continue_power_iteration(
+        hessian_product(lambda z: problem.lower(x, z, lower_batch), state.z),
+        curvature.lower,
+        _iterations(state.step, tracked),
+    )
+    tiny = jnp.finfo(lower.norm.dtype).tiny
+    first_ratio = upper.norm / jnp.maximum(lower.norm, tiny)
+    ratio = jnp.where(first, first_ratio, curvature.ratio)
+    peak = _recent_peak(first, lower.norm, curvature.lower_peak)
+    return eqx.tree_at(
+        lambda c: (c.upper, c.lower, c.lower_peak, c.ratio),
+        curvature,
+        (upper, lower, peak, ratio),
+    )
+
+
+def _recent_peak(first, norm, previous) -> Scalar:
+    """The largest recent estimate: `norm`, or the previous peak decayed by
+    `PEAK_DECAY` if larger. With minibatches each estimate is one batch's (and from
+    below), and a step must stay stable on the batches with more curvature too."""
+    return jnp.where(first, norm, jnp.maximum(norm, PEAK_DECAY * previous))
+
+
+def _update_joint_curvature(
+    problem, curvature: _Curvature, state: _PenaltyState, batches, penalty, tracked
+) -> _Curvature:
+    r"""$L_J = \|\nabla^2_{(x, y)}(f + \lambda_k g)\|$ at $(x_k, y_k)$."""
+    upper_batch, lower_batch, _ = batches
+
+    def penalised(point):
+        x, y = point
+        lower = problem.lower(x, y, lower_batch)
+        return problem.upper(x, y, upper_batch) + penalty.astype(lower.dtype) * lower
+
+    joint = continue_power_iteration(
+        hessian_product(penalised, (state.x, state.y)),
+        curvature.joint,
+        _iterations(state.step, tracked),
+    )
+    peak = _recent_peak(state.step == 0, joint.norm, curvature.joint_peak)
+    return eqx.tree_at(lambda c: (c.joint, c.joint_peak), curvature, (joint, peak))
+
+
+def _penalised_lr(curvature: _Curvature, penalty) -> Scalar:
+    r"""$1/(L_f + \lambda L_g)$: the step for gradient descent on $f + \lambda g$ in
+    $y$."""
+    return 1 / (curvature.upper.norm + penalty * curvature.lower_peak)
+
+
+# --------------------------------------------------------------------------------------
+# The base class
+
+
+class _AbstractValuePenalty(AbstractBilevelSolver):
+    """State, step and metrics of the value-function penalty family; subclasses give
+    the rule (`_inner_steps`, `_penalty`, `_rule`, `_needs`)."""
+
+    supports: ClassVar[frozenset[str]] = frozenset(
+        {"single_block", "project_x", "project_y", "stochastic"}
+    )
+
+    coupled_samples: eqx.AbstractVar[bool]
+
+    @abc.abstractmethod
+    def _inner_steps(self) -> tuple[int, int]:
+        """`(y_steps, z_steps)` before the $x$ step; 0 means a joint step."""
+
+    @abc.abstractmethod
+    def _needs(self, deterministic: bool) -> _Needs:
+        """What this configuration derives from the problem."""
+
+    @abc.abstractmethod
+    def _penalty(self, step: Array, curvature: _Curvature | None, dtype) -> Scalar:
+        r"""$\lambda_k$."""
+
+    @abc.abstractmethod
+    def _rule(
+        self,
+        step: Array,
+        penalty: Scalar,
+        curvature: _Curvature | None,
+        needs: _Needs,
+        dtype,
+    ) -> _Rule:
+        """The scalars of step `step` (with `needs.secant`, `x_lr` is the first
+        step's)."""
+
+    def _storm(self) -> bool:
+        return False
+
+    def _init(
+        self, problem: BilevelProblem, x0: PyTree[Array], y0: PyTree[Array],
+        key: PRNGKeyArray,
+    ) -> _PenaltyState:
+        """$z_0 = y_0$; zero STORM buffers; curvature estimates and the adaptive step
+        allocated when some configuration of the data would use them."""
+        momentum = None
+        if self._storm():
+            zeros = (
+                jtu.tree_map(jnp.zeros_like, x0),
+                jtu.tree_map(jnp.zeros_like, y0),
+                jtu.tree_map(jnp.zeros_like, y0),
+            )
+            momentum = _Momentum(direction=zeros, point=(x0, y0, y0))
+        needs = [self._needs(d) for d in (True, False)]
+        curvature = None
+        if any(n.curvature for n in needs):
+            upper_key, lower_key, joint_key = jr.split(key, 3)
+            upper = start_power_iteration(upper_key, y0)
+            joint = None
+            if any(n.joint for n in needs):
+                joint = start_power_iteration(joint_key, (x0, y0))
+            zero = upper.norm
+            lower = start_power_iteration(lower_key, y0)
+            curvature = _Curvature(upper, lower, joint, zero, zero, zero)
+        secant = start_secant_step(x0) if any(n.secant for n in needs) else None
+        step = jnp.array(0)
+        return _PenaltyState(x0, y0, y0, momentum, step, curvature, secant)
+
+    def _estimate(
+        self, problem: Any, state: _PenaltyState, batches, needs: _Needs
+    ) -> tuple[_Curvature | None, _Rule]:
+        """Curvature estimates (those the rule uses) and the rule of this step."""
+        dtype = result_dtype(state.x)
+        curvature = state.curvature
+        if curvature is not None:
+            curvature = _update_lower_curvature(
+                problem, curvature, state, batches, needs.track_lower
+            )
+        penalty = self._penalty(state.step, curvature, dtype)
+        if needs.joint:
+            curvature = _update_joint_curvature(
+                problem, curvature, state, batches, penalty, needs.track_joint
+            )
+        return curvature, self._rule(state.step, penalty, curvature, needs, dtype)
+
+    def _step(
+        self,
+        problem: BilevelProblem,
+        state: _PenaltyState,
+        data: AbstractData,
+        key: PRNGKeyArray,
+    ) -> tuple[_PenaltyState, dict[str, Scalar]]:
+        """One outer iteration.
+
+        1. curvature estimates (when a rule needs them) and the rule of step $k$;
+        2. `z_steps` warm-started projected steps on $g(x_k, \\cdot)$;
+        3. `y_steps` warm-started projected steps on $f + \\lambda_k g$;
+        4. oracles at $(x_k, y, z)$; directions, STORM-corrected when the state holds
+           momentum buffers;
+        5. $x \\leftarrow \\Pi_X(x - \\alpha d_x)$, and the joint steps
+           $y \\leftarrow \\Pi_Y(y - \\beta d_y)$ if `y_steps == 0`,
+           $z \\leftarrow \\Pi_Y(z - \\gamma d_z)$ if `z_steps == 0`.
+        """
+        needs = self._needs(data.deterministic)
+        y_steps, z_steps = self._inner_steps()
+        z_key, y_key, oracle_key = jr.split(key, 3)
+        batches = _oracle_batches(data, oracle_key, state.step, self.coupled_samples)
+        curvature, rule = self._estimate(problem, state, batches, needs)
+        x, step = state.x, state.step
+
+        def inner_round(y, z):  # the same keys every round: repeated only when the
+            # data are deterministic
+            z = _value_steps(problem, x, z, data, z_key, rule.z_lr, z_steps, step)
+            y = _penalised_steps(problem, x, y, data, y_key, rule, y_steps, step)
+            return y, z, _oracles(problem, x, y, z, batches)
+
+        y, z, oracles = inner_round(state.y, state.z)
+        rounds = jnp.array(1)
+        if needs.secant:  # repeat the inner loops until reliable
+            y, z, oracles, rounds = _repeat_until_reliable(
+                problem, inner_round, rule, (y, z, oracles, rounds)
+            )
+        directions = _directions(oracles, rule.penalty)
+        momentum = None
+        if state.momentum is not None:
+            directions, momentum = _storm(
+                problem, state, batches, directions, rule, (x, y, z)
+            )
+        d_x, d_y, d_z = directions
+        x_lr, secant = rule.x_lr, state.secant
+        if needs.secant:
+            reliable = _inner_solves_reliable(problem, y, z, oracles, rule, d_x)
+            x_lr, secant = secant_step(secant, x, d_x, x_lr, step == 0, reliable)
+        new_x = apply_project_x(problem, tree_axpy(-x_lr, d_x, x))
+        new_y = _joint_step(problem, x, y, rule.y_lr, d_y, y_steps)
+        new_z = _joint_step(problem, x, z, rule.z_lr, d_z, z_steps)
+        if problem.project_x is None:  # the gradient mapping is d_x itself
+            grad_norm = tree_norm(d_x)
+        else:
+            grad_norm = tree_norm(tree_sub(x, new_x)) / x_lr
+        metrics = {
+            "upper_loss": oracles.f,
+            "grad_norm": grad_norm,
+            "lower_residual": _lower_residual(problem, y, oracles.g_y_y),
+            "value_residual": _lower_residual(problem, z, oracles.g_z_y),
+            "penalty_gap": oracles.g_y - oracles.g_z,
+            "lambda": rule.penalty,
+            "x_lr": jnp.asarray(x_lr, result_dtype(x)),
+            "inner_rounds": rounds,
+        }
+        new_state = _PenaltyState(
+            new_x, new_y, new_z, momentum, step + 1, curvature, secant
         )
-    d_x, d_y, d_z = directions
-    new_x = apply_project_x(problem, tree_axpy(-rule.x_lr, d_x, x))
-    new_y = y if y_steps else apply_project_y(problem, x, tree_axpy(-rule.y_lr, d_y, y))
-    new_z = z if z_steps else apply_project_y(problem, x, tree_axpy(-rule.z_lr, d_z, z))
-    if problem.project_x is None:  # the gradient mapping is d_x itself
-        grad_norm = tree_norm(d_x)
-    else:
-        grad_norm = tree_norm(tree_sub(x, new_x)) / rule.x_lr
-    metrics = {
-        "upper_loss": oracles.f,
-        "grad_norm": grad_norm,
-        "lower_residual": _projected_residual(problem.project_y, y, oracles.g_y_y),
-        "value_residual": _projected_residual(problem.project_y, z, oracles.g_z_y),
-        "penalty_gap": oracles.g_y - oracles.g_z,
-        "lambda": rule.penalty,
-    }
-    new_state = _PenaltyState(new_x, new_y, new_z, momentum, state.step + 1)
-    return new_state, metrics
+        return new_state, metrics
 
-
+    def _params(self, state: _PenaltyState) -> tuple[PyTree[Array], PyTree[Array]]:
+        return state.x, state.y
 
 
 # --------------------------------------------------------------------------------------
 # Kwon, Kwon, Wright, Nowak (ICLR 2024)
 
 
-class Penalty(AbstractBilevelSolver):
+class Penalty(_AbstractValuePenalty):
     r"""Value-function penalty method of Kwon, Kwon, Wright and Nowak (ICLR 2024, "On
     Penalty Methods for Nonconvex Bilevel Optimization and First-Order Stochastic
     Approximation").
@@ -296,7 +555,7 @@ class Penalty(AbstractBilevelSolver):
        warm-started;
     2. $y \leftarrow \Pi_Y(y - \beta(\sigma_k\nabla_y f + \nabla_y g)(x_k, y))$,
        `y_steps` times, warm-started;
-    3. $x_{k+1} = \Pi_X(x_k - \alpha\, d_k)$,
+    3. $x_{k+1} = \Pi_X(x_k - \alpha_k d_k)$,
        $d_k = \nabla_x f(x_k, y) + (\nabla_x g(x_k, y) - \nabla_x g(x_k, z))/\sigma_k$.
 
     `variant="single_loop"` (P-SL, momentum-assisted): no inner loops; the three
@@ -310,18 +569,18 @@ class Penalty(AbstractBilevelSolver):
     Penalty schedule: $\sigma_k = \max(\sigma_{\min}, \sigma\,(k + 1)^{-p})$ with
     $p$ = `sigma_decay` (0: fixed $\sigma$).
 
-    **Arguments:**
+    **Arguments** (`None`: derived from the problem, see "Defaults"):
 
     - `variant`: `"double_loop"` (default) or `"single_loop"`.
-    - `sigma`: $\sigma > 0$ (default 0.01; the bias in $x$ is $O(\sigma)$).
+    - `sigma`: $\sigma > 0$ (the bias in $x$ is $O(\sigma)$).
     - `sigma_decay`: $p \ge 0$ (default 0); `sigma_min`: floor of $\sigma_k$
       (default 0).
-    - `x_lr`: $\alpha$ (default 0.1). The paper's worst-case guidance is
-      $\alpha = \Theta(\sigma)$; for lower levels with a well-conditioned solution map
-      $\psi_\sigma$ stays smooth and a constant $\alpha$ works.
-    - `y_lr`: $\beta$ on $\sigma\nabla_y f + \nabla_y g$ (default 0.1; need
+    - `x_lr`: $\alpha$. The paper's worst-case guidance is $\alpha = \Theta(\sigma)$;
+      for lower levels with a well-conditioned solution map $\psi_\sigma$ stays smooth
+      and larger steps work.
+    - `y_lr`: $\beta$ on $\sigma\nabla_y f + \nabla_y g$ (need
       $\beta \le 1/(\sigma L_f + L_g)$).
-    - `z_lr`: $\gamma \le 1/L_g$ (default 0.1).
+    - `z_lr`: $\gamma \le 1/L_g$.
     - `y_steps`, `z_steps`: inner steps of the double loop (default 10; ignored by the
       single loop).
     - `momentum`: STORM weight $\eta \in (0, 1]$ of the single loop (default 0.1;
@@ -331,104 +590,126 @@ class Penalty(AbstractBilevelSolver):
       their difference is $O(\|y - z\|^2) = O(\sigma^2)$, so the $1/\sigma$-amplified
       term keeps $O(1)$ variance. `False` draws them independently.
 
+    **Defaults** ($L_f$, $L_g$, $L_J$ as in the module: curvature estimates on the
+    step's batches):
+
+    - $\sigma = L_g / (100 L_f)$ at the first step, i.e. $\lambda = 100 L_f/L_g$;
+    - $\gamma = 1/L_g$ and $\beta = 1/(\sigma L_f + L_g)$, with the tracked $L_g$;
+    - $\alpha$, double loop with deterministic data: the adaptive step of Malitsky and
+      Mishchenko (ICML 2020) on $d_k$ (`bilevel/_stepsize.py`, `secant_step`),
+      starting from $1/L_J$; the inner loops are repeated (up to
+      `MAX_INNER_ROUNDS` rounds) until the estimated error of $d_k$ due to the inner
+      solves is below `INNER_TOLERANCE` $\|d_k\|$, and the step is halved when
+      they still are not; single loop: $1/L_J$, the worst-case $\Theta(\sigma)$
+      step (its $y$ step too); double loop with minibatches: $(k + 1)^{-1/3}/L_J$
+      (`NOISY_DECAY`).
+
+    Step sizes use the recent peak of each tracked estimate (`PEAK_DECAY`).
+
     With stochastic data, each inner step draws fresh batches (the $y$ and $z$ loops
     independently of each other), and the $x$ step draws its own.
 
-    Metrics each step: `upper_loss` $f(x_k, y)$; `grad_norm`, the gradient mapping
-    $\|x_k - x_{k+1}\| / \alpha_k$ (the projected penalty-gradient norm; $\|d_x\|$ when
-    the problem has no `project_x`); `lower_residual`
-    $\|y - \Pi_Y(y - \nabla_y g(x_k, y))\|$ of the penalised variable (it shrinks like
-    $\sigma$); `value_residual`, the same for $z$; `penalty_gap`
-    $g(x_k, y) - g(x_k, z)$; `lambda` $\lambda_k = 1/\sigma_k$. All come from the
-    oracles of the $x$ step at no extra cost (minibatch estimates with stochastic
-    data).
+    **Metrics** each step (from the oracles of the $x$ step, minibatch estimates with
+    stochastic data): `upper_loss` $f(x_k, y)$; `grad_norm` $\|d_k\|$, the penalised
+    gradient (the gradient mapping $\|x_k - x_{k+1}\|/\alpha_k$ with `project_x`; the
+    STORM estimate in the single loop); `lower_residual` $\|\Phi(x_k, y)\|$ at the
+    penalised variable $y$ ($\|\nabla_y g\|$, or the projected-gradient residual with
+    `project_y`), which is $\sigma_k\|\nabla_y f\|$ at $y_\sigma$: it shrinks like
+    $\sigma$, not to 0; `value_residual`, the same at $z$; `penalty_gap`
+    $g(x_k, y) - g(x_k, z)$; `lambda` $= 1/\sigma_k$; `x_lr` $\alpha_k$;
+    `inner_rounds`, the rounds of inner loops the step used.
     """
 
-    supports: ClassVar[frozenset[str]] = frozenset(
-        {"single_block", "project_x", "project_y", "stochastic"}
-    )
-
-    variant: Literal["double_loop", "single_loop"] = eqx.field(
-        static=True, default="double_loop"
-    )
-    sigma: float = 0.01
-    sigma_decay: float = 0.0
-    sigma_min: float = 0.0
-    x_lr: float = 0.1
-    y_lr: float = 0.1
-    z_lr: float = 0.1
-    y_steps: int = eqx.field(static=True, default=10)
-    z_steps: int = eqx.field(static=True, default=10)
-    momentum: float = 0.1
+    variant: str = choice("double_loop", ("double_loop", "single_loop"))
+    sigma: float | None = positive(None, optional=True)
+    sigma_decay: float = nonnegative(0.0)
+    sigma_min: float = nonnegative(0.0)
+    x_lr: float | None = positive(None, optional=True)
+    y_lr: float | None = positive(None, optional=True)
+    z_lr: float | None = positive(None, optional=True)
+    y_steps: int = count(10, minimum=0)
+    z_steps: int = count(10, minimum=0)
+    momentum: float = fraction(0.1)
     coupled_samples: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
-        if self.variant not in ("double_loop", "single_loop"):
-            raise ValueError(
-                f"Penalty: `variant` must be 'double_loop' or 'single_loop', got "
-                f"{self.variant!r}"
-            )
-        for name in ("sigma", "x_lr", "y_lr", "z_lr"):
-            _check_number("Penalty", name, getattr(self, name))
-        _check_number("Penalty", "sigma_decay", self.sigma_decay, strict=False)
-        _check_number("Penalty", "sigma_min", self.sigma_min, strict=False)
-        _check_number("Penalty", "momentum", self.momentum, high=1.0)
-        if self.variant == "double_loop":
-            for name in ("y_steps", "z_steps"):
-                _check_steps("Penalty", name, getattr(self, name))
-                if getattr(self, name) < 1:
-                    raise ValueError(
-                        f"Penalty: the double loop needs `{name}` >= 1, got "
-                        f"{getattr(self, name)!r} (variant='single_loop' steps jointly)"
-                    )
+        if self.variant != "double_loop":
+            return
+        for name in ("y_steps", "z_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"Penalty: the double loop needs `{name}` >= 1, got "
+                    f"{getattr(self, name)!r} (variant='single_loop' steps jointly)"
+                )
 
-    def _rule(self, step: Array, dtype) -> _Rule:
-        t = (step + 1).astype(dtype)
-        sigma = jnp.maximum(
-            _scalar(self.sigma_min, dtype),
-            _scalar(self.sigma, dtype) * t ** -_scalar(self.sigma_decay, dtype),
+    def _single(self) -> bool:
+        return self.variant == "single_loop"
+
+    def _storm(self) -> bool:
+        return self._single()
+
+    def _inner_steps(self) -> tuple[int, int]:
+        return (0, 0) if self._single() else (self.y_steps, self.z_steps)
+
+    def _needs(self, deterministic: bool) -> _Needs:
+        derived = (self.sigma, self.x_lr, self.y_lr, self.z_lr)
+        secant = self.x_lr is None and deterministic and not self._single()
+        joint_x = self.x_lr is None and not secant
+        joint_y = self.y_lr is None and self._single()
+        return _Needs(
+            deterministic=deterministic,
+            curvature=any(v is None for v in derived),
+            track_lower=self.z_lr is None or (self.y_lr is None and not self._single()),
+            joint=self.x_lr is None or joint_y,
+            track_joint=joint_x or joint_y,
+            secant=secant,
         )
-        eta = self.momentum if self.variant == "single_loop" else 1.0
-        return _Rule(
-            penalty=1 / sigma,
-            x_lr=_scalar(self.x_lr, dtype),
+
+    def _sigma(self, step: Array, curvature: _Curvature | None, dtype) -> Array:
+        t = (step + 1).astype(dtype)
+        if self.sigma is None:
+            sigma = 1 / (PENALTY_RATIO * curvature.ratio)
+        else:
+            sigma = _scalar(self.sigma, dtype)
+        return jnp.maximum(
+            _scalar(self.sigma_min, dtype),
+            sigma * t ** -_scalar(self.sigma_decay, dtype),
+        )
+
+    def _penalty(self, step, curvature, dtype):
+        return 1 / self._sigma(step, curvature, dtype)
+
+    def _rule(self, step, penalty, curvature, needs, dtype) -> _Rule:
+        sigma = self._sigma(step, curvature, dtype)
+        eta = self.momentum if self._single() else 1.0
+        if self.x_lr is None:  # the adaptive step starts from it, too
+            x_lr = 1 / curvature.joint_peak
+            if not (needs.deterministic or self._single()):  # noise: decay
+                x_lr = x_lr * (step + 1).astype(dtype) ** -NOISY_DECAY
+        else:
+            x_lr = _scalar(self.x_lr, dtype)
+        if self.y_lr is not None:
             # beta acts on h_sigma = sigma f + g = sigma (f + lambda g)
-            y_lr=_scalar(self.y_lr, dtype) * sigma,
-            z_lr=_scalar(self.z_lr, dtype),
+            y_lr = _scalar(self.y_lr, dtype) * sigma
+        elif self._single():
+            y_lr = 1 / curvature.joint_peak
+        else:
+            y_lr = _penalised_lr(curvature, penalty)
+        z_lr = 1 / curvature.lower_peak if self.z_lr is None else self.z_lr
+        return _Rule(
+            penalty=penalty,
+            x_lr=x_lr,
+            y_lr=y_lr,
+            z_lr=_scalar(z_lr, dtype),
             momentum=_scalar(eta, dtype),
         )
-
-    def _init(
-        self, problem: BilevelProblem, x0: PyTree[Array], y0: PyTree[Array],
-        key: PRNGKeyArray | None,
-    ) -> _PenaltyState:
-        return _init_state("Penalty", problem, x0, y0, self.variant == "single_loop")
-
-    def _step(
-        self,
-        problem: BilevelProblem,
-        state: _PenaltyState,
-        data: Any,
-        key: PRNGKeyArray,
-    ) -> tuple[_PenaltyState, dict[str, Scalar]]:
-        single = self.variant == "single_loop"
-        rule = self._rule(state.step, result_dtype(state.x))
-        return _penalty_step(
-            problem, state, data, key, rule,
-            y_steps=0 if single else self.y_steps,
-            z_steps=0 if single else self.z_steps,
-            coupled=self.coupled_samples,
-        )
-
-    def _params(self, state: _PenaltyState) -> tuple[PyTree[Array], PyTree[Array]]:
-        return state.x, state.y
 
 
 # --------------------------------------------------------------------------------------
 # Shen & Chen (ICML 2023)
 
 
-class VPBGD(AbstractBilevelSolver):
+class VPBGD(_AbstractValuePenalty):
     r"""Value-function penalised bilevel gradient descent (V-PBGD) of Shen and Chen
     (ICML 2023, "On Penalty-based Bilevel Gradient Descent Method").
 
@@ -447,99 +728,102 @@ class VPBGD(AbstractBilevelSolver):
     both steps are multiplied by $\min(1, 1/\gamma_k)$ (also from that code), so that
     the effective step stays $\approx\alpha/\gamma$ once $\gamma > 1$.
 
-    **Arguments:**
+    **Arguments** (`None`: derived from the problem, see "Defaults"):
 
-    - `penalty`: $\gamma$ (default 10, the paper's toy;
-      $\gamma = \Theta(\epsilon^{-1/2})$ in the theory).
+    - `penalty`: $\gamma$ ($\gamma = \Theta(\epsilon^{-1/2})$ in the theory).
     - `penalty_init`, `ramp_steps`: linear ramp (default 0 steps: constant $\gamma$).
-    - `x_lr`: $\alpha$ (default 0.01 $= 0.1/\gamma$, the toy); `y_lr`: step of $y$ if
-      different (default: `x_lr`). Need $\alpha \lesssim 1/L_\gamma$, $L_\gamma =
-      O(\gamma)$.
-    - `z_lr`: $\beta$ of the value-function loop (default 0.1); `z_steps`: its length
-      (default 1, warm-started, as in the public code).
+    - `x_lr`: $\alpha$; `y_lr`: step of $y$ if different (default: `x_lr`). Need
+      $\alpha \lesssim 1/L_\gamma$, $L_\gamma = O(\gamma)$.
+    - `z_lr`: $\beta$ of the value-function loop; `z_steps`: its length (default 1,
+      warm-started, as in the public code).
     - `scale_by_penalty`: see above (default `False`).
     - `coupled_samples`: one lower batch for both $\nabla_x g$ calls (default `True`;
       see [`bilevel.solvers.Penalty`][]).
 
-    Metrics each step: `upper_loss` $f(x_k, y)$; `grad_norm`, the gradient mapping
-    $\|x_k - x_{k+1}\| / \alpha_k$ (the projected penalty-gradient norm; $\|d_x\|$ when
-    the problem has no `project_x`); `lower_residual`
-    $\|y - \Pi_Y(y - \nabla_y g(x_k, y))\|$ of the penalised variable (it shrinks like
-    $\sigma$); `value_residual`, the same for $z$; `penalty_gap`
-    $g(x_k, y) - g(x_k, z)$; `lambda` $\lambda_k = 1/\sigma_k$. All come from the
-    oracles of the $x$ step at no extra cost (minibatch estimates with stochastic
-    data).
+    **Defaults** (curvature estimates on the step's batches, see
+    [`bilevel.solvers.Penalty`][]): $\gamma = 100 L_f/L_g$ at the first step;
+    $\alpha = 1/L_J$ with $L_J = \|\nabla^2_{(x,y)}(f + \gamma_k g)\|$ tracked (the
+    theory's $1/L_\gamma$; times $(k + 1)^{-1/3}$ with minibatches); $\beta = 1/L_g$
+    tracked. Progress in $x$ is then
+    $O(\mu_F/(\gamma L_g))$ per step, so V-PBGD is slow when the hyper-objective is
+    ill-conditioned (see the solver's page for measured numbers).
+
+    **Metrics** each step (minibatch estimates with stochastic data): `upper_loss`
+    $f(x_k, y_k)$; `grad_norm` $\|d_x\|$, the $x$-part of $\nabla F_\gamma$ (the
+    gradient mapping $\|x_k - x_{k+1}\|/\alpha$ with `project_x`); `lower_residual`
+    $\|\Phi(x_k, y_k)\|$ at the penalised variable, which is $\|\nabla_y f\|/\gamma_k$
+    at a stationary point of $F_\gamma$: it shrinks like $1/\gamma$, not to 0;
+    `value_residual`, the same at $z$; `penalty_gap` $g(x_k, y_k) - g(x_k, z)$;
+    `lambda` $= \gamma_k$; `x_lr` $\alpha$ (times the scaling, if any);
+    `inner_rounds` (always 1).
     """
 
-    supports: ClassVar[frozenset[str]] = frozenset(
-        {"single_block", "project_x", "project_y", "stochastic"}
-    )
-
-    penalty: float = 10.0
-    penalty_init: float = 0.0
-    ramp_steps: int = eqx.field(static=True, default=0)
-    x_lr: float = 0.01
-    y_lr: float | None = None
-    z_lr: float = 0.1
-    z_steps: int = eqx.field(static=True, default=1)
+    penalty: float | None = positive(None, optional=True)
+    penalty_init: float = nonnegative(0.0)
+    ramp_steps: int = count(0, minimum=0)
+    x_lr: float | None = positive(None, optional=True)
+    y_lr: float | None = positive(None, optional=True)
+    z_lr: float | None = positive(None, optional=True)
+    z_steps: int = count(1)
     scale_by_penalty: bool = eqx.field(static=True, default=False)
     coupled_samples: bool = eqx.field(static=True, default=True)
 
-    def __check_init__(self):
-        for name in ("penalty", "x_lr", "z_lr"):
-            _check_number("VPBGD", name, getattr(self, name))
-        if self.y_lr is not None:
-            _check_number("VPBGD", "y_lr", self.y_lr)
-        _check_number("VPBGD", "penalty_init", self.penalty_init, strict=False)
-        _check_steps("VPBGD", "ramp_steps", self.ramp_steps)
-        _check_steps("VPBGD", "z_steps", self.z_steps)
-        if self.z_steps < 1:
-            raise ValueError(f"VPBGD: `z_steps` must be >= 1, got {self.z_steps!r}")
+    def _inner_steps(self) -> tuple[int, int]:
+        return 0, self.z_steps
 
-    def _rule(self, step: Array, dtype) -> _Rule:
-        penalty = _scalar(self.penalty, dtype)
+    def _needs(self, deterministic: bool) -> _Needs:
+        derived = (self.penalty, self.x_lr, self.z_lr)
+        return _Needs(
+            deterministic=deterministic,
+            curvature=any(v is None for v in derived),
+            track_lower=self.z_lr is None,
+            joint=self.x_lr is None,
+            track_joint=self.x_lr is None,
+            secant=False,
+        )
+
+    def _penalty(self, step, curvature, dtype):
+        if self.penalty is None:
+            penalty = PENALTY_RATIO * curvature.ratio
+        else:
+            penalty = _scalar(self.penalty, dtype)
         if self.ramp_steps:
             start = _scalar(self.penalty_init, dtype)
             fraction = jnp.minimum(step.astype(dtype) / self.ramp_steps, 1)
             penalty = start + (penalty - start) * fraction
+        return penalty
+
+    def _rule(self, step, penalty, curvature, needs, dtype) -> _Rule:
         scale = 1 / jnp.maximum(penalty, 1) if self.scale_by_penalty else 1
-        y_lr = self.x_lr if self.y_lr is None else self.y_lr
+        if self.x_lr is None:
+            x_lr = 1 / curvature.joint_peak
+            if not needs.deterministic:  # noise: decay (see Penalty)
+                x_lr = x_lr * (step + 1).astype(dtype) ** -NOISY_DECAY
+        else:
+            x_lr = self.x_lr
+        y_lr = x_lr if self.y_lr is None else self.y_lr
+        z_lr = 1 / curvature.lower_peak if self.z_lr is None else self.z_lr
         return _Rule(
             penalty=penalty,
-            x_lr=_scalar(self.x_lr, dtype) * scale,
+            x_lr=_scalar(x_lr, dtype) * scale,
             y_lr=_scalar(y_lr, dtype) * scale,
-            z_lr=_scalar(self.z_lr, dtype),
+            z_lr=_scalar(z_lr, dtype),
             momentum=_scalar(1.0, dtype),
         )
-
-    def _init(
-        self, problem: BilevelProblem, x0: PyTree[Array], y0: PyTree[Array],
-        key: PRNGKeyArray | None,
-    ) -> _PenaltyState:
-        return _init_state("VPBGD", problem, x0, y0, storm=False)
-
-    def _step(
-        self,
-        problem: BilevelProblem,
-        state: _PenaltyState,
-        data: Any,
-        key: PRNGKeyArray,
-    ) -> tuple[_PenaltyState, dict[str, Scalar]]:
-        rule = self._rule(state.step, result_dtype(state.x))
-        return _penalty_step(
-            problem, state, data, key, rule,
-            y_steps=0, z_steps=self.z_steps, coupled=self.coupled_samples,
-        )
-
-    def _params(self, state: _PenaltyState) -> tuple[PyTree[Array], PyTree[Array]]:
-        return state.x, state.y
 
 
 # --------------------------------------------------------------------------------------
 # Kwon, Kwon, Wright, Nowak (ICML 2023)
 
 
-class F2SA(AbstractBilevelSolver):
+F2SA_PENALTY_RATIO = 10.0
+r"""F2SA's default $\lambda_0 = 10\,L_f/L_g$ (it grows from there)."""
+
+F2SA_STOCHASTIC_DECAY = (5 / 7, 4 / 7)
+"""The paper's step-size exponents $(a, c)$ with noise in both levels."""
+
+
+class F2SA(_AbstractValuePenalty):
     r"""Fully first-order stochastic approximation (F2SA) of Kwon, Kwon, Wright and
     Nowak (ICML 2023, "A Fully First-Order Method for Stochastic Bilevel Optimization").
 
@@ -556,92 +840,105 @@ class F2SA(AbstractBilevelSolver):
        + \lambda_k(\nabla_x g(x_k, y) - \nabla_x g(x_k, z))))$, the three gradients on
        independent samples.
 
-    The defaults $(a, b, c) = (5/7, 2/7, 4/7)$ are the paper's exponents when both
-    levels are stochastic; its analysis also asks $\alpha_k\lambda_k \le 1/(4L_g)$,
-    $\gamma_k \le 1/(4L_g)$ and a small ratio $\xi$. (The paper is unconstrained; the
-    projections of the problem, identity by default, are applied anyway.)
+    The paper's exponents with noise in both levels are $(a, b, c) = (5/7, 2/7, 4/7)$;
+    its analysis also asks $\alpha_k\lambda_k \le 1/(4L_g)$, $\gamma_k \le 1/(4L_g)$
+    and a small ratio $\xi$. (The paper is unconstrained; the projections of the
+    problem, identity by default, are applied anyway.)
 
-    **Arguments:**
+    **Arguments** (`None`: derived from the problem or the data, see "Defaults"):
 
-    - `penalty`: $\lambda_0$ (default 1); `penalty_growth`: $b$ (default 2/7).
-    - `y_lr`: $c_\alpha$ (default 0.1); `y_lr_decay`: $a$ (default 5/7).
-    - `z_lr`: $c_\gamma$ (default 0.1); `z_lr_decay`: $c$ (default 4/7).
-    - `x_ratio`: $\xi$ (default 1).
+    - `penalty`: $\lambda_0$; `penalty_growth`: $b$ (default 2/7).
+    - `y_lr`: $c_\alpha$; `y_lr_decay`: $a$.
+    - `z_lr`: $c_\gamma$; `z_lr_decay`: $c$.
+    - `x_ratio`: $\xi$.
     - `offset`: $k_0 \ge 1$ (default 1).
     - `y_steps`, `z_steps`: inner steps $T$ (default 10 each).
     - `coupled_samples`: default `False` (the paper's independent samples); `True`
       shares the lower batch of the two $\nabla_x g$ calls (see
       [`bilevel.solvers.Penalty`][]).
 
-    Metrics each step: `upper_loss` $f(x_k, y)$; `grad_norm`, the gradient mapping
-    $\|x_k - x_{k+1}\| / \alpha_k$ (the projected penalty-gradient norm; $\|d_x\|$ when
-    the problem has no `project_x`); `lower_residual`
-    $\|y - \Pi_Y(y - \nabla_y g(x_k, y))\|$ of the penalised variable (it shrinks like
-    $\sigma$); `value_residual`, the same for $z$; `penalty_gap`
-    $g(x_k, y) - g(x_k, z)$; `lambda` $\lambda_k = 1/\sigma_k$. All come from the
-    oracles of the $x$ step at no extra cost (minibatch estimates with stochastic
-    data).
+    **Defaults** (curvature estimates on the step's batches, see
+    [`bilevel.solvers.Penalty`][]): $\lambda_0 = 10 L_f/L_g$ at the first step;
+    $c_\alpha = 1/(L_f + \lambda_0 L_g)$ and $c_\gamma = 1/L_g$ with the tracked $L_g$
+    (so $\alpha_k(L_f + \lambda_k L_g) \le 1$ for $a \ge b$). With minibatches the
+    paper's $(a, c) = (5/7, 4/7)$ and the $x$ step $t^{-a}/L_J(\lambda_0)$, i.e.
+    $\xi = 1/(c_\alpha L_J)$. With deterministic data there is no noise to average:
+    $a = b$ (constant $\alpha_k\lambda_k$), $c = 0$, and the $x$ step is the adaptive
+    step of [`bilevel.solvers.Penalty`][] (from $1/L_J$, inner loops repeated until
+    reliable), i.e. $\xi$ is chosen each step.
+
+    **Metrics** each step (minibatch estimates with stochastic data): `upper_loss`
+    $f(x_k, y)$; `grad_norm` $\|d_x\|$, the gradient of $\mathcal{L}_{\lambda_k}$ in
+    $x$ (the gradient mapping $\|x_k - x_{k+1}\|/(\xi\alpha_k)$ with `project_x`);
+    `lower_residual` $\|\Phi(x_k, y)\|$ at the penalised variable, which is
+    $\|\nabla_y f\|/\lambda_k$ at the minimiser of $\mathcal{L}_{\lambda_k}(x_k,
+    \cdot)$: it shrinks like $1/\lambda_k$, not to 0; `value_residual`, the same at
+    $z$; `penalty_gap` $g(x_k, y) - g(x_k, z)$; `lambda` $= \lambda_k$; `x_lr`
+    $\xi\alpha_k$; `inner_rounds`, the rounds of inner loops the step used.
     """
 
-    supports: ClassVar[frozenset[str]] = frozenset(
-        {"single_block", "project_x", "project_y", "stochastic"}
-    )
-
-    penalty: float = 1.0
-    penalty_growth: float = 2 / 7
-    y_lr: float = 0.1
-    y_lr_decay: float = 5 / 7
-    z_lr: float = 0.1
-    z_lr_decay: float = 4 / 7
-    x_ratio: float = 1.0
-    offset: float = 1.0
-    y_steps: int = eqx.field(static=True, default=10)
-    z_steps: int = eqx.field(static=True, default=10)
+    penalty: float | None = positive(None, optional=True)
+    penalty_growth: float = nonnegative(2 / 7)
+    y_lr: float | None = positive(None, optional=True)
+    y_lr_decay: float | None = nonnegative(None, optional=True)
+    z_lr: float | None = positive(None, optional=True)
+    z_lr_decay: float | None = nonnegative(None, optional=True)
+    x_ratio: float | None = positive(None, optional=True)
+    offset: float = hyperparameter(1.0, Bounds(1.0))
+    y_steps: int = count(10)
+    z_steps: int = count(10)
     coupled_samples: bool = eqx.field(static=True, default=False)
 
-    def __check_init__(self):
-        for name in ("penalty", "y_lr", "z_lr", "x_ratio"):
-            _check_number("F2SA", name, getattr(self, name))
-        for name in ("penalty_growth", "y_lr_decay", "z_lr_decay"):
-            _check_number("F2SA", name, getattr(self, name), strict=False)
-        _check_number("F2SA", "offset", self.offset, low=1.0, strict=False)
-        for name in ("y_steps", "z_steps"):
-            _check_steps("F2SA", name, getattr(self, name))
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"F2SA: `{name}` must be >= 1, got {getattr(self, name)!r}"
-                )
+    def _inner_steps(self) -> tuple[int, int]:
+        return self.y_steps, self.z_steps
 
-    def _rule(self, step: Array, dtype) -> _Rule:
+    def _needs(self, deterministic: bool) -> _Needs:
+        derived = (self.penalty, self.y_lr, self.z_lr)
+        return _Needs(
+            deterministic=deterministic,
+            curvature=any(v is None for v in derived),
+            track_lower=self.y_lr is None or self.z_lr is None,
+            joint=self.x_ratio is None,
+            track_joint=self.x_ratio is None and not deterministic,
+            secant=self.x_ratio is None and deterministic,
+        )
+
+    def _decays(self, deterministic: bool):
+        """$(a, c)$: the fields, or the defaults for the data."""
+        a, c = (self.penalty_growth, 0.0) if deterministic else F2SA_STOCHASTIC_DECAY
+        a = a if self.y_lr_decay is None else self.y_lr_decay
+        c = c if self.z_lr_decay is None else self.z_lr_decay
+        return a, c
+
+    def _base_penalty(self, curvature, dtype):
+        if self.penalty is None:
+            return F2SA_PENALTY_RATIO * curvature.ratio
+        return _scalar(self.penalty, dtype)
+
+    def _penalty(self, step, curvature, dtype):
         t = step.astype(dtype) + _scalar(self.offset, dtype)
-        y_lr = _scalar(self.y_lr, dtype) * t ** -_scalar(self.y_lr_decay, dtype)
         growth = _scalar(self.penalty_growth, dtype)
+        return self._base_penalty(curvature, dtype) * t**growth
+
+    def _rule(self, step, penalty, curvature, needs, dtype) -> _Rule:
+        t = step.astype(dtype) + _scalar(self.offset, dtype)
+        y_decay, z_decay = self._decays(needs.deterministic)
+        if self.y_lr is None:
+            y_lr = _penalised_lr(curvature, self._base_penalty(curvature, dtype))
+        else:
+            y_lr = _scalar(self.y_lr, dtype)
+        y_lr = y_lr * t ** -_scalar(y_decay, dtype)
+        z_lr = 1 / curvature.lower_peak if self.z_lr is None else self.z_lr
+        if self.x_ratio is None:
+            # t^-a / L_J(lambda_0), from the tracked L_J(lambda_k) ~ lambda_k L_gJ
+            base = self._base_penalty(curvature, dtype)
+            x_lr = t ** -_scalar(y_decay, dtype) * penalty / base / curvature.joint_peak
+        else:
+            x_lr = _scalar(self.x_ratio, dtype) * y_lr
         return _Rule(
-            penalty=_scalar(self.penalty, dtype) * t**growth,
-            x_lr=_scalar(self.x_ratio, dtype) * y_lr,
+            penalty=penalty,
+            x_lr=x_lr,
             y_lr=y_lr,
-            z_lr=_scalar(self.z_lr, dtype) * t ** -_scalar(self.z_lr_decay, dtype),
+            z_lr=_scalar(z_lr, dtype) * t ** -_scalar(z_decay, dtype),
             momentum=_scalar(1.0, dtype),
         )
-
-    def _init(
-        self, problem: BilevelProblem, x0: PyTree[Array], y0: PyTree[Array],
-        key: PRNGKeyArray | None,
-    ) -> _PenaltyState:
-        return _init_state("F2SA", problem, x0, y0, storm=False)
-
-    def _step(
-        self,
-        problem: BilevelProblem,
-        state: _PenaltyState,
-        data: Any,
-        key: PRNGKeyArray,
-    ) -> tuple[_PenaltyState, dict[str, Scalar]]:
-        rule = self._rule(state.step, result_dtype(state.x))
-        return _penalty_step(
-            problem, state, data, key, rule,
-            y_steps=self.y_steps, z_steps=self.z_steps, coupled=self.coupled_samples,
-        )
-
-    def _params(self, state: _PenaltyState) -> tuple[PyTree[Array], PyTree[Array]]:
-        return state.x, state.y

@@ -1,0 +1,60 @@
+"""A solver with its defaults on every registry problem it applies to, judged by each
+problem's own evaluation (`bench.metric` against `bench.baseline`)."""
+
+import time
+
+import jax
+import jax.random as jr
+
+import bilevel as bl
+from bilevel._solver import check_supported
+
+
+def baseline_value(bench, scores):
+    """The baseline's value of `bench.metric`: `scores[bench.baseline]`, or the metric
+    at the initial point when the problem names no baseline."""
+    if bench.baseline is not None:
+        return float(scores[bench.baseline])
+    return float(bench.evaluate(bench.x0, bench.y0)[bench.metric])
+
+
+def defaults_rows(solver_class, num_steps=2000, seed=0, names=None):
+    """One row per applicable registry problem (multi-block ones excluded): the metric
+    after `num_steps` steps of `solver_class()`, the baseline, whether the run is better
+    and finite, and the wall time of the run (compilation included)."""
+    rows = []
+    for name in names or bl.problems.registry:
+        bench = bl.problems.make(name)
+        solver = solver_class()
+        try:
+            check_supported(solver, bench.problem, bench.data)
+        except (TypeError, ValueError):
+            continue
+        start = time.perf_counter()
+        state, history = bl.run(
+            bench.problem,
+            solver,
+            bench.x0,
+            bench.y0,
+            bench.data,
+            num_steps,
+            jr.PRNGKey(seed),
+        )
+        jax.block_until_ready(state)
+        seconds = time.perf_counter() - start
+        x, y = solver.params(state)
+        scores = bench.evaluate(x, y)
+        value, baseline = float(scores[bench.metric]), baseline_value(bench, scores)
+        rows.append(
+            {
+                "problem": name,
+                "metric": bench.metric + (" (max)" if bench.maximize else " (min)"),
+                "value": value,
+                "baseline": baseline,
+                "better": value > baseline if bench.maximize else value < baseline,
+                "finite": bool(history["finite"][-1]),
+                "steps": num_steps,
+                "s (incl. compile)": seconds,
+            }
+        )
+    return rows

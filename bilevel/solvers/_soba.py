@@ -1,0 +1,242 @@
+r"""SOBA: the stochastic single-loop bilevel method of Dagréou, Ablin, Vaiter and Moreau
+(NeurIPS 2022), and the joint $(y, v, x)$ step shared by its variance-reduced and
+moving-average relatives (SABA, SRBA, MA-SOBA).
+
+With $\Phi = \nabla_y g$, each step takes from one lower and one upper batch the
+directions
+
+$D_y = \nabla_y g$, $\quad D_v = \nabla^2_{yy} g\, v + \nabla_y f$,
+$\quad D_x = \nabla^2_{xy} g\, v + \nabla_x f$,
+
+and moves $y \leftarrow y - \rho D_y$, $v \leftarrow v - \rho D_v$,
+$x \leftarrow P_X(x - \gamma D_x)$ simultaneously. At $y = y^*(x)$ and
+$v = v^*(x) = -[\nabla^2_{yy} g]^{-1}\nabla_y f$, $D_x$ is the hypergradient.
+"""
+
+from typing import Any, ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
+
+from .._data import AbstractData
+from .._misc import tree_axpy, tree_norm, tree_sub
+from .._oracles import Oracles, oracles
+from .._problem import apply_project_x
+from .._solver import AbstractBilevelSolver, count, nonnegative, positive
+from .._stepsize import single_loop_step_sizes
+
+
+# What the four solvers support: the variance-reduced ones need every oracle to be a
+# mean over samples (true of grad_y g and its derivatives, not of a projected or
+# user-given condition), and SOBA/MA-SOBA follow grad_y g as the paper does.
+SUPPORTS = frozenset({"single_block", "project_x", "stochastic"})
+UNSUPPORTED = {
+    "project_y": "its y and v steps follow grad_y g and its Hessian without projection",
+    "optimality": "its y and v steps follow grad_y g and its Hessian",
+}
+
+# Default steps: 1 / (2 L_g) and 1 / (2 L_f), L the largest curvature over the first
+# PROBE_BATCHES draws of the data (at most one epoch).
+PROBE_BATCHES = 10
+
+
+class SingleLoopState(eqx.Module):
+    """State of the joint $(y, v, x)$ methods: the iterates, the base step sizes (given
+    or estimated at `init`), the method's own memory and a step counter."""
+
+    x: PyTree[Array]
+    y: PyTree[Array]
+    v: PyTree[Array]
+    inner_lr: Scalar
+    outer_lr: Scalar
+    memory: Any
+    step: Int[Array, ""]
+
+
+def init_state(
+    problem: Any,
+    x0: PyTree[Array],
+    y0: PyTree[Array],
+    key: PRNGKeyArray,
+    data: AbstractData,
+    inner_lr,
+    outer_lr,
+    memory: Any = None,
+) -> SingleLoopState:
+    """State with $v_0 = 0$ and the base steps: the given ones, or estimated from the
+    largest curvature at $(x_0, y_0)$ over the first draws of the data (up to
+    `PROBE_BATCHES`, at most one epoch; `single_loop_step_sizes`)."""
+    dtype = jnp.result_type(*jtu.tree_leaves(y0))
+    if inner_lr is None or outer_lr is None:
+        draws = jnp.arange(min(data.epoch_length, PROBE_BATCHES), dtype=jnp.int32)
+        batch_key, curvature_key = jr.split(key)
+        upper, lower = (
+            jax.vmap(draw, in_axes=(None, 0))(batch_key, draws)
+            for draw in (data.upper_batch, data.lower_batch)
+        )
+        rho, gamma = single_loop_step_sizes(
+            problem, x0, y0, upper, lower, curvature_key
+        )
+        inner_lr = rho if inner_lr is None else inner_lr
+        outer_lr = gamma if outer_lr is None else outer_lr
+    return SingleLoopState(
+        x=x0,
+        y=y0,
+        v=jtu.tree_map(jnp.zeros_like, y0),
+        inner_lr=jnp.asarray(inner_lr, dtype),
+        outer_lr=jnp.asarray(outer_lr, dtype),
+        memory=memory,
+        step=jnp.zeros((), jnp.int32),
+    )
+
+
+def directions(o: Oracles) -> tuple[PyTree, PyTree, PyTree]:
+    """$(D_y, D_v, D_x)$ from one oracle bundle."""
+    d_v = jtu.tree_map(jnp.add, o.hvp, o.upper_grad_y)
+    d_x = jtu.tree_map(jnp.add, o.cross, o.upper_grad_x)
+    return o.lower_grad, d_v, d_x
+
+
+def draw_oracles(
+    problem: Any, state: SingleLoopState, data: AbstractData, key: PRNGKeyArray
+) -> Oracles:
+    """The oracle bundle at the current iterates on this step's lower and upper batch
+    (independent draws number `state.step` of stream 0)."""
+    upper_key, lower_key = jr.split(key)
+    upper_batch = data.upper_batch(upper_key, state.step)
+    lower_batch = data.lower_batch(lower_key, state.step)
+    return oracles(problem, state.x, state.y, state.v, upper_batch, lower_batch)
+
+
+def joint_step(
+    problem: Any,
+    state: SingleLoopState,
+    d_y: PyTree,
+    d_v: PyTree,
+    d_x: PyTree,
+    rho,
+    gamma,
+) -> tuple[PyTree, PyTree, PyTree]:
+    """$(x, y, v)$ after one simultaneous step along $(D_x, D_y, D_v)$."""
+    y = tree_axpy(-rho, d_y, state.y)
+    v = tree_axpy(-rho, d_v, state.v)
+    x = apply_project_x(problem, tree_axpy(-gamma, d_x, state.x))
+    return x, y, v
+
+
+def direction_norm(
+    problem: Any, x: PyTree, new_x: PyTree, d_x: PyTree, gamma
+) -> Scalar:
+    r"""$\|D_x\|$, or the gradient mapping $\|x - P_X(x - \gamma D_x)\|/\gamma$ when
+    $X$ is constrained (`new_x` is $P_X(x - \gamma D_x)$)."""
+    if problem.project_x is None:
+        return tree_norm(d_x)
+    return tree_norm(tree_sub(x, new_x)) / gamma
+
+
+def oracle_metrics(o: Oracles, grad_norm: Scalar) -> dict[str, Scalar]:
+    r"""The metric contract from one oracle bundle: `upper_loss`, `grad_norm`,
+    `lower_residual` $\|\nabla_y g\|$ and `linear_residual`
+    $\|\nabla^2_{yy} g\, v + \nabla_y f\|$ on the step's batches."""
+    return {
+        "upper_loss": o.upper_loss,
+        "grad_norm": grad_norm,
+        "lower_residual": tree_norm(o.lower_grad),
+        "linear_residual": tree_norm(jtu.tree_map(jnp.add, o.hvp, o.upper_grad_y)),
+    }
+
+
+def decayed(base, step, decay, horizon: int) -> Scalar:
+    r"""$\text{base}\,(1 + t/\tau)^{-a}$ with $t$ = `step`, $a$ = `decay`, $\tau$ =
+    `horizon` steps."""
+    t = jnp.asarray(step, jnp.result_type(base))
+    return base * (1 + t / horizon) ** (-jnp.asarray(decay, t.dtype))
+
+
+class SOBA(AbstractBilevelSolver):
+    r"""SOBA (Dagréou, Ablin, Vaiter and Moreau, NeurIPS 2022): the stochastic
+    single-loop method in which $y$, the linear-system variable $v$ and $x$ move
+    together, each step drawing one lower and one upper batch.
+
+    With $D_y = \nabla_y g$, $D_v = \nabla^2_{yy} g\, v + \nabla_y f$ and
+    $D_x = \nabla^2_{xy} g\, v + \nabla_x f$ evaluated at $(x_t, y_t, v_t)$ (the
+    $g$-terms on the lower batch, the $f$-terms on an independent upper batch):
+
+    $y_{t+1} = y_t - \rho_t D_y$, $\quad v_{t+1} = v_t - \rho_t D_v$,
+    $\quad x_{t+1} = P_X(x_t - \gamma_t D_x)$.
+
+    $v$ tracks $v^*(x) = -[\nabla^2_{yy} g]^{-1}\nabla_y f$, so that $D_x$ is an
+    estimate of the hypergradient $\nabla h(x) = \nabla_x f + \nabla^2_{xy} g\, v^*$.
+    One gradient of $f$, one gradient of $g$ and one vector-Jacobian product of
+    $\nabla_y g$ (which gives both second-order products) per step.
+
+    **Step sizes.** The paper's analysis decreases them, $\rho_t \propto t^{-2/5}$,
+    $\gamma_t \propto t^{-3/5}$; here $\rho_t = \rho_0 (1 + t/\tau)^{-2/5}$ and
+    $\gamma_t = \gamma_0 (1 + t/\tau)^{-3/5}$, flat over the first $\tau$ steps (one
+    epoch of the data by default). By default $\rho_0 = \tfrac12 / L_g$ and
+    $\gamma_0 = \tfrac12 / L_f$, with $L_g$, $L_f$ power-iteration estimates of the
+    lower and upper curvature at $(x_0, y_0)$ on a first batch (see
+    `bilevel._stepsize.single_loop_step_sizes`); an explicit value wins.
+
+    **Arguments:**
+
+    - `inner_lr`: $\rho_0$, the step of $y$ and $v$ (default: from the problem).
+    - `outer_lr`: $\gamma_0$, the step of $x$ (default: from the problem).
+    - `inner_decay`, `outer_decay`: the exponents (defaults 2/5 and 3/5; 0 keeps the
+      steps constant).
+    - `decay_steps`: $\tau$ (default: the data's epoch length, 1 for full batches).
+
+    Metrics: `upper_loss`, `grad_norm` $\|D_x\|$, `lower_residual`
+    $\|\nabla_y g\|$ and `linear_residual` $\|D_v\|$, all on the step's batches.
+
+    `init` needs the run's data (`bl.run` and `bl.solve` pass it) to estimate the
+    default steps.
+
+    ??? cite "References"
+
+        ```bibtex
+        @inproceedings{dagreou2022framework,
+          title={A framework for bilevel optimization that enables stochastic and
+                 global variance reduction algorithms},
+          author={Dagr{\'e}ou, Mathieu and Ablin, Pierre and Vaiter, Samuel and
+                  Moreau, Thomas},
+          booktitle={Advances in Neural Information Processing Systems},
+          year={2022}
+        }
+        ```
+    """
+
+    supports: ClassVar[frozenset[str]] = SUPPORTS
+    init_needs_data: ClassVar[bool] = True
+
+    inner_lr: float | None = positive(None, optional=True)
+    outer_lr: float | None = positive(None, optional=True)
+    inner_decay: float = nonnegative(0.4)
+    outer_decay: float = nonnegative(0.6)
+    decay_steps: int | None = count(None, optional=True)
+
+    def unsupported_reason(self, feature: str) -> str:
+        return UNSUPPORTED.get(feature, "")
+
+    def _init(self, problem, x0, y0, key, data=None):
+        return init_state(problem, x0, y0, key, data, self.inner_lr, self.outer_lr)
+
+    def _step(self, problem, state, data, key):
+        o = draw_oracles(problem, state, data, key)
+        d_y, d_v, d_x = directions(o)
+        horizon = self.decay_steps or data.epoch_length
+        rho = decayed(state.inner_lr, state.step, self.inner_decay, horizon)
+        gamma = decayed(state.outer_lr, state.step, self.outer_decay, horizon)
+        x, y, v = joint_step(problem, state, d_y, d_v, d_x, rho, gamma)
+        grad_norm = direction_norm(problem, state.x, x, d_x, gamma)
+        new_state = SingleLoopState(
+            x, y, v, state.inner_lr, state.outer_lr, None, state.step + 1
+        )
+        return new_state, oracle_metrics(o, grad_norm)
+
+    def _params(self, state):
+        return state.x, state.y

@@ -1,0 +1,282 @@
+"""Default step sizes of the penalty family (Penalty, VPBGD, F2SA) and its metric
+contract.
+
+Oracles: the closed-form quadratic of `bl.problems.quadratic` (x*, F and its Hessian
+exact), dense float64 eigenvalues for the curvature estimates, and `jax.grad` of the
+problem's functions (and `problem.condition`) at the solver's own iterates for the
+metrics.
+"""
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import bilevel as bl
+
+from ._penalty_problems import (
+    CARRIED_QUADRATIC as PROBLEM,
+    carried_data,
+    quadratic_constants as _constants,
+)
+
+
+DTYPES = [jnp.float64, jnp.float32]
+SOLVERS = {
+    "penalty": bl.solvers.Penalty,
+    "vpbgd": bl.solvers.VPBGD,
+    "f2sa": bl.solvers.F2SA,
+}
+# The scale battery: g multiplied by s, f by t.
+SCALES = [(s, t) for s in (0.02, 1.0, 50.0) for t in (0.02, 1.0, 50.0)]
+DIM_X, DIM_Y = 10, 10
+BATTERY_STEPS = 3000
+# The penalty family's documented bias on this battery: relative hyper-objective gap
+# (F(x_K) - F*) / (F(x_0) - F*) at most 2e-2 (issue "defaults that work"; measured
+# 7.9e-4 (Penalty), 1.1e-3 (VPBGD) and 8.1e-4 (F2SA) at every scale in float64).
+BIAS = 2e-2
+BIAS_CONDITION_50 = 5e-2
+
+
+# --------------------------------------------------------------------------------------
+# The quadratic with its constants carried in the batch (one compiled run serves every
+# scale and either dtype)
+
+
+def _batch(constants, s, t, dtype):
+    return carried_data(constants, dtype, s, t).upper
+
+
+def _quadratic(**kwargs):
+    # `lower_condition` broadcasts (n, d) * (d,) when building the rows: allowed here
+    # (reported upstream; the conftest raises on rank promotion).
+    with jax.numpy_rank_promotion("allow"):
+        return bl.problems.quadratic(DIM_X, DIM_Y, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def battery():
+    """Data for the nine scale pairs of the condition-20 quadratic and, last, the
+    condition-50 quadratic (lower Hessian eigenvalues on [1, 50]) at s = t = 1; each
+    with its bench (closed forms)."""
+    condition20, condition50 = (_quadratic(lower_condition=k) for k in (20, 50))
+    cases = [(condition20, s, t) for s, t in SCALES] + [(condition50, 1.0, 1.0)]
+    # The rebuilt functions are those of bl.problems.quadratic(..., lower_scale=s,
+    # upper_scale=t) (float64, rounding only).
+    key_x, key_y = jr.split(jr.PRNGKey(0))
+    x, y = jr.normal(key_x, (DIM_X,)), jr.normal(key_y, (DIM_Y,))
+    for bench, s, t in (cases[2], cases[6], cases[-1]):
+        kappa = 50 if bench is condition50 else 20
+        scaled = _quadratic(lower_condition=kappa, lower_scale=s, upper_scale=t)
+        batch = _batch(_constants(bench), s, t, jnp.float64)
+        for mine, theirs, data in (
+            (PROBLEM.upper, scaled.problem.upper, None),
+            (PROBLEM.lower, scaled.problem.lower, scaled.data.lower),
+        ):
+            expected = theirs(x, y, data)
+            np.testing.assert_allclose(mine(x, y, batch), expected, rtol=1e-12)
+    return cases
+
+
+@pytest.fixture(scope="module")
+def battery_runs(battery):
+    """Final x and histories of every solver with defaults, per dtype, all cases in one
+    vmapped `bl.run`."""
+    runs = {}
+
+    def run(name, dtype):
+        key = (name, dtype)
+        if key not in runs:
+            solver = SOLVERS[name]()
+            batches = [_batch(_constants(b), s, t, dtype) for b, s, t in battery]
+            stacked = jax.tree_util.tree_map(lambda *u: jnp.stack(u), *batches)
+
+            @jax.jit
+            @jax.vmap
+            def final(batch):
+                data = bl.FullBatch(batch)
+                x0, y0 = jnp.zeros(DIM_X, dtype), jnp.zeros(DIM_Y, dtype)
+                state, history = bl.run(PROBLEM, solver, x0, y0, data, BATTERY_STEPS)
+                return solver.params(state)[0], history
+
+            runs[key] = final(stacked)
+        return runs[key]
+
+    return run
+
+
+def _relative_gap(bench, x):
+    value = lambda v: float(bench.evaluate(v, bench.y0)["hyper_objective"])  # noqa: E731
+    best = value(bench.solution)
+    return (value(np.asarray(x, np.float64)) - best) / (value(bench.x0) - best)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_scale_battery(battery, battery_runs, name, dtype):
+    xs, history = battery_runs(name, dtype)
+    gaps = np.array([_relative_gap(bench, x) for (bench, _, _), x in zip(battery, xs)])
+    # Never non-finite (the condition-50 problem, last, went non-finite within a few
+    # dozen steps with the former fixed steps 0.1), and within the documented bias at
+    # every scale in 3000 steps; on the condition-50 problem within its own bias
+    # (it grows with the lower condition number: measured 2.7e-2 for Penalty,
+    # 1.0e-2 VPBGD, 2.0e-3 F2SA).
+    assert bool(np.all(history["finite"])), np.all(history["finite"], axis=1)
+    assert np.all(gaps[:-1] <= BIAS), gaps
+    assert gaps[-1] <= BIAS_CONDITION_50, gaps
+    assert np.all(gaps >= 0)
+    # Scale invariance: the penalty follows lambda ~ t / s exactly (float rounding;
+    # rtol 1e-3 in float32 where the curvature estimates carry ~1e-6 relative noise
+    # and the ratio 2500 between extremes costs digits) and the final gaps agree
+    # (rounding perturbs the adaptive decisions a little: 5 % relative).
+    rtol = 1e-9 if dtype == jnp.float64 else 1e-3
+    ratios = np.array([t / s for s, t in SCALES])
+    lam = np.asarray(history["lambda"][: len(SCALES)], np.float64) / ratios[:, None]
+    np.testing.assert_allclose(lam, np.broadcast_to(lam[4], lam.shape), rtol=rtol)
+    np.testing.assert_allclose(gaps[: len(SCALES)], gaps[4], rtol=0.05)
+
+
+# --------------------------------------------------------------------------------------
+# The derived penalty and steps follow the curvature
+
+
+def test_default_penalty_follows_curvature(battery, battery_runs):
+    bench, s, t = battery[4]
+    assert s == t == 1.0  # condition 20, unscaled
+    # Dense float64 reference: L_f = ||grad_yy f|| = 1 and L_g = ||grad_yy g|| = 20.
+    batch = _batch(_constants(bench), 1.0, 1.0, jnp.float64)
+    zero_x, zero_y = jnp.zeros(DIM_X), jnp.zeros(DIM_Y)
+    for fn, expected in ((PROBLEM.upper, 1.0), (PROBLEM.lower, 20.0)):
+        hessian = np.asarray(jax.hessian(fn, argnums=1)(zero_x, zero_y, batch))
+        top = np.linalg.eigvalsh(hessian)[-1]
+        np.testing.assert_allclose(top, expected, rtol=1e-12)
+    # lambda_0 = 100 L_f / L_g (Penalty, VPBGD), 10 L_f / L_g (F2SA). 50 power
+    # iterations from a random start; the top two eigenvalues are 20 and 20^(8/9), so
+    # the estimate is within (14.3 / 20)^100 ~ 1e-15 of L_g (relative) unless the
+    # start is nearly orthogonal to the top eigenvector: rtol 1e-6.
+    for name, ratio in (("penalty", 100), ("vpbgd", 100), ("f2sa", 10)):
+        _, history = battery_runs(name, jnp.float64)
+        np.testing.assert_allclose(history["lambda"][4, 0], ratio / 20, rtol=1e-6)
+
+
+def test_explicit_values_win(battery):
+    bench, _, _ = battery[4]
+    data = carried_data(_constants(bench), jnp.float64)
+    x0, y0 = jnp.zeros(DIM_X), jnp.zeros(DIM_Y)
+    # A given x_lr is used as is (no adaptive step), a given penalty as is.
+    solver = bl.solvers.Penalty(x_lr=0.3, sigma=0.1)
+    _, history = bl.run(PROBLEM, solver, x0, y0, data, 3)
+    np.testing.assert_allclose(history["x_lr"], 0.3, rtol=1e-15)
+    np.testing.assert_allclose(history["lambda"], 10.0, rtol=1e-15)
+
+
+# --------------------------------------------------------------------------------------
+# The metric contract (bilevel.METRICS)
+
+
+def _box_problem(dtype, project_x):
+    """A strongly convex quadratic lower level on the box [-1, 1]^4 with two active
+    bounds, optionally X = [-0.2, 0.2]^3 (active at the start)."""
+    rng = np.random.RandomState(5)
+    q = rng.normal(size=(4, 4)) / 2
+    a, b = np.eye(4) + q @ q.T, rng.normal(size=(4, 3))
+    e, c = np.array([3.0, -3.0, 0.0, 0.0]), rng.normal(size=4)
+    a, b, e, c = (jnp.asarray(v, dtype) for v in (a, b, e, c))
+
+    def lower(x, y, batch):
+        return 0.5 * y @ (a @ y) - y @ (b @ x + e)
+
+    def upper(x, y, batch):
+        return 0.5 * jnp.sum((y - c) ** 2) + 0.5 * x @ x
+
+    return bl.BilevelProblem(
+        upper,
+        lower,
+        project_y=lambda y: jnp.clip(y, -1.0, 1.0),
+        project_x=(lambda x: jnp.clip(x, -0.2, 0.2)) if project_x else None,
+    )
+
+
+@pytest.mark.parametrize(
+    "dtype, project_x", [(jnp.float64, False), (jnp.float64, True), (jnp.float32, True)]
+)
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_metric_contract(name, project_x, dtype):
+    problem = _box_problem(dtype, project_x)
+    solver = SOLVERS[name]()
+    x0 = jnp.array([0.5, -0.4, 0.3], dtype)
+    y0 = jnp.zeros(4, dtype)
+    key = jr.PRNGKey(0)
+    step = jax.jit(solver.step, static_argnums=0)
+    state = solver.init(problem, x0, y0, key)
+    state, _ = step(problem, state, None, key)  # from the second step on
+    new_state, metrics = step(problem, state, None, key)
+    # The oracles' point: x_k, and y, z after the inner loops (VPBGD: y_k itself, its y
+    # step is joint), read off the state.
+    x = state.x
+    y = state.y if name == "vpbgd" else new_state.y
+    z = new_state.z
+    lam = metrics["lambda"]
+    grad_x = jax.grad(problem.lower, argnums=0)
+    f, (f_x, _) = jax.value_and_grad(problem.upper, argnums=(0, 1))(x, y, None)
+    d_x = f_x + lam * (grad_x(x, y, None) - grad_x(x, z, None))
+    if project_x:  # the gradient mapping
+        mapping = (x - problem.project_x(x - metrics["x_lr"] * d_x)) / metrics["x_lr"]
+        expected_grad_norm = jnp.linalg.norm(mapping)
+        assert float(jnp.linalg.norm(mapping - d_x)) > 1e-3  # X is active
+    else:
+        expected_grad_norm = jnp.linalg.norm(d_x)
+    condition = problem.condition  # the projected-gradient fixed point for Y
+    expected = {
+        "upper_loss": f,
+        "grad_norm": expected_grad_norm,
+        "lower_residual": jnp.linalg.norm(condition(x, y, None)),
+        "value_residual": jnp.linalg.norm(condition(x, z, None)),
+        "penalty_gap": problem.lower(x, y, None) - problem.lower(x, z, None),
+    }
+    # Same formulas evaluated separately: rounding only (the penalty gap and d_x are
+    # differences, so a tolerance relative to their terms: atol).
+    rtol, atol = (1e-10, 1e-12) if dtype == jnp.float64 else (1e-4, 1e-5)
+    for key_, value in expected.items():
+        assert metrics[key_].dtype == dtype
+        np.testing.assert_allclose(
+            metrics[key_], value, rtol=rtol, atol=atol, err_msg=key_
+        )
+    assert set(bl.METRICS) <= set(metrics)
+
+
+# --------------------------------------------------------------------------------------
+# Defaults with minibatches
+
+
+STOCHASTIC_SOLVERS = {
+    **SOLVERS,
+    "penalty_single_loop": lambda: bl.solvers.Penalty(variant="single_loop"),
+}
+
+
+@pytest.mark.parametrize("name", list(STOCHASTIC_SOLVERS))
+def test_defaults_with_minibatches(name):
+    # The quadratic with 5 of its 20 lower rows per batch, drawn with replacement from
+    # the run's key; four seeds, and the median of the final relative gaps below 0.15
+    # (measured medians: 0.032 Penalty, 0.061 VPBGD, 0.022 F2SA, 0.0015 single loop;
+    # the former fixed defaults ended non-finite (Penalty) or at 0.49 (VPBGD)).
+    bench = bl.problems.quadratic(5, 10)
+    data = bl.Minibatch(
+        upper=None, lower=bench.data.lower, batch_size=5, sampling="with_replacement"
+    )
+    solver = STOCHASTIC_SOLVERS[name]()
+
+    @jax.jit
+    @jax.vmap
+    def final(key):
+        problem, x0, y0 = bench.problem, bench.x0, bench.y0
+        state, history = bl.run(problem, solver, x0, y0, data, 3000, key)
+        return solver.params(state)[0], jnp.all(history["finite"])
+
+    xs, finite = final(jr.split(jr.PRNGKey(0), 4))
+    assert bool(jnp.all(finite))
+    gaps = [_relative_gap(bench, x) for x in xs]
+    assert np.median(gaps) < 0.15, gaps
+    assert len(set(gaps)) == len(gaps)  # the seeds really differ
