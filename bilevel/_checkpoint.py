@@ -11,10 +11,14 @@ Layout of a checkpoint directory:
 - `checkpoint.lock`: held (`flock`, exclusive) by the one run writing the directory.
 
 Writing (`Writer`: lock, fingerprint check, atomic save) is separate from reading
-(`load`: no lock), so that in a multi-process run one process can write while the
-others only read.
+(`load`: no lock). In a multi-process run (`jax.distributed`) process 0 alone locks,
+checks and writes; arrays sharded over processes are gathered first (every process
+takes part), and on resume every process reads the same files (the directory must be
+on a file system they all see), between barriers, and places the arrays as its fresh
+state is placed.
 """
 
+import contextlib
 import dataclasses
 import functools as ft
 import hashlib
@@ -35,6 +39,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from . import distributed
 from ._result import Status
 
 
@@ -84,6 +89,30 @@ class Writer:
     ):
         self.directory = pathlib.Path(directory)
         self.fingerprint = fingerprint
+        self.resumable = False
+        self._lock = None
+        # In a multi-process run process 0 alone opens, checks and writes the
+        # directory; it tells the others whether that worked and what to resume.
+        self._main = distributed.is_main_process()
+        error = None
+        if self._main:
+            try:
+                self._open(resume, overwrite)
+            except (CheckpointError, OSError) as err:
+                error = err
+        opened, resumable = distributed._broadcast(
+            np.array([error is None, self.resumable])
+        )
+        if error is not None:
+            raise error
+        if not opened:
+            raise CheckpointError(
+                f"process 0 could not open the checkpoint directory {self.directory} "
+                "(its error says why)"
+            )
+        self.resumable = bool(resumable)
+
+    def _open(self, resume: bool, overwrite: bool) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = _acquire(self.directory)
         try:
@@ -106,7 +135,7 @@ class Writer:
                     except _DAMAGED:
                         continue
                     check_fingerprint(
-                        meta["fingerprint"], fingerprint, self.directory / name
+                        meta["fingerprint"], self.fingerprint, self.directory / name
                     )
                     break
         except BaseException:
@@ -118,28 +147,42 @@ class Writer:
         return exists(self.directory)
 
     def load(self, like: Any) -> tuple[Any, list[dict], Status]:
-        """The checkpointed loop state (shaped like `like`), history rows and status."""
-        state, rows, meta = load(self.directory, like, self.fingerprint)
+        """The checkpointed loop state (shaped and placed like `like`), history rows
+        and status. In a multi-process run every process reads the same files."""
+        with _shared_read():
+            # process 0 has checked the fingerprint; the others' descriptions of data
+            # sharded over processes cover their own shards only
+            fingerprint = self.fingerprint if self._main else None
+            state, rows, meta = load(self.directory, like, fingerprint)
         return state, rows, Status(meta["status"])
 
-    def sources(self, like: Any):
+    def sources(self, like: Any) -> list[Any]:
         """The loop states of the latest and the previous checkpoint, as far as they
         can be read (no warnings): where a failed run is re-run from."""
-        for name in (CURRENT, PREVIOUS):
-            try:
-                yield _deserialise(_read(self.directory / name)["state"], like)
-            except _DAMAGED:
-                continue
+        found = []
+        with _shared_read():
+            for name in (CURRENT, PREVIOUS):
+                try:
+                    archive = _read(self.directory / name)
+                    found.append(_deserialise(archive["state"], like))
+                except _DAMAGED:
+                    continue
+        return found
 
     def save(self, state: Any, rows: list[dict], status: Status) -> None:
-        """Write a checkpoint of `state` (a pytree with a `step`), `rows`, `status`."""
+        """Write a checkpoint of `state` (a pytree with a `step`), `rows`, `status`.
+        In a multi-process run every process calls it (arrays sharded over processes
+        are gathered) and process 0 writes."""
+        serialised = _serialise(state)
+        if not self._main:
+            return
         meta = {
             "format": FORMAT,
             "done": int(state.step),
             "status": status.value,
             "fingerprint": self.fingerprint,
         }
-        arrays = {"state": _serialise(state), "meta": np.array(json.dumps(meta))}
+        arrays = {"state": serialised, "meta": np.array(json.dumps(meta))}
         for name in rows[0] if rows else ():
             arrays[f"history/{name}"] = np.stack([row[name] for row in rows])
         _write(self.directory, arrays)
@@ -151,6 +194,17 @@ class Writer:
                 fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
             self._lock = None
+
+
+@contextlib.contextmanager
+def _shared_read():
+    """Barriers around a read in a multi-process run: before it, so that process 0
+    has finished writing; after it, so that it writes nothing new while others read."""
+    distributed.barrier("bilevel checkpoint written")
+    try:
+        yield
+    finally:
+        distributed.barrier("bilevel checkpoint read")
 
 
 def _acquire(directory: pathlib.Path):
@@ -294,7 +348,7 @@ def _raw(tree):
 
 def _serialise(state: Any) -> np.ndarray:
     buffer = io.BytesIO()
-    eqx.tree_serialise_leaves(buffer, _raw(state))
+    eqx.tree_serialise_leaves(buffer, distributed.gather(_raw(state)))
     return np.frombuffer(buffer.getvalue(), dtype=np.uint8)
 
 
@@ -303,7 +357,9 @@ def _deserialise(data: bytes, like: Any) -> Any:
 
     def restore(value, model):
         if _is_key(model):
-            return jax.random.wrap_key_data(value, impl=jax.random.key_impl(model))
+            value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(model))
+        if isinstance(model, jax.Array):  # on the devices (and mesh) of the fresh state
+            return jax.device_put(value, model.sharding)
         return value
 
     return jtu.tree_map(restore, raw, like)
@@ -463,9 +519,16 @@ def _describe_array(array: Any, content: bool) -> str:
 
 def _array_digest(array: Any) -> str:
     """A content hash: of every element for arrays up to 2**20 elements, else of
-    2**16 evenly spaced elements and the sum (computed where the array lives)."""
+    2**16 evenly spaced elements and the sum (computed where the array lives); of an
+    array sharded over several processes, of this process's shards."""
     digest = hashlib.blake2b(digest_size=8)
-    if array.size <= _HASHED_WHOLE:
+    if isinstance(array, jax.Array) and not (
+        array.is_fully_addressable or array.is_fully_replicated
+    ):  # sharded over processes: this process's shards
+        for shard in array.addressable_shards:
+            digest.update(repr(shard.index).encode())
+            digest.update(np.asarray(shard.data).tobytes())
+    elif array.size <= _HASHED_WHOLE:
         digest.update(np.ascontiguousarray(np.asarray(array)).tobytes())
     else:
         flat = array.reshape(-1)

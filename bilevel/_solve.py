@@ -26,7 +26,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from . import _checkpoint, _progress
+from . import _checkpoint, _progress, distributed
 from ._data import as_data, bind_run_key
 from ._misc import tree_all_finite
 from ._problem import check_finite
@@ -583,6 +583,13 @@ def solve(
       point (once its checkpoint is written) with the steps done, that point's metrics
       (NumPy scalars) and the current iterates; for custom logging or evaluation.
 
+    **Several processes** (`jax.distributed`, see [`bilevel.distributed`][]): call
+    `solve` with the same arguments in every process. Each process computes the same
+    trajectory and returns the same `Result` (arrays sharded over processes stay
+    sharded: [`bilevel.distributed.gather`][] reads them); only process 0 shows
+    progress and writes the checkpoint (gathering sharded state first); on resume
+    every process reads it from the shared directory. `callback` runs in every process.
+
     **Returns:** a [`bilevel.Result`][]. A failing step (non-finite or diverging, see
     [`bilevel.run`][]) stops the run with status `nonfinite` or `diverged` and the last
     good state. A nonzero `hypergradient_status` metric gives one warning per call.
@@ -654,7 +661,8 @@ def _drive(
     if writer is not None and writer.resumable:
         loop, rows, status = _resume(writer, loop, num_steps, tol, tol_metric, solver)
     done = int(loop.step)
-    display = _progress.display(progress, num_steps, done, tol, tol_metric)
+    main = distributed.is_main_process()
+    display = _progress.display(progress and main, num_steps, done, tol, tol_metric)
     chunks = _Chunks(problem, solver, data, log_every, loop, done, num_steps)
     warned = False
     try:
@@ -680,7 +688,7 @@ def _drive(
             row = {**row, "step": np.asarray(done, np.int32)}
             rows.append(row)
             status = _status(failure, row, tol, tol_metric, solver)
-            warned = warned or _warn_hypergradient(row)
+            warned = warned or (main and _warn_hypergradient(row))
             if writer is not None:
                 writer.save(loop, rows, status)
             if display is not None:

@@ -15,8 +15,13 @@ mesh = jax.make_mesh((jax.device_count(),), ("data",))
 """
 
 import os
+from typing import Any
 
 import jax
+import jax.tree_util as jtu
+import numpy as np
+from jax.experimental import multihost_utils
+from jaxtyping import PyTree
 
 
 _ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -96,3 +101,38 @@ def initialize(
 def is_main_process() -> bool:
     """True in process 0, the one that prints and writes files."""
     return jax.process_index() == 0
+
+
+def gather(tree: PyTree) -> PyTree:
+    """Host (NumPy) copies of the array leaves of `tree`, each whole in every process.
+
+    An array sharded over the devices of several processes (e.g. BSVRB's blocks, or a
+    `Result.y` of a multi-process run) cannot be read by one process alone; this
+    collects its shards (`multihost_utils.process_allgather`). Arrays that one process
+    can read whole (replicated, or on its own devices) are copied without
+    communication. In a multi-process run, every process must call it (it is a
+    collective). PRNG key arrays: gather `jax.random.key_data(key)`.
+    """
+    return jtu.tree_map(_gather_leaf, tree)
+
+
+def _gather_leaf(leaf: Any) -> Any:
+    if not isinstance(leaf, jax.Array):
+        return leaf
+    if leaf.is_fully_addressable or leaf.is_fully_replicated:
+        return np.asarray(leaf)
+    return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier `name` (no-op in one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _broadcast(value: np.ndarray) -> np.ndarray:
+    """Process 0's `value` in every process (each passes an array of the same shape
+    and dtype); `value` itself in one process."""
+    if jax.process_count() == 1:
+        return np.asarray(value)
+    return np.asarray(multihost_utils.broadcast_one_to_all(value))
