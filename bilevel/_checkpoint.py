@@ -358,8 +358,8 @@ def _deserialise(data: bytes, like: Any) -> Any:
     def restore(value, model):
         if _is_key(model):
             value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(model))
-        if isinstance(model, jax.Array):  # on the devices (and mesh) of the fresh state
-            return jax.device_put(value, model.sharding)
+        if isinstance(model, jax.Array) and len(model.sharding.device_set) > 1:
+            return jax.device_put(value, model.sharding)  # as the fresh state is
         return value
 
     return jtu.tree_map(restore, raw, like)

@@ -37,7 +37,8 @@ def launch(
     args: tuple[str, ...] = (),
 ) -> list[dict]:
     """Run `script` (source text) in `num_processes` processes with `devices` CPU
-    devices each; every process must print one JSON object as its last stdout line.
+    devices each; every process must print one JSON object on a line of its own (the
+    last such line is its answer).
     Returns those objects by process id. Raises `RuntimeError` with the outputs when a
     process fails or the group exceeds `timeout` seconds (all processes are killed)."""
     port = free_port()
@@ -70,4 +71,13 @@ def launch(
             f"--- process {i}:\n{outputs[i][1][-3000:]}" for i in failed
         )
         raise RuntimeError(f"processes {failed} failed:\n{details}")
-    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    return [_last_json(out) for out, _ in outputs]
+
+
+def _last_json(stdout: str) -> dict:
+    """The last line of `stdout` that holds a JSON object (gloo's C++ code prints its
+    own lines to the same stdout)."""
+    lines = [s for s in stdout.splitlines() if s.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"no JSON line in the output:\n{stdout[-3000:]}")
+    return json.loads(lines[-1])

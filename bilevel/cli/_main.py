@@ -1,7 +1,9 @@
 """The `bilevel` command: argument parsing, the three subcommands, exit statuses."""
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 
 from . import _summaries
@@ -171,6 +173,12 @@ def _add_run_options(sub: argparse.ArgumentParser) -> None:
         help="continue the run checkpointed in --checkpoint",
     )
     sub.add_argument("--quiet", action="store_true", help="no progress output")
+    sub.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process launch (jax.distributed); process 0 prints and "
+        "writes",
+    )
     sub.add_argument("--x64", action="store_true", help="compute in float64")
 
 
@@ -186,11 +194,31 @@ def _check_args(args: argparse.Namespace) -> None:
 COMMANDS = {"list": cmd_list, "run": cmd_run, "compare": cmd_compare}
 
 
+def _distributed(args: argparse.Namespace) -> int:
+    """`run` / `compare` as one process of a multi-process launch: the runtime starts
+    before any JAX work; every process runs the command, process 0 alone prints and
+    writes `--out` (checkpoints: `bl.solve` writes them from process 0)."""
+    import jax
+
+    import bilevel as bl
+
+    bl.distributed.initialize()
+    if args.x64:
+        jax.config.update("jax_enable_x64", True)
+    if bl.distributed.is_main_process():
+        return COMMANDS[args.command](args)
+    args.out, args.quiet = None, True
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        return COMMANDS[args.command](args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `bilevel` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
         _check_args(args)
+        if getattr(args, "distributed", False):
+            return _distributed(args)
         if getattr(args, "x64", False):
             import jax
 

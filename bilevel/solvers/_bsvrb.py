@@ -486,7 +486,8 @@ class BSVRB(AbstractBilevelSolver):
     def _beta(self, step):
         if self.beta is not None:
             return self.beta
-        return jnp.maximum(_BETA, 1.0 / (step + 1.0))
+        # the int step as a float: strict dtype promotion rejects int + float
+        return jnp.maximum(_BETA, 1.0 / (step.astype(jnp.result_type(float)) + 1.0))
 
     def _alpha(self, data: AbstractData):
         if self.alpha is not None:
