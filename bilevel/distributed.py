@@ -24,6 +24,8 @@ from jax.experimental import multihost_utils
 from jaxtyping import PyTree
 
 
+__all__ = ["barrier", "gather", "initialize", "is_main_process"]
+
 _ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 

@@ -20,7 +20,7 @@ import bilevel.solvers
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 API_DIR = ROOT / "docs" / "api"
-NAMESPACES = (bilevel, bilevel.solvers, bilevel.problems)
+NAMESPACES = (bilevel, bilevel.solvers, bilevel.problems, bilevel.distributed)
 ENTRY = re.compile(r"^:::[ \t]+(bilevel(?:\.\w+)+)[ \t]*$", re.MULTILINE)
 
 
@@ -28,7 +28,9 @@ def public_symbols(modules=NAMESPACES) -> dict[str, object]:
     """`{"bilevel.solvers.ImplicitDiff": obj, ...}` for the public names of `modules`."""
     symbols = {}
     for module in modules:
-        for name, obj in vars(module).items():
+        names = getattr(module, "__all__", vars(module))  # `__all__` when it has one
+        for name in names:
+            obj = getattr(module, name)
             if name.startswith("_") or isinstance(obj, types.ModuleType):
                 continue
             symbols[f"{module.__name__}.{name}"] = obj
