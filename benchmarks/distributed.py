@@ -94,7 +94,7 @@ def main() -> None:
             {
                 "processes": processes,
                 "steps/s": f"{rate:.1f}",
-                "relative to 1": f"{rate / base:.2f}",
+                "relative to 1": f"{rate / base:.3g}",
                 "final x": f"{answer['x']:.6f}",
             }
         )

@@ -212,11 +212,11 @@ def test_scaling_out_example_runs_as_written(tmp_path):
     with _working_directory(tmp_path / "alone"):
         exec(compile(example, str(PAGE), "exec"), namespace)
     alone = namespace["result"]
-    assert alone.num_steps == 100 and float(alone.x) != 0.0
+    assert alone.num_steps == 40 and float(alone.x) != 0.0
     for answer in two:
-        assert answer["steps"] == 100
+        assert answer["steps"] == 40
         # two devices sum each batch mean in another order than one: float64 rounding,
-        # amplified over 100 steps of a well-conditioned problem, stays below 1e-10
+        # amplified over 40 steps of a well-conditioned problem, stays below 1e-10
         np.testing.assert_allclose(answer["x"], float(alone.x), rtol=1e-10)
     # its checkpoint was written (by process 0) where the page says
     assert (tmp_path / "checkpoints" / "train" / _checkpoint.CURRENT).exists()
