@@ -482,10 +482,10 @@ class BSVRB(AbstractBilevelSolver):
         num_blocks = _num_blocks(problem)
         return num_blocks, self.blocks_per_step or num_blocks, self._shards()
 
-    def _beta(self, step):
+    def _beta(self, step, dtype):
         if self.beta is not None:
             return self.beta
-        return jnp.maximum(_BETA, 1.0 / (step + 1.0))
+        return jnp.maximum(_BETA, 1 / (step.astype(dtype) + 1))
 
     def _alpha(self, data: AbstractData):
         if self.alpha is not None:
@@ -585,7 +585,7 @@ class BSVRB(AbstractBilevelSolver):
         grad = _mean_over_slots(out.grad)
         grad_prev = _mean_over_slots(out.grad_prev)
         storm = tree_axpy(
-            1 - self._beta(state.step), tree_sub(state.z, grad_prev), grad
+            1 - self._beta(state.step, steps.eta.dtype), tree_sub(state.z, grad_prev), grad
         )
         z = tree_where(state.step == 0, grad, storm)
         x = apply_project_x(problem, tree_axpy(-steps.eta, z, state.x))
