@@ -680,7 +680,8 @@ def _drive(
             row = {**row, "step": np.asarray(done, np.int32)}
             rows.append(row)
             status = _status(failure, row, tol, tol_metric, solver)
-            warned = warned or _warn_hypergradient(row)
+            # a failed run reports its failure as its status: no second warning
+            warned = warned or (failure == _OK and _warn_hypergradient(row))
             if writer is not None:
                 writer.save(loop, rows, status)
             if display is not None:

@@ -124,9 +124,10 @@ def test_nonfinite_state_stops_with_last_finite_state():
 
 
 def test_stochastic_implicit_diff_improves_with_batch_size():
-    # Minibatch noise biases/blurs the fixed point; averaged over 3 seeds (vmap over
-    # keys) the final error must fall as the batch grows, and the full batch must be
-    # exact.
+    # Minibatch noise biases/blurs the fixed point; averaged over 16 seeds (vmap over
+    # keys: one compilation) the final error must fall as the batch grows, and the
+    # full batch must be exact. (With 3 seeds the means of batch sizes 2 and 8 were
+    # within their spread.)
     errors = []
     for batch_size in (2, 8, None):
         bench = bl.problems.quadratic(
@@ -139,7 +140,7 @@ def test_stochastic_implicit_diff_improves_with_batch_size():
                 bench.problem, solver, bench.x0, bench.y0, bench.data, 300, k
             )
 
-        states, _ = jax.vmap(run)(jr.split(jr.PRNGKey(0), 3))
+        states, _ = jax.vmap(run)(jr.split(jr.PRNGKey(0), 16))
         distances = jnp.linalg.norm(states.x - bench.solution[None, :], axis=1)
         errors.append(float(jnp.mean(distances)))
     assert errors[0] > errors[1] > errors[2]
