@@ -27,7 +27,9 @@ def tree_norm(a: PyTree[Array]) -> Scalar:
 def tree_axpy(alpha, a: PyTree[Array], b: PyTree[Array]) -> PyTree[Array]:
     """alpha * a + b, leafwise, with `alpha` cast to each leaf's dtype (a float64 step
     size never promotes a float32 leaf, which strict dtype promotion rejects)."""
-    return jtu.tree_map(lambda u, v: jnp.asarray(alpha, jnp.result_type(u)) * u + v, a, b)
+    return jtu.tree_map(
+        lambda u, v: jnp.asarray(alpha, jnp.result_type(u)) * u + v, a, b
+    )
 
 
 def tree_scale(alpha, a: PyTree[Array]) -> PyTree[Array]:
@@ -75,8 +77,9 @@ def default_tolerance(dtype, float64: float = 1e-10, float32: float = 1e-5) -> f
 
 
 class Frozen(eqx.Module):
-    """The parts of a variable that solvers never update: non-floating arrays (carried as
-    they are) and everything that is not an array (activation functions, flags, ...)."""
+    """The parts of a variable that solvers never update: non-floating arrays (carried
+    as they are) and everything that is not an array (activation functions, flags,
+    ...)."""
 
     arrays: PyTree
     static: PyTree = eqx.field(static=True)

@@ -37,15 +37,17 @@ def _check_callable(name: str, fn, optional: bool = True) -> None:
 
 
 def check_floating(name: str, tree: PyTree) -> None:
-    """Raise a clear error unless `tree` has floating-point leaves (the variables) and no
-    complex ones. Other leaves (functions, flags, integer arrays, as in an `eqx.nn.MLP`)
-    are allowed: solvers carry them unchanged."""
+    """Raise a clear error unless `tree` has floating-point leaves (the variables) and
+    no complex ones. Other leaves (functions, flags, integer arrays, as in an
+    `eqx.nn.MLP`) are allowed: solvers carry them unchanged."""
     leaves = jtu.tree_leaves(tree)
     if not leaves:
         raise ValueError(f"`{name}` has no array leaves")
     complex_leaves = [
-        leaf for leaf in leaves
-        if eqx.is_array_like(leaf) and jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating)
+        leaf
+        for leaf in leaves
+        if eqx.is_array_like(leaf)
+        and jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating)
     ]
     if complex_leaves:
         raise TypeError(
@@ -83,11 +85,13 @@ def _eval_scalar(name: str, fn: Callable, *args) -> None:
         ) from err
     if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
         raise ValueError(
-            f"`{name}` must return a scalar, got {_describe(out)}; reduce it (e.g. with "
-            "jnp.mean) before returning"
+            f"`{name}` must return a scalar, got {_describe(out)}; reduce it (e.g. "
+            "with jnp.mean) before returning"
         )
     if not jnp.issubdtype(out.dtype, jnp.floating):
-        raise TypeError(f"`{name}` must return a floating-point scalar, got {out.dtype}")
+        raise TypeError(
+            f"`{name}` must return a floating-point scalar, got {out.dtype}"
+        )
 
 
 class BilevelProblem(eqx.Module):
@@ -207,8 +211,8 @@ class MultiBlockProblem(eqx.Module):
 
     - `upper`: $f_i(x, y_i, \text{batch}, i) \to$ scalar, for one block $i$.
     - `lower`: $g_i(x, y_i, \text{batch}, i) \to$ scalar.
-    - `num_blocks`: $m$. $y$ is a pytree whose leaves all have a leading axis of size $m$;
-      the batch for block $i$ is whatever the data yields for that block.
+    - `num_blocks`: $m$. $y$ is a pytree whose leaves all have a leading axis of size
+      $m$; the batch for block $i$ is whatever the data yields for that block.
     - `project_x`: optional projection onto $X$.
     """
 
@@ -222,10 +226,13 @@ class MultiBlockProblem(eqx.Module):
         _check_callable("lower", self.lower, optional=False)
         _check_callable("project_x", self.project_x)
         if not isinstance(self.num_blocks, int) or self.num_blocks < 1:
-            raise ValueError(f"`num_blocks` must be a positive int, got {self.num_blocks}")
+            raise ValueError(
+                f"`num_blocks` must be a positive int, got {self.num_blocks}"
+            )
 
     def check_variables(self, x: PyTree, y: PyTree) -> None:
-        """Validate `x` and `y` alone: floating pytrees, `y` with a leading block axis."""
+        """Validate `x` and `y` alone: floating pytrees, `y` with a leading block
+        axis."""
         check_floating("x", x)
         check_floating("y", y)
         for leaf in jtu.tree_leaves(y):

@@ -688,7 +688,11 @@ def _drive(
             row = {**row, "step": np.asarray(done, np.int32)}
             rows.append(row)
             status = _status(failure, row, tol, tol_metric, solver)
-            warned = warned or (main and _warn_hypergradient(row))
+            # a failed run reports its failure as its status: no second warning;
+            # warnings come from process 0 alone
+            warned = warned or (
+                main and failure == _OK and _warn_hypergradient(row)
+            )
             if writer is not None:
                 writer.save(loop, rows, status)
             if display is not None:

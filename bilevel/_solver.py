@@ -33,12 +33,17 @@ FEATURES: dict[str, str] = {
 
 METRICS: dict[str, str] = {
     "upper_loss": "f(x_k, y_k) on the step's upper batch, at the iterate the step used",
-    "grad_norm": "norm of the solver's estimate of the hypergradient grad F(x_k) that "
-    "drives the x update (the projected gradient mapping when X is constrained; for "
-    "penalty methods the penalised gradient), before momentum or optimizer transforms",
-    "lower_residual": "||Phi(x_k, y_k)||: the problem's optimality condition (grad_y g by "
-    "default, the projected-gradient fixed point with a set Y) at the lower iterate, on "
-    "the step's lower batch",
+    "grad_norm": (
+        "norm of the solver's estimate of the hypergradient grad F(x_k) that drives "
+        "the x update (the projected gradient mapping when X is constrained; for "
+        "penalty methods the penalised gradient), before momentum or optimizer "
+        "transforms"
+    ),
+    "lower_residual": (
+        "||Phi(x_k, y_k)||: the problem's optimality condition (grad_y g by default, "
+        "the projected-gradient fixed point with a set Y) at the lower iterate, on the "
+        "step's lower batch"
+    ),
 }
 """The metric contract: every solver reports these three with exactly this meaning;
 solver-specific quantities get names of their own (see each solver's page)."""
@@ -52,7 +57,10 @@ def problem_features(problem: Any) -> frozenset[str]:
         features = {"single_block"}
         if problem.project_y is not None:
             features.add("project_y")
-        if problem.lower_constraints is not None or problem.project_feasible is not None:
+        if (
+            problem.lower_constraints is not None
+            or problem.project_feasible is not None
+        ):
             features.add("lower_constraints")
         if problem.has_custom_condition:
             features.add("optimality")
@@ -81,7 +89,9 @@ def _public_solvers() -> list[type]:
     return sorted(found, key=lambda cls: cls.__name__)
 
 
-def check_supported(solver: "AbstractBilevelSolver", problem: Any, data: Any = None) -> None:
+def check_supported(
+    solver: "AbstractBilevelSolver", problem: Any, data: Any = None
+) -> None:
     """Raise when `problem` (and `data`, if given) need a feature that `solver` does not
     support, naming the solvers that do: a `TypeError` for the wrong kind of problem
     (single- vs multi-block), a `ValueError` otherwise."""
@@ -110,7 +120,7 @@ def check_supported(solver: "AbstractBilevelSolver", problem: Any, data: Any = N
     )
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # Hyperparameters: declared bounds, checked once for every solver.
 
 
@@ -134,7 +144,8 @@ class Bounds:
             left = "(" if self.low_open else "["
             right = ")" if self.high_open else "]"
             parts.append(f"in {left}{self.low:g}, {self.high:g}{right}")
-        alternatives = [repr(w) for w in self.words] + (["None"] if self.optional else [])
+        alternatives = [repr(w) for w in self.words]
+        alternatives += ["None"] if self.optional else []
         if alternatives:
             parts.append("or " + " or ".join(alternatives))
         return " ".join(parts)
@@ -169,12 +180,15 @@ class Bounds:
 
 def hyperparameter(default: Any, bounds: Bounds, *, static: bool = False, **kwargs):
     """A solver field whose value is checked against `bounds` at construction."""
-    return eqx.field(default=default, static=static, metadata={"bounds": bounds}, **kwargs)
+    return eqx.field(
+        default=default, static=static, metadata={"bounds": bounds}, **kwargs
+    )
 
 
 def positive(default: Any, *, optional: bool = False, words: tuple[str, ...] = ()):
     """A step size, scale or tolerance: a finite number > 0."""
-    return hyperparameter(default, Bounds(0.0, low_open=True, optional=optional, words=words))
+    bounds = Bounds(0.0, low_open=True, optional=optional, words=words)
+    return hyperparameter(default, bounds)
 
 
 def nonnegative(default: Any, *, optional: bool = False, words: tuple[str, ...] = ()):
@@ -202,8 +216,9 @@ def choice(default: Any, options: tuple):
 
 
 def check_hyperparameters(module: eqx.Module) -> None:
-    """Check every field declared with `hyperparameter`/`choice` (and the helpers above);
-    raise a `ValueError` naming the class, the field, what it must be and what it got."""
+    """Check every field declared with `hyperparameter`/`choice` (and the helpers
+    above); raise a `ValueError` naming the class, the field, what it must be and what
+    it got."""
     owner = type(module).__name__
     for field in dataclasses.fields(module):
         value = getattr(module, field.name)
@@ -219,7 +234,7 @@ def check_hyperparameters(module: eqx.Module) -> None:
             )
 
 
-# ---------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------
 # The solver interface.
 
 

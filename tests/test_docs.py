@@ -1,9 +1,11 @@
-"""Documentation coverage: every public symbol has a docstring and an API-reference entry.
+"""Documentation coverage: every public symbol has a docstring and an API-reference
+entry.
 
-Public symbols are the names defined in `bilevel/__init__.py`, `bilevel/solvers/__init__.py`
-and `bilevel/problems/__init__.py` that do not start with `_`, submodules excluded. Each
-must appear as `::: bilevel.<path>` in `docs/api/*.md`. No mkdocs build happens here
-(`make docs` does that); these checks only read files and import the package.
+Public symbols are the names defined in `bilevel/__init__.py`,
+`bilevel/solvers/__init__.py` and `bilevel/problems/__init__.py` that do not start
+with `_`, submodules excluded. Each must appear as `::: bilevel.<path>` in
+`docs/api/*.md`. No mkdocs build happens here (`make docs` does that); these checks
+only read files and import the package.
 """
 
 import inspect
@@ -25,7 +27,8 @@ ENTRY = re.compile(r"^:::[ \t]+(bilevel(?:\.\w+)+)[ \t]*$", re.MULTILINE)
 
 
 def public_symbols(modules=NAMESPACES) -> dict[str, object]:
-    """`{"bilevel.solvers.ImplicitDiff": obj, ...}` for the public names of `modules`."""
+    """`{"bilevel.solvers.ImplicitDiff": obj, ...}` for the public names of
+    `modules`."""
     symbols = {}
     for module in modules:
         names = getattr(module, "__all__", vars(module))  # `__all__` when it has one
@@ -38,7 +41,8 @@ def public_symbols(modules=NAMESPACES) -> dict[str, object]:
 
 
 def api_entries(api_dir: pathlib.Path = API_DIR) -> dict[str, str]:
-    """`{"bilevel.X": "file.md", ...}` for every `::: bilevel.X` line of `api_dir/*.md`."""
+    """`{"bilevel.X": "file.md", ...}` for every `::: bilevel.X` line of
+    `api_dir/*.md`."""
     entries = {}
     for page in sorted(api_dir.glob("*.md")):
         for path in ENTRY.findall(page.read_text(encoding="utf-8")):
@@ -63,7 +67,9 @@ def undocumented(symbols: dict[str, object]) -> list[str]:
     return sorted(path for path, obj in symbols.items() if not own_docstring(obj))
 
 
-def missing_from_reference(symbols: dict[str, object], entries: dict[str, str]) -> list[str]:
+def missing_from_reference(
+    symbols: dict[str, object], entries: dict[str, str]
+) -> list[str]:
     return sorted(set(symbols) - set(entries))
 
 
@@ -112,7 +118,9 @@ def test_every_solver_has_a_page():
     for name, obj in vars(bilevel.solvers).items():
         if inspect.isclass(obj) and issubclass(obj, bilevel.AbstractBilevelSolver):
             page = f"solvers/{name.lower()}.md"
-            assert (pages / f"{name.lower()}.md").is_file(), f"no docs/{page} for {name}"
+            assert (pages / f"{name.lower()}.md").is_file(), (
+                f"no docs/{page} for {name}"
+            )
             assert page in nav, f"docs/{page} is not in the mkdocs.yml nav"
 
 
@@ -140,7 +148,10 @@ def test_checks_catch_an_undocumented_symbol(tmp_path):
     fake.documented = bilevel.solve
     symbols = public_symbols([fake])
     assert Undocumented.__doc__  # the automatic signature text
-    assert undocumented(symbols) == ["bilevel.fake.Undocumented", "bilevel.fake.no_docstring"]
+    assert undocumented(symbols) == [
+        "bilevel.fake.Undocumented",
+        "bilevel.fake.no_docstring",
+    ]
 
     (tmp_path / "page.md").write_text("# Page\n\n::: bilevel.fake.documented\n")
     entries = api_entries(tmp_path)

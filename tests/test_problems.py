@@ -80,7 +80,9 @@ def test_bad_sizes_fail_early():
 
 @pytest.fixture(scope="module")
 def ridge():
-    return bl.problems.ridge_hpo(num_train=150, num_val=100, seed=0, num_noise_features=3)
+    return bl.problems.ridge_hpo(
+        num_train=150, num_val=100, seed=0, num_noise_features=3
+    )
 
 
 def test_ridge_shapes_and_split(ridge):
@@ -94,8 +96,12 @@ def test_ridge_shapes_and_split(ridge):
 
 
 def test_ridge_is_deterministic_given_the_seed(ridge):
-    again = bl.problems.ridge_hpo(num_train=150, num_val=100, seed=0, num_noise_features=3)
-    other = bl.problems.ridge_hpo(num_train=150, num_val=100, seed=1, num_noise_features=3)
+    again = bl.problems.ridge_hpo(
+        num_train=150, num_val=100, seed=0, num_noise_features=3
+    )
+    other = bl.problems.ridge_hpo(
+        num_train=150, num_val=100, seed=1, num_noise_features=3
+    )
     for u, v in zip(jax.tree.leaves(ridge.data), jax.tree.leaves(again.data)):
         np.testing.assert_array_equal(u, v)
     assert not np.array_equal(ridge.data.lower[0], other.data.lower[0])
@@ -115,7 +121,9 @@ def test_ridge_closed_form_solution_and_hypergradient(ridge, getkey):
     # and the closed form vs central differences of F(x) = f(x, y*(x)) (float64,
     # eps 1e-6: truncation ~1e-12, rounding ~1e-10 relative).
     direction = jr.normal(getkey(), x.shape)
-    fd = central_difference(lambda u: ridge.evaluate(u, y_star)["validation_loss"], x, direction)
+    fd = central_difference(
+        lambda u: ridge.evaluate(u, y_star)["validation_loss"], x, direction
+    )
     np.testing.assert_allclose(fd, ridge.hypergradient(x) @ direction, rtol=1e-6)
 
 
@@ -144,7 +152,7 @@ def logreg():
 def test_logreg_shapes(logreg):
     assert logreg.x0.shape == (30,)
     assert logreg.y0["weights"].shape == (30,) and logreg.y0["bias"].shape == ()
-    (a_val, s_val), (a_train, s_train) = logreg.data.upper, logreg.data.lower
+    (a_val, _), (a_train, s_train) = logreg.data.upper, logreg.data.lower
     assert a_train.shape == (150, 30) and a_val.shape == (100, 30)
     assert set(np.unique(s_train)) == {0.0, 1.0}
 
@@ -164,7 +172,10 @@ def test_logreg_hypergradient_matches_finite_differences(logreg, getkey):
 
     def refit(u):
         return _common.minimize(
-            bl.problems._logreg._refit_objective, logreg.y0, (u, *logreg.data.lower), 200
+            bl.problems._logreg._refit_objective,
+            logreg.y0,
+            (u, *logreg.data.lower),
+            200,
         )
 
     grad, info = hypergradient(
@@ -173,7 +184,10 @@ def test_logreg_hypergradient_matches_finite_differences(logreg, getkey):
     assert float(info.optimality_residual) < 1e-8
     direction = grad / jnp.linalg.norm(grad)
     fd = central_difference(
-        lambda u: logreg.problem.upper(u, refit(u), logreg.data.upper), x, direction, eps=1e-3
+        lambda u: logreg.problem.upper(u, refit(u), logreg.data.upper),
+        x,
+        direction,
+        eps=1e-3,
     )
     np.testing.assert_allclose(jnp.linalg.norm(grad), fd, rtol=1e-3)
 

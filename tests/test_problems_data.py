@@ -24,7 +24,8 @@ def cleaning():
 
 def test_hypercleaning_shapes(cleaning):
     assert cleaning.x0.shape == (200,)
-    assert cleaning.y0["weights"].shape == (64, 10) and cleaning.y0["bias"].shape == (10,)
+    assert cleaning.y0["weights"].shape == (64, 10)
+    assert cleaning.y0["bias"].shape == (10,)
     inputs, labels, index = cleaning.data.lower
     assert inputs.shape == (200, 64) and labels.shape == (200,)
     np.testing.assert_array_equal(index, np.arange(200))
@@ -48,8 +49,12 @@ def test_hypercleaning_corrupts_the_requested_fraction():
 
 
 def test_hypercleaning_is_deterministic_given_the_seed(cleaning):
-    again = bl.problems.hypercleaning(corruption=0.3, num_train=200, num_val=100, seed=0)
-    other = bl.problems.hypercleaning(corruption=0.3, num_train=200, num_val=100, seed=1)
+    again = bl.problems.hypercleaning(
+        corruption=0.3, num_train=200, num_val=100, seed=0
+    )
+    other = bl.problems.hypercleaning(
+        corruption=0.3, num_train=200, num_val=100, seed=1
+    )
     for u, v in zip(jax.tree.leaves(cleaning.data), jax.tree.leaves(again.data)):
         np.testing.assert_array_equal(u, v)
     assert not np.array_equal(cleaning.data.lower[1], other.data.lower[1])
@@ -67,7 +72,8 @@ def test_hypercleaning_minibatches_pick_the_matching_weights(cleaning, getkey):
     y = jax.tree.map(lambda u: jr.normal(getkey(), u.shape), batched.y0)
     logits = inputs @ y["weights"] + y["bias"][None, :]
     losses = -jax.nn.log_softmax(logits)[jnp.arange(16), labels]
-    reference = jnp.mean(jax.nn.sigmoid(x[index]) * losses) + 0.5e-3 * jnp.sum(y["weights"] ** 2)
+    reference = jnp.mean(jax.nn.sigmoid(x[index]) * losses)
+    reference += 0.5e-3 * jnp.sum(y["weights"] ** 2)
     got = batched.problem.lower(x, y, (inputs, labels, index))
     np.testing.assert_allclose(got, reference, rtol=1e-12)
     # and the indexed inputs are the full-batch rows
@@ -76,7 +82,9 @@ def test_hypercleaning_minibatches_pick_the_matching_weights(cleaning, getkey):
 
 def test_hypercleaning_improves_under_implicit_diff(cleaning):
     solver = bl.solvers.ImplicitDiff(inner_steps=20, inner_lr=0.1, outer_lr=100.0)
-    state, _ = bl.run(cleaning.problem, solver, cleaning.x0, cleaning.y0, cleaning.data, 30)
+    state, _ = bl.run(
+        cleaning.problem, solver, cleaning.x0, cleaning.y0, cleaning.data, 30
+    )
     end = cleaning.evaluate(*solver.params(state))
     # Training on all 30%-corrupted labels (uniform weights) reaches ~54% test accuracy,
     # training on the clean samples only ~91%. After 30 steps (measured: 84%, F1 0.61)
@@ -92,7 +100,9 @@ def test_hypercleaning_improves_under_implicit_diff(cleaning):
 
 @pytest.fixture(scope="module")
 def distill():
-    return bl.problems.distillation(images_per_class=1, lower="krr", num_train=300, seed=0)
+    return bl.problems.distillation(
+        images_per_class=1, lower="krr", num_train=300, seed=0
+    )
 
 
 def test_distillation_shapes_and_real_initial_subset(distill):
@@ -101,15 +111,22 @@ def test_distillation_shapes_and_real_initial_subset(distill):
     assert inputs.shape == (300, 64)
     # x0 is a random real subset: row c is a training image of class c.
     for c in range(10):
-        matches = np.flatnonzero(np.all(np.asarray(inputs) == np.asarray(distill.x0[c]), axis=1))
+        same_row = np.all(np.asarray(inputs) == np.asarray(distill.x0[c]), axis=1)
+        matches = np.flatnonzero(same_row)
         assert matches.size >= 1 and np.all(np.asarray(labels)[matches] == c)
-    two = bl.problems.distillation(images_per_class=2, lower="mlp", num_train=300, hidden=8)
+    two = bl.problems.distillation(
+        images_per_class=2, lower="mlp", num_train=300, hidden=8
+    )
     assert two.x0.shape == (20, 64) and two.y0["w1"].shape == (64, 8)
 
 
 def test_distillation_is_deterministic_given_the_seed(distill):
-    again = bl.problems.distillation(images_per_class=1, lower="krr", num_train=300, seed=0)
-    other = bl.problems.distillation(images_per_class=1, lower="krr", num_train=300, seed=1)
+    again = bl.problems.distillation(
+        images_per_class=1, lower="krr", num_train=300, seed=0
+    )
+    other = bl.problems.distillation(
+        images_per_class=1, lower="krr", num_train=300, seed=1
+    )
     np.testing.assert_array_equal(distill.x0, again.x0)
     np.testing.assert_array_equal(distill.data.upper[0], again.data.upper[0])
     assert not np.array_equal(distill.x0, other.x0)
@@ -124,7 +141,9 @@ def test_distillation_closed_form_solution_and_hypergradient(distill, getkey):
     assert float(jnp.max(jnp.abs(stationarity))) < 1e-12
     # IFT hypergradient (matrix-free CG, rtol 1e-10) vs autodiff through the direct
     # solve of the closed form.
-    grad, info = eqx.filter_jit(bl.hypergradient)(distill.problem, x, alpha, distill.data.upper)
+    grad, info = eqx.filter_jit(bl.hypergradient)(
+        distill.problem, x, alpha, distill.data.upper
+    )
     assert relative_error(grad, distill.hypergradient(x)) < 1e-8
     assert info.linear_converged
 

@@ -17,7 +17,9 @@ from .helpers import relative_error
 
 @pytest.fixture(scope="module")
 def bench():
-    return bl.problems.imaml(num_ways=3, num_shots=1, num_tasks=32, num_eval_tasks=50, hidden=16)
+    return bl.problems.imaml(
+        num_ways=3, num_shots=1, num_tasks=32, num_eval_tasks=50, hidden=16
+    )
 
 
 def _rows_in(rows, table):
@@ -30,7 +32,10 @@ def test_imaml_shapes(bench):
     (s_in, s_lab), (q_in, q_lab) = bench.data.support, bench.data.query
     assert s_in.shape == (32, 3, 64) and s_lab.shape == (32, 3)
     assert q_in.shape == (32, 30, 64) and q_lab.shape == (32, 30)
-    assert [(w.shape, b.shape) for w, b in bench.x0] == [((64, 16), (16,)), ((16, 3), (3,))]
+    assert [(w.shape, b.shape) for w, b in bench.x0] == [
+        ((64, 16), (16,)),
+        ((16, 3), (3,)),
+    ]
     for x_leaf, y_leaf in zip(jax.tree.leaves(bench.x0), jax.tree.leaves(bench.y0)):
         assert y_leaf.shape == (32,) + x_leaf.shape
 
@@ -46,7 +51,9 @@ def test_imaml_meta_train_and_meta_test_classes_are_disjoint(bench, getkey):
     (test_in, _), _ = jax.jit(lambda k: tasks.sample(k, 4, "test"))(getkey())
     assert _rows_in(test_in.reshape(-1, 64), tasks.test_images).all()
     # each task's support holds one example of each of its labels 0..num_ways-1
-    np.testing.assert_array_equal(np.sort(bench.data.support[1], axis=1), [[0, 1, 2]] * 32)
+    np.testing.assert_array_equal(
+        np.sort(bench.data.support[1], axis=1), [[0, 1, 2]] * 32
+    )
 
 
 def test_imaml_is_deterministic_given_the_seed(bench):
@@ -64,7 +71,9 @@ def _meta_gradients(bench):
     support, query = bench.data.support, bench.data.query
     adapted = jax.vmap(tasks.adapt, in_axes=(None, 0))(bench.x0, support)
     _, vmapped = tasks.meta_gradient(bench.x0, support, query)
-    stacked, _ = bl.hypergradient(bench.problem, bench.x0, adapted, query, lower_batch=support)
+    stacked, _ = bl.hypergradient(
+        bench.problem, bench.x0, adapted, query, lower_batch=support
+    )
     # iMAML's closed form for task 0: lambda (lambda I + H)^{-1} grad L_q, with H the
     # dense Hessian of the support loss at the adapted parameters.
     first = jax.tree.map(lambda u: u[0], (support, query, adapted))
@@ -80,7 +89,9 @@ def _meta_gradients(bench):
     return vmapped, stacked, closed_form, ravel_pytree(implicit)[0]
 
 
-def test_vmapped_implicit_gradients_match_the_stacked_problem_and_the_closed_form(bench):
+def test_vmapped_implicit_gradients_match_the_stacked_problem_and_the_closed_form(
+    bench,
+):
     vmapped, stacked, closed_form, implicit = _meta_gradients(bench)
     # (1) per-task implicit gradients vmapped over the tasks = one IFT solve on the
     # stacked (block-diagonal) problem at the same adapted parameters; both CG solves
@@ -134,7 +145,7 @@ def test_sinusoid_tasks_lie_on_one_sinusoid_each():
     sinusoid = bl.problems.imaml(
         task="sinusoid", num_shots=5, num_queries=7, num_tasks=6, num_eval_tasks=2
     )
-    (s_in, s_out), (q_in, q_out) = sinusoid.data.support, sinusoid.data.query
+    (s_in, _), (_, q_out) = sinusoid.data.support, sinusoid.data.query
     assert s_in.shape == (6, 5, 1) and q_out.shape == (6, 7)
     assert float(jnp.max(jnp.abs(s_in))) <= 1.0
     predicted, amplitude = _sinusoid_fit(sinusoid.data.support, sinusoid.data.query)
@@ -145,7 +156,12 @@ def test_sinusoid_tasks_lie_on_one_sinusoid_each():
 
 
 _not_imaml = bl.problems.Benchmark(
-    name="other", problem=None, x0=jnp.zeros(2), y0=jnp.zeros(2), data=None, evaluate=dict
+    name="other",
+    problem=None,
+    x0=jnp.zeros(2),
+    y0=jnp.zeros(2),
+    data=None,
+    evaluate=dict,
 )
 
 

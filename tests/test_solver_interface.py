@@ -28,8 +28,15 @@ def test_constrained_problem_rejected_by_unconstrained_solvers():
         project_feasible=lambda x, y: (x, y),
     )
     x0 = y0 = jnp.zeros(1)
-    for solver in (bl.solvers.ImplicitDiff(), bl.solvers.Unrolled(), bl.solvers.Penalty()):
-        with pytest.raises(ValueError, match="lower-level constraints.*Solvers that do: LVHBA"):
+    unconstrained = (
+        bl.solvers.ImplicitDiff(),
+        bl.solvers.Unrolled(),
+        bl.solvers.Penalty(),
+    )
+    for solver in unconstrained:
+        with pytest.raises(
+            ValueError, match="lower-level constraints.*Solvers that do: LVHBA"
+        ):
             solver.init(problem, x0, y0, jr.PRNGKey(0))
     bl.solvers.LVHBA().init(problem, x0, y0, jr.PRNGKey(0))  # supported: no error
 
@@ -57,7 +64,9 @@ def test_custom_condition_rejected_where_ignored():
 
 
 def test_inner_tol_rejects_minibatches_at_step():
-    problem = bl.BilevelProblem(_upper, lambda x, y, b: jnp.mean((y - x * b[:, 0]) ** 2))
+    problem = bl.BilevelProblem(
+        _upper, lambda x, y, b: jnp.mean((y - x * b[:, 0]) ** 2)
+    )
     data = bl.Minibatch(upper=None, lower=jnp.ones((8, 1)), batch_size=2)
     solver = bl.solvers.ImplicitDiff(inner_tol=1e-6)
     state = solver.init(problem, jnp.zeros(1), jnp.zeros(1))
@@ -83,7 +92,9 @@ def test_declared_bounds_checked_at_construction():
         auto_lr: float | None = positive(None, optional=True)
 
     check_hyperparameters(Toy())
-    with pytest.raises(ValueError, match="Toy: `lr` must be a finite number in \\(0, inf\\]"):
+    with pytest.raises(
+        ValueError, match="Toy: `lr` must be a finite number in \\(0, inf\\]"
+    ):
         check_hyperparameters(Toy(lr=float("nan")))
     check_hyperparameters(Toy(lr=jnp.array([0.1, 0.2])))  # a batch of values: unchecked
     jax.vmap(lambda lr: check_hyperparameters(Toy(lr=lr)))(jnp.array([0.1, 0.2]))
@@ -107,14 +118,16 @@ def _regression_problem():
 
 
 def test_mlp_lower_variable_through_solve():
-    """An eqx.nn.MLP (activation functions as leaves) is a valid y: only its arrays move,
-    and the result is an MLP again. Penalty is first order, so its x-gradient is exact:
-    compare one step by hand."""
+    """An eqx.nn.MLP (activation functions as leaves) is a valid y: only its arrays
+    move, and the result is an MLP again. Penalty is first order, so its x-gradient is
+    exact: compare one step by hand."""
     problem = _regression_problem()
     mlp = eqx.nn.MLP(2, 1, 8, 1, key=jr.PRNGKey(1))
     x0 = {"log_reg": jnp.array(-3.0)}
     solver = bl.solvers.Penalty(y_steps=1, z_steps=1)
-    result = bl.solve(problem, solver, x0, mlp, num_steps=2, log_every=1, progress=False)
+    result = bl.solve(
+        problem, solver, x0, mlp, num_steps=2, log_every=1, progress=False
+    )
     assert isinstance(result.y, eqx.nn.MLP)
     assert result.y.activation is mlp.activation
     moved = jax.tree_util.tree_leaves(eqx.filter(result.y, eqx.is_array))

@@ -20,7 +20,8 @@ class Benchmark(eqx.Module):
     - `solution`: the optimal `x*` when known (closed form), else `None`.
     - `lower_solution`: `x -> y*(x)` in closed form or by an accurate numerical solve
       (documented per problem), else `None`.
-    - `hypergradient`: `x -> grad F(x)` in closed form or to solver accuracy, else `None`.
+    - `hypergradient`: `x -> grad F(x)` in closed form or to solver accuracy, else
+      `None`.
     - `metric`: the key of `evaluate`'s output by which runs on this task are compared
       (a hyper-objective at $y^*(x)$ or a held-out metric, never a solver's own loss).
     - `maximize`: whether larger values of `metric` are better.

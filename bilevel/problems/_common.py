@@ -42,8 +42,11 @@ def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
 def check_int(problem: str, name: str, value: Any, minimum: int = 1) -> None:
     """Raise a `ValueError` naming the problem and argument unless `value` is an int
     `>= minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{problem}: `{name}` must be an int >= {minimum}, got {value!r}")
+    is_int = isinstance(value, int | np.integer) and not isinstance(value, bool)
+    if not is_int or value < minimum:
+        raise ValueError(
+            f"{problem}: `{name}` must be an int >= {minimum}, got {value!r}"
+        )
 
 
 def split_indices(

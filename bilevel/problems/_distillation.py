@@ -42,9 +42,9 @@ def rbf_kernel(
 
 
 class _KernelRidgeLower(eqx.Module):
-    """$g(x, \\alpha) = \\frac12 \\mathrm{tr}\\,\\alpha^\\top (K(x, x) + \\lambda I)\\alpha -
-    \\mathrm{tr}\\,\\alpha^\\top Y_s$: its minimiser is the kernel ridge regression fit
-    of the one-hot labels $Y_s$ on the synthetic images $x$."""
+    """$g(x, \\alpha) = \\frac12 \\mathrm{tr}\\,\\alpha^\\top (K(x, x) + \\lambda
+    I)\\alpha - \\mathrm{tr}\\,\\alpha^\\top Y_s$: its minimiser is the kernel ridge
+    regression fit of the one-hot labels $Y_s$ on the synthetic images $x$."""
 
     targets: Array
     gamma: float
@@ -73,7 +73,8 @@ class _MLPLower(eqx.Module):
     def __call__(self, x, y, batch):
         logits = classifier_logits(y, x)
         penalty = jnp.sum(y["w1"] ** 2) + jnp.sum(y["w2"] ** 2)
-        return jnp.mean(softmax_cross_entropy(logits, self.labels)) + 0.5 * self.reg * penalty
+        loss = jnp.mean(softmax_cross_entropy(logits, self.labels))
+        return loss + 0.5 * self.reg * penalty
 
 
 class _MLPUpper(eqx.Module):
@@ -116,8 +117,8 @@ def distillation(
     batch_size: int | None = None,
 ) -> Benchmark:
     r"""Dataset distillation (Wang et al. 2018) on scikit-learn's digits: learn
-    $k$ synthetic images per class, $x \in \mathbb{R}^{10k \times 64}$ with fixed labels,
-    such that a model trained on them alone fits the real training data.
+    $k$ synthetic images per class, $x \in \mathbb{R}^{10k \times 64}$ with fixed
+    labels, such that a model trained on them alone fits the real training data.
 
     - `lower="krr"` (KIP, Nguyen et al. 2021): the model is kernel ridge regression with
       the RBF kernel $k(a, b) = e^{-\gamma\|a - b\|^2}$; the lower variable is the dual
@@ -163,7 +164,8 @@ def distillation(
         ```bibtex
         @article{wang2018dataset,
           title={Dataset Distillation}, author={Wang, Tongzhou and Zhu, Jun-Yan and
-          Torralba, Antonio and Efros, Alexei A}, journal={arXiv:1811.10959}, year={2018}}
+          Torralba, Antonio and Efros, Alexei A}, journal={arXiv:1811.10959},
+          year={2018}}
         @inproceedings{nguyen2021dataset,
           title={Dataset Meta-Learning from Kernel Ridge-Regression},
           author={Nguyen, Timothy and Chen, Zhourong and Lee, Jaehoon},
@@ -183,7 +185,9 @@ def distillation(
     if not reg > 0:
         raise ValueError(f"distillation: `reg` must be > 0, got {reg!r}")
     features, labels = load_dataset("digits")
-    train, test = split_indices(features.shape[0], (num_train, None), seed, "distillation")
+    train, test = split_indices(
+        features.shape[0], (num_train, None), seed, "distillation"
+    )
     a_train, a_test = standardize(features[train], features[test])
     counts = np.bincount(labels[train], minlength=_NUM_CLASSES)
     if counts.min() < images_per_class:
@@ -194,7 +198,9 @@ def distillation(
     rng = np.random.default_rng(seed + 2)
     subset = np.concatenate(
         [
-            rng.choice(np.flatnonzero(labels[train] == c), images_per_class, replace=False)
+            rng.choice(
+                np.flatnonzero(labels[train] == c), images_per_class, replace=False
+            )
             for c in range(_NUM_CLASSES)
         ]
     )
@@ -228,7 +234,9 @@ def distillation(
     else:
         lower_fn = _MLPLower(as_int(synthetic_labels), reg)
         upper_fn = _MLPUpper()
-        condition = OptimalityCondition(stationarity_condition(lower_fn).fn, symmetric=True)
+        condition = OptimalityCondition(
+            stationarity_condition(lower_fn).fn, symmetric=True
+        )
         problem = BilevelProblem(upper_fn, lower_fn, optimality=condition)
         y0 = _mlp_init(a_train.shape[1], hidden, seed, dtype)
         lower_solution = hypergradient = None

@@ -30,7 +30,8 @@ from ._common import (
 
 
 _NUM_CLASSES = 10
-_REFIT_STEPS = 300  # L-BFGS iterations of the reference fits (gradient ~1e-9 at the end)
+# L-BFGS iterations of the reference fits (gradient ~1e-9 at the end).
+_REFIT_STEPS = 300
 
 
 def classifier_logits(y: dict, inputs: Float[Array, "n d"]) -> Float[Array, "n c"]:
@@ -81,7 +82,9 @@ def _init_model(model: str, dim: int, hidden: int, seed: int, dtype) -> dict:
     }
 
 
-def _corrupt(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _corrupt(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed + 1)
     num = int(round(fraction * labels.shape[0]))
     mask = np.zeros(labels.shape[0], dtype=bool)
@@ -101,15 +104,16 @@ def hypercleaning(
     lower_reg: float = 1e-3,
     batch_size: int | None = None,
 ) -> Benchmark:
-    r"""Data hyper-cleaning (Franceschi et al. 2017; Shaban et al. 2019) on scikit-learn's
-    digits: a fraction of the training labels is replaced by a random wrong class, and
-    per-sample weights $\sigma(x_i)$ are learned so that the classifier trained on the
-    weighted data does well on clean validation data:
+    r"""Data hyper-cleaning (Franceschi et al. 2017; Shaban et al. 2019) on
+    scikit-learn's digits: a fraction of the training labels is replaced by a random
+    wrong class, and per-sample weights $\sigma(x_i)$ are learned so that the
+    classifier trained on the weighted data does well on clean validation data:
 
-    $g(x, y) = \frac1n\sum_{i=1}^n \sigma(x_i)\,\ell(y; a_i, t_i) + \frac{\mu}{2}\|W\|^2$
-    (corrupted training data), $f(x, y) = \frac{1}{n_v}\sum_j \ell(y; a_j, t_j)$ (clean
-    validation data), with $\ell$ the softmax cross-entropy and $W$ the weight matrices
-    (biases are not penalised).
+    $g(x, y) = \frac1n\sum_{i=1}^n \sigma(x_i)\,\ell(y; a_i, t_i) +
+    \frac{\mu}{2}\|W\|^2$ (corrupted training data),
+    $f(x, y) = \frac{1}{n_v}\sum_j \ell(y; a_j, t_j)$ (clean validation data), with
+    $\ell$ the softmax cross-entropy and $W$ the weight matrices (biases are not
+    penalised).
 
     $x \in \mathbb{R}^n$ has one entry per training sample (`x0 = 0`, all weights 1/2);
     $y$ is the classifier: `{"weights", "bias"}` for `model="linear"` (convex lower
@@ -156,9 +160,13 @@ def hypercleaning(
         ```
     """
     if not 0.0 <= corruption < 1.0:
-        raise ValueError(f"hypercleaning: `corruption` must lie in [0, 1), got {corruption!r}")
+        raise ValueError(
+            f"hypercleaning: `corruption` must lie in [0, 1), got {corruption!r}"
+        )
     if model not in ("linear", "mlp"):
-        raise ValueError(f"hypercleaning: `model` must be 'linear' or 'mlp', got {model!r}")
+        raise ValueError(
+            f"hypercleaning: `model` must be 'linear' or 'mlp', got {model!r}"
+        )
     check_int("hypercleaning", "num_train", num_train)
     check_int("hypercleaning", "num_val", num_val)
     check_int("hypercleaning", "hidden", hidden)
@@ -207,7 +215,9 @@ def hypercleaning(
     if model == "linear":
         condition = stationarity_condition(lower)
     else:
-        condition = OptimalityCondition(stationarity_condition(lower).fn, symmetric=True)
+        condition = OptimalityCondition(
+            stationarity_condition(lower).fn, symmetric=True
+        )
     if batch_size is None:
         data = FullBatch(upper=val_data, lower=train_data)
     else:

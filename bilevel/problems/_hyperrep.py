@@ -33,9 +33,9 @@ def hyper_representation(
     batch_size: int | None = None,
     newton_steps: int = 20,
 ) -> Benchmark:
-    r"""Hyper-representation (meta-) learning with an Elman RNN encoder, after the BO-REP
-    paper's first experiment (Hao, Gong and Liu, ICLR 2024, where the encoder is a
-    2-layer RNN on word vectors of Amazon reviews), scaled down to scikit-learn's
+    r"""Hyper-representation (meta-) learning with an Elman RNN encoder, after the
+    BO-REP paper's first experiment (Hao, Gong and Liu, ICLR 2024, where the encoder is
+    a 2-layer RNN on word vectors of Amazon reviews), scaled down to scikit-learn's
     $8\times 8$ digits: each image is a sequence of 8 rows of 8 pixels (values in
     $[0, 1]$).
 
@@ -47,15 +47,16 @@ def hyper_representation(
     support and `queries` query images from the training half of the data:
 
     $g(x, y) = \sum_{t=1}^T \Big[\frac{1}{|S_t|}\sum_{i\in S_t}
-    \ell\big(W_t^\top\phi_x(u_i) + b_t, l_i\big) + \frac{\lambda}{2}\|(W_t, b_t)\|^2\Big]$,
+    \ell\big(W_t^\top\phi_x(u_i) + b_t, l_i\big) +
+    \frac{\lambda}{2}\|(W_t, b_t)\|^2\Big]$,
     $\quad f(x, y) = \frac{1}{|Q|}\sum_{t}\sum_{i\in Q_t}
     \ell\big(W_t^\top\phi_x(u_i) + b_t, l_i\big)$,
 
     with $\ell$ the softmax cross-entropy. $g$ is $\lambda$-strongly convex in $y$ (the
     bias is regularized too, so the softmax shift invariance is removed); $f$ is
     smooth but not $L$-smooth in $x$: its curvature grows with $\|W_{\text{rec}}\|$.
-    Unlike the paper (a squared-free $10^{-4}\|y\|$ penalty, a shared MLP head), we use a
-    squared norm and one linear head per task so that the lower level is strongly
+    Unlike the paper (a squared-free $10^{-4}\|y\|$ penalty, a shared MLP head), we use
+    a squared norm and one linear head per task so that the lower level is strongly
     convex, as the theory assumes.
 
     Batches hold flat samples `{"images": (n, 8, 8), "labels": (n,), "tasks": (n,)}`:
@@ -77,8 +78,9 @@ def hyper_representation(
     - `num_test_tasks`: meta-test tasks used by `evaluate`.
     - `reg`: $\lambda > 0$.
     - `seed`: seeds the split, the tasks and $x_0$ ($W_{\text{in}} \sim
-      \mathcal{N}(0, 1/8)$, $W_{\text{rec}} \sim \mathcal{N}(0, 1/(4\cdot\text{hidden}))$,
-      $c = 0$); $y_0 = 0$.
+      \mathcal{N}(0, 1/8)$,
+      $W_{\text{rec}} \sim \mathcal{N}(0, 1/(4\cdot\text{hidden}))$, $c = 0$);
+      $y_0 = 0$.
     - `batch_size`: minibatch size over samples (`None`: full batches); the upper batch
       has the same size.
     - `newton_steps`: Newton iterations of the head fits in `evaluate` and
@@ -119,7 +121,9 @@ def hyper_representation(
             "hyper_representation: `shots + queries` exceeds the images per class in a "
             f"half of the data (at least {min(len(p) for p in train_pool + test_pool)})"
         )
-    support, query = _make_tasks(images, train_pool, rng, num_tasks, ways, shots, queries)
+    support, query = _make_tasks(
+        images, train_pool, rng, num_tasks, ways, shots, queries
+    )
     test_support, test_query = _make_tasks(
         images, test_pool, rng, num_test_tasks, ways, shots, queries
     )
@@ -244,7 +248,9 @@ def _evaluate(x, y, support, query, test_support, test_query, lower, ways, steps
     grad_y = jax.grad(lower, argnums=1)(x, y, support)
     heads = _fit_heads(x, test_support, ways, lower.reg, steps)
     features = jax.vmap(lambda u: encode(x, u))(test_query["images"])
-    test_logits = jnp.einsum("tnh,thw->tnw", features, heads["w"]) + heads["b"][:, None, :]
+    test_logits = (
+        jnp.einsum("tnh,thw->tnw", features, heads["w"]) + heads["b"][:, None, :]
+    )
     flat_logits = test_logits.reshape(-1, ways)
     flat_labels = test_query["labels"].reshape(-1)
     return {

@@ -94,7 +94,8 @@ class FewShotTasks(eqx.Module):
     def support_objective(self, theta: tuple, phi: tuple, support: tuple) -> Array:
         r"""$\hat L_s(\phi) + \frac{\lambda}{2}\|\phi - \theta\|^2$."""
         step = tree_sub(phi, theta)
-        distance = tree_dot(step, step)  # not tree_norm(...)**2: sqrt has no gradient at 0
+        # not tree_norm(...)**2: sqrt has no gradient at 0
+        distance = tree_dot(step, step)
         return self.task_loss(phi, support) + 0.5 * self.prox_reg * distance
 
     def metric(self, phi: tuple, query: tuple) -> Array:
@@ -186,7 +187,8 @@ def _distinct(key: PRNGKeyArray, num: int, size: int) -> Array:
 def _sample_pool_and_eval(tasks, key, num_tasks: int, num_eval_tasks: int):
     # one compilation for both draws
     k_pool, k_eval = jr.split(key)
-    return tasks.sample(k_pool, num_tasks, "train"), tasks.sample(k_eval, num_eval_tasks, "test")
+    pool = tasks.sample(k_pool, num_tasks, "train")
+    return pool, tasks.sample(k_eval, num_eval_tasks, "test")
 
 
 def _adapt_steps(tasks: FewShotTasks, theta, support):
@@ -257,8 +259,8 @@ def imaml(
     adapt_steps: int | None = None,
     adapt_lr: float | None = None,
 ) -> Benchmark:
-    r"""iMAML (Rajeswaran et al. 2019): meta-learn the initialisation $\theta$ from which
-    a proximally regularised adaptation solves new few-shot tasks,
+    r"""iMAML (Rajeswaran et al. 2019): meta-learn the initialisation $\theta$ from
+    which a proximally regularised adaptation solves new few-shot tasks,
 
     $\min_\theta \frac1T\sum_{i=1}^T \hat L_{q,i}(\phi_i^*(\theta))$,
     $\phi_i^*(\theta) = \arg\min_\phi \hat L_{s,i}(\phi) +
@@ -273,9 +275,9 @@ def imaml(
       `num_queries` query points. Model: a 1-40-40-1 tanh MLP of $u/5$ (`hidden` is
       ignored).
 
-    `bench.problem` is the bilevel problem over a fixed pool of `num_tasks` meta-training
-    tasks: $x = \theta$ (a tuple of `(weight, bias)` layers), $y$ the task parameters
-    stacked along a leading axis of size `num_tasks`, lower level
+    `bench.problem` is the bilevel problem over a fixed pool of `num_tasks`
+    meta-training tasks: $x = \theta$ (a tuple of `(weight, bias)` layers), $y$ the task
+    parameters stacked along a leading axis of size `num_tasks`, lower level
     $\sum_i [\hat L_{s,i}(\phi_i) + \frac{\lambda}{2}\|\phi_i - \theta\|^2]$ (a sum, so
     each block keeps its own curvature), upper level the mean query loss. The
     stationarity condition is tagged positive semidefinite (CG), as in iMAML: this holds
@@ -359,8 +361,8 @@ def imaml(
         )
         if num_shots + num_queries > train_images.shape[1]:
             raise ValueError(
-                f"imaml: num_shots + num_queries = {num_shots + num_queries} exceeds the "
-                f"{train_images.shape[1]} images available per class"
+                f"imaml: num_shots + num_queries = {num_shots + num_queries} exceeds "
+                f"the {train_images.shape[1]} images available per class"
             )
         sizes = (features.shape[1], hidden, num_ways)
         metric_name = "meta_test_accuracy"
@@ -388,7 +390,8 @@ def imaml(
 
     @ft.cache
     def baseline():  # computed on the first call of `evaluate` only
-        return {f"baseline_{metric_name}": _evaluate(tasks, x0, eval_support, eval_query)}
+        value = _evaluate(tasks, x0, eval_support, eval_query)
+        return {f"baseline_{metric_name}": value}
 
     upper = _PoolUpper(tasks)
 
@@ -433,13 +436,14 @@ def imaml_meta_train(
     outer_lr: float = 0.1,
     outer_optimizer: optax.GradientTransformation | None = None,
 ) -> tuple[PyTree[Array], dict[str, Array]]:
-    r"""Episodic iMAML (Rajeswaran et al. 2019, Algorithm 1) on an [`imaml`][] benchmark,
-    as one compiled `lax.scan`.
+    r"""Episodic iMAML (Rajeswaran et al. 2019, Algorithm 1) on an [`imaml`][]
+    benchmark, as one compiled `lax.scan`.
 
     Each step draws `meta_batch_size` fresh meta-training tasks, adapts to each from
     $\theta$ (`bench.data.tasks.adapt`), and updates $\theta$ with the mean of the
     per-task implicit gradients $(I + \nabla^2\hat L_{s,i}/\lambda)^{-1}\nabla\hat
-    L_{q,i}(\phi_i)$, computed by [`bilevel.implicit_diff`][] and vmapped over the tasks.
+    L_{q,i}(\phi_i)$, computed by [`bilevel.implicit_diff`][] and vmapped over the
+    tasks.
 
     **Arguments:**
 
@@ -453,7 +457,9 @@ def imaml_meta_train(
     meta-gradient norm of every step.
     """
     if not isinstance(bench.data, TaskPool):
-        raise ValueError("imaml_meta_train needs a benchmark built by bl.problems.imaml")
+        raise ValueError(
+            "imaml_meta_train needs a benchmark built by bl.problems.imaml"
+        )
     tasks = bench.data.tasks
     optimizer = outer_optimizer if outer_optimizer is not None else optax.sgd(outer_lr)
 

@@ -1,4 +1,4 @@
-"""A strongly convex quadratic bilevel problem with closed-form answers (test oracle)."""
+"""Strongly convex quadratic bilevel problem with closed-form answers (test oracle)."""
 
 import jax.numpy as jnp
 import jax.random as jr
@@ -46,19 +46,25 @@ def quadratic(
     The lower batch is the array of rows $a_i$; the upper level has no data.
     """
     if dim_x < 1 or dim_y < 1:
-        raise ValueError(f"quadratic: dims must be >= 1, got dim_x={dim_x}, dim_y={dim_y}")
+        raise ValueError(
+            f"quadratic: dims must be >= 1, got dim_x={dim_x}, dim_y={dim_y}"
+        )
     if lower_reg <= 0 or upper_reg < 0:
         raise ValueError("quadratic: need lower_reg > 0 and upper_reg >= 0")
     if lower_scale <= 0 or upper_scale <= 0:
         raise ValueError("quadratic: need lower_scale > 0 and upper_scale > 0")
     if lower_condition is not None and lower_condition < 1:
-        raise ValueError(f"quadratic: lower_condition must be >= 1, got {lower_condition}")
+        raise ValueError(
+            f"quadratic: lower_condition must be >= 1, got {lower_condition}"
+        )
     num_samples = 2 * dim_y if num_samples is None else num_samples
     k_rows, k_b, k_c = jr.split(jr.PRNGKey(seed), 3)
     if lower_condition is None:
         rows = jr.normal(k_rows, (num_samples, dim_y))
     else:
-        rows = _rows_with_spectrum(k_rows, num_samples, dim_y, lower_reg, lower_condition)
+        rows = _rows_with_spectrum(
+            k_rows, num_samples, dim_y, lower_reg, lower_condition
+        )
     coupling = jr.normal(k_b, (dim_y, dim_x)) / np.sqrt(dim_x)
     target = jr.normal(k_c, (dim_y,))
 
@@ -67,7 +73,8 @@ def quadratic(
         return lower_scale * (value - y @ (coupling @ x))
 
     def upper(x, y, batch):
-        return upper_scale * (0.5 * jnp.sum((y - target) ** 2) + 0.5 * upper_reg * x @ x)
+        loss = 0.5 * jnp.sum((y - target) ** 2) + 0.5 * upper_reg * x @ x
+        return upper_scale * loss
 
     hessian = rows.T @ rows / num_samples + lower_reg * jnp.eye(dim_y)
     response = jnp.linalg.solve(hessian, coupling)
@@ -110,8 +117,8 @@ def quadratic(
 
 
 def _rows_with_spectrum(key, num_samples: int, dim: int, reg: float, condition: float):
-    r"""Rows $a_i$ with $\frac1n\sum_i a_i a_i^\top + \mu I$ of eigenvalues log-spaced on
-    $[\mu, \mu\kappa]$ (needs $n \ge d$)."""
+    r"""Rows $a_i$ with $\frac1n\sum_i a_i a_i^\top + \mu I$ of eigenvalues log-spaced
+    on $[\mu, \mu\kappa]$ (needs $n \ge d$)."""
     if num_samples < dim:
         raise ValueError(
             f"quadratic: lower_condition needs num_samples >= dim_y, got {num_samples}"

@@ -33,7 +33,9 @@ class _ValidationLoss(eqx.Module):
 
 
 def ridge_solution(
-    log_reg: Float[Array, " d"], inputs: Float[Array, "n d"], targets: Float[Array, " n"]
+    log_reg: Float[Array, " d"],
+    inputs: Float[Array, "n d"],
+    targets: Float[Array, " n"],
 ) -> Float[Array, " d"]:
     r"""$y^*(x) = (A^\top A/n + \mathrm{diag}\, e^{x})^{-1} A^\top b / n$."""
     n = inputs.shape[0]
@@ -48,7 +50,8 @@ def ridge_hypergradient(
 ) -> Float[Array, " d"]:
     r"""$\nabla F(x) = -(e^{x} \odot y^*) \odot H^{-1} A_v^\top(A_v y^* - b_v)/n_v$ with
     $H = A^\top A/n + \mathrm{diag}\, e^{x}$: the IFT applied to
-    $\nabla_y g = H y - A^\top b/n$, whose $x$-Jacobian is $\mathrm{diag}(e^x \odot y)$."""
+    $\nabla_y g = H y - A^\top b/n$, whose $x$-Jacobian is
+    $\mathrm{diag}(e^x \odot y)$."""
     inputs, targets = train
     val_inputs, val_targets = val
     n = inputs.shape[0]
@@ -127,7 +130,10 @@ def ridge_hpo(
     )
     a_train, a_val, a_test = standardize(features[train], features[val], features[test])
     b_train, b_val, b_test = (
-        t[:, 0] for t in standardize(targets[train, None], targets[val, None], targets[test, None])
+        t[:, 0]
+        for t in standardize(
+            targets[train, None], targets[val, None], targets[test, None]
+        )
     )
     train_data = (as_float(a_train), as_float(b_train))
     val_data = (as_float(a_val), as_float(b_val))

@@ -30,7 +30,6 @@ from .._data import AbstractData, FullBatch, random_subset
 from .._misc import tree_axpy, tree_norm, tree_project_ball, tree_sub, tree_where
 from .._oracles import oracles
 from .._problem import BilevelProblem, apply_project_x
-from .._sharding import constrain
 from .._solver import (
     AbstractBilevelSolver,
     choice,
@@ -483,11 +482,10 @@ class BSVRB(AbstractBilevelSolver):
         num_blocks = _num_blocks(problem)
         return num_blocks, self.blocks_per_step or num_blocks, self._shards()
 
-    def _beta(self, step):
+    def _beta(self, step, dtype):
         if self.beta is not None:
             return self.beta
-        # the int step as a float: strict dtype promotion rejects int + float
-        return jnp.maximum(_BETA, 1.0 / (step.astype(jnp.result_type(float)) + 1.0))
+        return jnp.maximum(_BETA, 1 / (step.astype(dtype) + 1))
 
     def _alpha(self, data: AbstractData):
         if self.alpha is not None:
@@ -519,7 +517,8 @@ class BSVRB(AbstractBilevelSolver):
         if self.mesh is None:
             return tree
         spec = jax.sharding.PartitionSpec(self.mesh_axis if blocked else None)
-        return constrain(tree, jax.sharding.NamedSharding(self.mesh, spec))
+        sharding = jax.sharding.NamedSharding(_auto_mesh(self.mesh), spec)
+        return jtu.tree_map(lambda u: lax.with_sharding_constraint(u, sharding), tree)
 
     # -- interface ---------------------------------------------------------------------
 
@@ -586,7 +585,7 @@ class BSVRB(AbstractBilevelSolver):
         grad = _mean_over_slots(out.grad)
         grad_prev = _mean_over_slots(out.grad_prev)
         storm = tree_axpy(
-            1 - self._beta(state.step), tree_sub(state.z, grad_prev), grad
+            1 - self._beta(state.step, steps.eta.dtype), tree_sub(state.z, grad_prev), grad
         )
         z = tree_where(state.step == 0, grad, storm)
         x = apply_project_x(problem, tree_axpy(-steps.eta, z, state.x))
@@ -807,6 +806,14 @@ def _grad_norm(problem, x, grad, eta):
 # the leading axis to `mesh_axis`, so group k lives on device k and XLA keeps the
 # gather, the block work and the scatter local; only the means over the grid (the
 # d_x-sized G_t, G_t^prev and the metrics) are all-reduced.
+
+
+def _auto_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+    """The same devices and axis names with every axis `Auto` (compiler-propagated
+    shardings), whatever the axis types of the user's mesh (`jax.make_mesh` makes them
+    `Explicit`)."""
+    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+    return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
 
 
 def _epoch_blocks(key, step, shards: int, shard_size: int, per_shard: int):
