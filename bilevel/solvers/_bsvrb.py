@@ -30,6 +30,7 @@ from .._data import AbstractData, FullBatch, random_subset
 from .._misc import tree_axpy, tree_norm, tree_project_ball, tree_sub, tree_where
 from .._oracles import oracles
 from .._problem import BilevelProblem, apply_project_x
+from .._sharding import constrain
 from .._solver import (
     AbstractBilevelSolver,
     choice,
@@ -517,8 +518,7 @@ class BSVRB(AbstractBilevelSolver):
         if self.mesh is None:
             return tree
         spec = jax.sharding.PartitionSpec(self.mesh_axis if blocked else None)
-        sharding = jax.sharding.NamedSharding(_auto_mesh(self.mesh), spec)
-        return jtu.tree_map(lambda u: lax.with_sharding_constraint(u, sharding), tree)
+        return constrain(tree, jax.sharding.NamedSharding(self.mesh, spec))
 
     # -- interface ---------------------------------------------------------------------
 
@@ -806,14 +806,6 @@ def _grad_norm(problem, x, grad, eta):
 # the leading axis to `mesh_axis`, so group k lives on device k and XLA keeps the
 # gather, the block work and the scatter local; only the means over the grid (the
 # d_x-sized G_t, G_t^prev and the metrics) are all-reduced.
-
-
-def _auto_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
-    """The same devices and axis names with every axis `Auto` (compiler-propagated
-    shardings), whatever the axis types of the user's mesh (`jax.make_mesh` makes them
-    `Explicit`)."""
-    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
-    return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
 
 
 def _epoch_blocks(key, step, shards: int, shard_size: int, per_shard: int):
