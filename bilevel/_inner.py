@@ -27,11 +27,6 @@ from ._misc import tree_norm
 from ._problem import apply_project_y
 
 
-def default_optimizer(optimizer: optax.GradientTransformation | None, lr: Any):
-    """`optimizer` if given, else plain gradient descent with step `lr`."""
-    return optimizer if optimizer is not None else optax.sgd(lr)
-
-
 def _stores_value(problem: Any, opt_state: Any, deterministic: bool) -> bool:
     """Whether the optimizer keeps the objective's value and gradient at its new iterate
     (optax line searches) and these may be reused at the next step: same batch, and no

@@ -51,13 +51,17 @@ def operator_norm(
 
 
 def power_iteration(
-    matvec: Callable[[PyTree], PyTree], vector: PyTree[Array], num_iters: int | Array
+    matvec: Callable[[PyTree], PyTree],
+    vector: PyTree[Array],
+    num_iters: int | Array,
+    norm: Scalar | None = None,
 ) -> tuple[Scalar, PyTree[Array]]:
     r"""`num_iters` power iterations $v \leftarrow Av / \|Av\|$ from the unit vector
     `vector`: the last $\|Av\|$ (an estimate of $\|A\|_2$ from below, 0 for a zero
-    operator or `num_iters=0`) and the last $v$, from which a later call can resume
-    (warm start: one iteration per call then tracks a slowly changing operator).
-    `num_iters` may be a traced integer."""
+    operator) and the last $v$, from which a later call can resume (warm start: one
+    iteration per call then tracks a slowly changing operator). With `num_iters=0` the
+    estimate is `norm` (the previous one; default 0). `num_iters` may be a traced
+    integer."""
 
     def body(_, carry):
         v, _ = carry
@@ -66,8 +70,9 @@ def power_iteration(
         safe = jnp.where(norm > 0, norm, jnp.ones_like(norm))
         return tree_scale(1 / safe, w), norm
 
-    norm0 = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(vector)))
-    vector, norm = lax.fori_loop(0, num_iters, body, (vector, norm0))
+    if norm is None:
+        norm = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(vector)))
+    vector, norm = lax.fori_loop(0, num_iters, body, (vector, norm))
     return norm, vector
 
 
@@ -224,6 +229,18 @@ def adaptive_gradient_descent(probe: float = 1e-3) -> optax.GradientTransformati
     return optax.GradientTransformation(init, update)
 
 
+def outer_update(
+    optimizer: optax.GradientTransformation | None, lr: float | None
+) -> optax.GradientTransformation:
+    """The x update of ImplicitDiff and Unrolled: `optimizer` if given, else gradient
+    descent with step `lr` if given, else `adaptive_gradient_descent()`."""
+    if optimizer is not None:
+        return optimizer
+    if lr is not None:
+        return optax.sgd(lr)
+    return adaptive_gradient_descent()
+
+
 def _ratio_or_inf(numerator: Scalar, denominator: Scalar) -> Scalar:
     """`numerator / denominator`, or infinity where the denominator is not positive."""
     ratio = numerator * inverse_or_zero(denominator)
@@ -316,14 +333,8 @@ def continue_power_iteration(
     """`num_iters` more power iterations from `estimate` (a traced count is allowed:
     under `jax.vmap` all runs share the count, so no run pays for another's)."""
 
-    def iterate(_, current: PowerIteration) -> PowerIteration:
-        image = matvec(current.vector)
-        norm = tree_norm(image)
-        divisor = jnp.where(norm > 0, norm, jnp.ones_like(norm))
-        return PowerIteration(norm, tree_scale(1 / divisor, image))
-
-    result = lax.fori_loop(0, num_iters, iterate, estimate)
-    return lax.stop_gradient(result)
+    norm, vector = power_iteration(matvec, estimate.vector, num_iters, estimate.norm)
+    return lax.stop_gradient(PowerIteration(norm, vector))
 
 
 def hessian_product(

@@ -17,6 +17,7 @@ import pytest
 
 import bilevel as bl
 from bilevel import _progress
+from bilevel._data import bind_run_key
 from bilevel._solve import WARMUP
 
 
@@ -69,7 +70,9 @@ def test_chunked_runs_are_bit_identical_to_one_shot():
     # bl.run is init + run_from, and step k receives loop.step_key(k).
     state, _ = bl.run(problem, solver, stochastic.x0, stochastic.y0, data, 30, key)
     _assert_trees_equal(state, one_shot.state)
-    step = jax.jit(lambda state, key: solver.step(problem, state, data, key)[0])
+    # The loop draws epoch permutations from its run key: bind it as the loop does.
+    bound = bind_run_key(data, loop.key)
+    step = jax.jit(lambda state, key: solver.step(problem, state, bound, key)[0])
     manual = loop.state
     for k in range(10):
         manual = step(manual, loop.step_key(k))

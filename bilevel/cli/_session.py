@@ -135,7 +135,7 @@ def open_session(args: argparse.Namespace, names: list[str]) -> Session:
     configurations, `--out`, the problem, applicability, `--checkpoint`."""
     problem = known_problem(args.problem)
     settings = parse_settings(args.set, names, problem)
-    solvers = {n: build_solver(n, problem, settings.solvers[n.lower()]) for n in names}
+    solvers = {n: build_solver(n, settings.solvers[n.lower()]) for n in names}
     out = None if args.out is None else pathlib.Path(args.out)
     if out is not None:
         _output.check_writable(out)

@@ -9,8 +9,6 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from ._recipes import recipe
-
 
 class UsageError(Exception):
     """Bad command-line input: reported on stderr in one line, exit status 2."""
@@ -226,12 +224,12 @@ def build_problem(name: str, seed: int, params: dict[str, Any]):
         raise UsageError(f"cannot build problem {name!r}: {one_line(err)}") from err
 
 
-def build_solver(name: str, problem: str, settings: dict[str, Any]):
-    """The solver `name` with the problem's recipe (if any) under `settings`; the
-    solver validates its hyperparameters at construction."""
+def build_solver(name: str, settings: dict[str, Any]):
+    """The solver `name` with its defaults under `settings`; the solver validates its
+    hyperparameters at construction."""
     cls = solver_class(name)
     try:
-        return cls(**{**recipe(problem, name.lower()), **settings})
+        return cls(**settings)
     except (TypeError, ValueError) as err:
         raise UsageError(f"cannot configure {cls.__name__}: {one_line(err)}") from err
 

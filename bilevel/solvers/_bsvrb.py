@@ -584,9 +584,8 @@ class BSVRB(AbstractBilevelSolver):
 
         grad = _mean_over_slots(out.grad)
         grad_prev = _mean_over_slots(out.grad_prev)
-        storm = tree_axpy(
-            1 - self._beta(state.step, steps.eta.dtype), tree_sub(state.z, grad_prev), grad
-        )
+        beta = self._beta(state.step, steps.eta.dtype)
+        storm = tree_axpy(1 - beta, tree_sub(state.z, grad_prev), grad)
         z = tree_where(state.step == 0, grad, storm)
         x = apply_project_x(problem, tree_axpy(-steps.eta, z, state.x))
 

@@ -19,10 +19,10 @@ from .._linear import Richardson
 from .._problem import apply_project_x
 from .._solver import AbstractBilevelSolver, count, positive
 from .._stepsize import (
-    adaptive_gradient_descent,
     default_inner_optimizer,
     gradient_mapping_norm,
     inverse_or_zero,
+    outer_update,
     random_direction,
     tracked_lower_curvature,
 )
@@ -171,11 +171,7 @@ class ImplicitDiff(AbstractBilevelSolver):
         return None if self.inner_lr is None else optax.sgd(self.inner_lr)
 
     def _outer(self) -> optax.GradientTransformation:
-        if self.outer_optimizer is not None:
-            return self.outer_optimizer
-        if self.outer_lr is not None:
-            return optax.sgd(self.outer_lr)
-        return adaptive_gradient_descent()
+        return outer_update(self.outer_optimizer, self.outer_lr)
 
     def _init(self, problem, x0, y0, key):
         user = self._user_inner()

@@ -17,11 +17,11 @@ from .._problem import apply_project_x
 from .._solver import AbstractBilevelSolver, count, positive
 from .._stepsize import (
     FIRST_POWER_ITERATIONS,
-    adaptive_gradient_descent,
     default_inner_optimizer,
     gradient_mapping_norm,
     inverse_or_zero,
     lower_hessian_norm,
+    outer_update,
     random_direction,
     tracked_lower_curvature,
 )
@@ -103,11 +103,7 @@ class Unrolled(AbstractBilevelSolver):
         return default_inner_optimizer(problem, data, step_size)
 
     def _outer(self) -> optax.GradientTransformation:
-        if self.outer_optimizer is not None:
-            return self.outer_optimizer
-        if self.outer_lr is not None:
-            return optax.sgd(self.outer_lr)
-        return adaptive_gradient_descent()
+        return outer_update(self.outer_optimizer, self.outer_lr)
 
     def _init(self, problem, x0, y0, key):
         dtype = jnp.result_type(*jtu.tree_leaves(y0))
