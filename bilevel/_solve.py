@@ -583,8 +583,9 @@ def solve(
       point (once its checkpoint is written) with the steps done, that point's metrics
       (NumPy scalars) and the current iterates; for custom logging or evaluation.
 
-    **Several processes** (`jax.distributed`, see [`bilevel.distributed`][]): call
-    `solve` with the same arguments in every process. Each process computes the same
+    **Several processes** (`jax.distributed`, see
+    [`bilevel.distributed.initialize`][]): call `solve` with the same arguments in
+    every process. Each process computes the same
     trajectory and returns the same `Result` (arrays sharded over processes stay
     sharded: [`bilevel.distributed.gather`][] reads them); only process 0 shows
     progress and writes the checkpoint (gathering sharded state first); on resume
