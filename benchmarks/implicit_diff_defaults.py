@@ -40,15 +40,25 @@ def defaults_row(label, name, params, solver_name, steps):
     solver = getattr(bl.solvers, solver_name)()
     start = time.perf_counter()
     result = bl.solve(
-        bench.problem, solver, bench.x0, bench.y0, bench.data, num_steps=steps,
-        key=jr.PRNGKey(0), log_every=max(1, steps // 10), progress=False,
+        bench.problem,
+        solver,
+        bench.x0,
+        bench.y0,
+        bench.data,
+        num_steps=steps,
+        key=jr.PRNGKey(0),
+        log_every=max(1, steps // 10),
+        progress=False,
     )
     jax.block_until_ready(result.x)
     seconds = time.perf_counter() - start
     values = bench.evaluate(result.x, result.y)
     metric = float(values[bench.metric])
-    baseline = float(values[bench.baseline] if bench.baseline else
-                     bench.evaluate(bench.x0, bench.y0)[bench.metric])
+    baseline = float(
+        values[bench.baseline]
+        if bench.baseline
+        else bench.evaluate(bench.x0, bench.y0)[bench.metric]
+    )
     better = metric > baseline if bench.maximize else metric < baseline
     status = result.history.get("hypergradient_status")
     return {
@@ -77,10 +87,16 @@ def scale_battery(steps, pairs=None):
             )
             solver = getattr(bl.solvers, solver_name)()
             state, history = bl.run(
-                bench.problem, solver, bench.x0, bench.y0, bench.data, steps,
+                bench.problem,
+                solver,
+                bench.x0,
+                bench.y0,
+                bench.data,
+                steps,
                 jr.PRNGKey(0),
             )
             x, y = solver.params(state)
+
             def value(x, y, bench=bench):
                 return float(bench.evaluate(x, y)["hyper_objective"])
 
@@ -91,9 +107,16 @@ def scale_battery(steps, pairs=None):
             hit = np.nonzero(trace <= 1e-3)[0]
             finite = bool(np.all(np.isfinite(np.asarray(history["upper_loss"]))))
             steps_to = int(hit[0]) + 1 if hit.size else "-"
-            rows.append({"solver": solver_name, "s (lower)": s, "t (upper)": t,
-                         "relative gap": gap, "steps to 1e-3": steps_to,
-                         "finite": finite})
+            rows.append(
+                {
+                    "solver": solver_name,
+                    "s (lower)": s,
+                    "t (upper)": t,
+                    "relative gap": gap,
+                    "steps to 1e-3": steps_to,
+                    "finite": finite,
+                }
+            )
     return rows
 
 
@@ -119,8 +142,13 @@ def main():
                     row = defaults_row(label, name, params, solver_name, args.steps)
                     rows.append(row)
                 except Exception as err:  # reported as a row: the table is the output
-                    rows.append({"problem": label, "solver": solver_name,
-                                 "status": f"error: {str(err)[:60]}"})
+                    rows.append(
+                        {
+                            "problem": label,
+                            "solver": solver_name,
+                            "status": f"error: {str(err)[:60]}",
+                        }
+                    )
                 print(rows[-1], flush=True)
         print_table(f"defaults, {args.steps} steps (bl.solve, key 0)", rows)
     if not args.no_battery:

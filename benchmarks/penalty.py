@@ -71,8 +71,19 @@ def _metrics(f, dx, gyy, gzy, gy, gz, lam):
 
 
 def fused_double_loop(
-    upper, lower, x, y, num_steps, *, lam_fn, x_lr_fn, y_lr_fn, z_lr_fn,
-    y_steps, z_steps, joint_y=False,
+    upper,
+    lower,
+    x,
+    y,
+    num_steps,
+    *,
+    lam_fn,
+    x_lr_fn,
+    y_lr_fn,
+    z_lr_fn,
+    y_steps,
+    z_steps,
+    joint_y=False,
 ):
     """Inner loops on z (g) and y (f + lam g), then x (and y when joint) from one set
     of oracles: covers Penalty's double loop, VPBGD (joint y) and F2SA."""
@@ -125,42 +136,79 @@ def configurations(lipschitz):
     step = 1 / lower_lipschitz
     x_lr = 1 / upper_lipschitz
     lam = 1 / SIGMA
-    const = lambda v: (lambda k: jnp.asarray(v, jnp.float64))  # noqa: E731
+    const = lambda v: lambda k: jnp.asarray(v, jnp.float64)  # noqa: E731
     t = lambda k: (k + 1).astype(jnp.float64)  # noqa: E731
     return {
         "Penalty (double loop)": (
             bl.solvers.Penalty(
-                sigma=SIGMA, x_lr=x_lr, y_lr=step, z_lr=step,
-                y_steps=INNER, z_steps=INNER,
+                sigma=SIGMA,
+                x_lr=x_lr,
+                y_lr=step,
+                z_lr=step,
+                y_steps=INNER,
+                z_steps=INNER,
             ),
-            dict(kind="double", lam_fn=const(lam), x_lr_fn=const(x_lr),
-                 y_lr_fn=const(step * SIGMA), z_lr_fn=const(step),
-                 y_steps=INNER, z_steps=INNER),
+            dict(
+                kind="double",
+                lam_fn=const(lam),
+                x_lr_fn=const(x_lr),
+                y_lr_fn=const(step * SIGMA),
+                z_lr_fn=const(step),
+                y_steps=INNER,
+                z_steps=INNER,
+            ),
         ),
         "Penalty (single loop)": (
             bl.solvers.Penalty(
-                variant="single_loop", sigma=SIGMA, x_lr=0.3 * x_lr,
-                y_lr=step, z_lr=step,
+                variant="single_loop",
+                sigma=SIGMA,
+                x_lr=0.3 * x_lr,
+                y_lr=step,
+                z_lr=step,
             ),
-            dict(kind="single", lam=lam, x_lr=0.3 * x_lr, y_lr=step * SIGMA, z_lr=step,
-                 eta=0.1),
+            dict(
+                kind="single",
+                lam=lam,
+                x_lr=0.3 * x_lr,
+                y_lr=step * SIGMA,
+                z_lr=step,
+                eta=0.1,
+            ),
         ),
         "VPBGD": (
             bl.solvers.VPBGD(penalty=lam, x_lr=step / lam, z_lr=step, z_steps=1),
-            dict(kind="double", lam_fn=const(lam), x_lr_fn=const(step / lam),
-                 y_lr_fn=const(step / lam), z_lr_fn=const(step),
-                 y_steps=0, z_steps=1, joint_y=True),
+            dict(
+                kind="double",
+                lam_fn=const(lam),
+                x_lr_fn=const(step / lam),
+                y_lr_fn=const(step / lam),
+                z_lr_fn=const(step),
+                y_steps=0,
+                z_steps=1,
+                joint_y=True,
+            ),
         ),
         "F2SA": (
             bl.solvers.F2SA(
-                penalty=10.0, penalty_growth=0.5, y_lr=0.1 * step, y_lr_decay=0.5,
-                z_lr=step, z_lr_decay=0.0, x_ratio=x_lr / (0.1 * step),
-                y_steps=INNER, z_steps=INNER,
+                penalty=10.0,
+                penalty_growth=0.5,
+                y_lr=0.1 * step,
+                y_lr_decay=0.5,
+                z_lr=step,
+                z_lr_decay=0.0,
+                x_ratio=x_lr / (0.1 * step),
+                y_steps=INNER,
+                z_steps=INNER,
             ),
-            dict(kind="double", lam_fn=lambda k: 10.0 * t(k) ** 0.5,
-                 x_lr_fn=lambda k: x_lr * t(k) ** -0.5,
-                 y_lr_fn=lambda k: 0.1 * step * t(k) ** -0.5, z_lr_fn=const(step),
-                 y_steps=INNER, z_steps=INNER),
+            dict(
+                kind="double",
+                lam_fn=lambda k: 10.0 * t(k) ** 0.5,
+                x_lr_fn=lambda k: x_lr * t(k) ** -0.5,
+                y_lr_fn=lambda k: 0.1 * step * t(k) ** -0.5,
+                z_lr_fn=const(step),
+                y_steps=INNER,
+                z_steps=INNER,
+            ),
         ),
     }
 
@@ -212,14 +260,16 @@ def throughput_table(bench, rows, lipschitz):
             },
             repeats=9,
         )
-        table.append({
-            "solver": name,
-            "bl.run steps/s": STEPS / times["bl.run"],
-            "fused steps/s": STEPS / times["fused"],
-            "ratio": times["bl.run"] / times["fused"],
-            "step-scan ratio": times["step scan"] / times["fused"],
-            "|x_run - x_fused| (20 steps)": gap,
-        })
+        table.append(
+            {
+                "solver": name,
+                "bl.run steps/s": STEPS / times["bl.run"],
+                "fused steps/s": STEPS / times["fused"],
+                "ratio": times["bl.run"] / times["fused"],
+                "step-scan ratio": times["step scan"] / times["fused"],
+                "|x_run - x_fused| (20 steps)": gap,
+            }
+        )
     print_table(
         f"steps/second on quadratic(dim_x={DIM_X}, dim_y={DIM_Y}), {STEPS} steps per "
         "call (ratio = bl.run time / fused time, target <= 1.10; step-scan ratio = "
@@ -264,10 +314,14 @@ def penalty_bias(bench, rows, sigma):
     upper, lower = _plain(bench, rows)
     nx = DIM_X
     zero = jnp.zeros(DIM_X + DIM_Y)
-    hf, gf = (jax.hessian(lambda v: upper(v[:nx], v[nx:]))(zero),
-              jax.grad(lambda v: upper(v[:nx], v[nx:]))(zero))
-    hg, gg = (jax.hessian(lambda v: lower(v[:nx], v[nx:]))(zero),
-              jax.grad(lambda v: lower(v[:nx], v[nx:]))(zero))
+    hf, gf = (
+        jax.hessian(lambda v: upper(v[:nx], v[nx:]))(zero),
+        jax.grad(lambda v: upper(v[:nx], v[nx:]))(zero),
+    )
+    hg, gg = (
+        jax.hessian(lambda v: lower(v[:nx], v[nx:]))(zero),
+        jax.grad(lambda v: lower(v[:nx], v[nx:]))(zero),
+    )
     g_yy, g_xy = hg[nx:, nx:], hg[:nx, nx:]
     schur = hg[:nx, :nx] - g_xy @ jnp.linalg.solve(g_yy, g_xy.T)
     z0 = -jnp.linalg.solve(g_yy, gg[nx:])
@@ -318,8 +372,13 @@ SOLVERS = ("Penalty", "VPBGD", "F2SA")
 # capabilities); `imaml` also with its task pool declared deterministic (every draw
 # returns the whole pool), to show the deterministic rules there.
 REGISTRY = (
-    "quadratic", "ridge_hpo", "logreg_hpo", "hypercleaning", "distillation",
-    "imaml", "hyper_representation",
+    "quadratic",
+    "ridge_hpo",
+    "logreg_hpo",
+    "hypercleaning",
+    "distillation",
+    "imaml",
+    "hyper_representation",
 )
 
 
@@ -339,8 +398,15 @@ def defaults_row(label, bench, solver_name, steps):
     solver = getattr(bl.solvers, solver_name)()
     start = time.perf_counter()
     result = bl.solve(
-        bench.problem, solver, bench.x0, bench.y0, bench.data, num_steps=steps,
-        key=jr.PRNGKey(0), log_every=max(1, steps // 10), progress=False,
+        bench.problem,
+        solver,
+        bench.x0,
+        bench.y0,
+        bench.data,
+        num_steps=steps,
+        key=jr.PRNGKey(0),
+        log_every=max(1, steps // 10),
+        progress=False,
     )
     jax.block_until_ready(result.x)
     seconds = time.perf_counter() - start
@@ -390,7 +456,8 @@ def battery_table(steps):
 
     cases = [
         (f"kappa 20, s={s:g}, t={t:g}", 20, s, t)
-        for s in (0.02, 1.0, 50.0) for t in (0.02, 1.0, 50.0)
+        for s in (0.02, 1.0, 50.0)
+        for t in (0.02, 1.0, 50.0)
     ] + [("kappa 50, s=1, t=1", 50, 1.0, 1.0)]
     rows = []
     for label, kappa, s, t in cases:
@@ -420,7 +487,9 @@ def battery_table(steps):
 def main(argv):
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "--tables", nargs="+", default=["throughput", "target", "defaults", "battery"],
+        "--tables",
+        nargs="+",
+        default=["throughput", "target", "defaults", "battery"],
     )
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--problems", nargs="+", default=list(REGISTRY))

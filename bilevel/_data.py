@@ -338,8 +338,13 @@ def as_fixed_batches(data: Any, owner: str) -> FixedBatches:
         return data
     if isinstance(data, Minibatch):
         return FixedBatches(
-            data.upper, data.lower, data.batch_size, data.upper_batch_size,
-            data.seed, data.key, data.sharding,
+            data.upper,
+            data.lower,
+            data.batch_size,
+            data.upper_batch_size,
+            data.seed,
+            data.key,
+            data.sharding,
         )
     if isinstance(data, FullBatch):
         return FixedBatches(data.upper, data.lower)

@@ -120,9 +120,10 @@ def merge_variable(params: PyTree[Array], frozen: Frozen) -> PyTree:
 def structure_of(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
     """Shapes and dtypes of every array leaf (non-arrays are kept as they are)."""
     return jtu.tree_map(
-        lambda u: jax.ShapeDtypeStruct(jnp.shape(u), jnp.result_type(u))
-        if eqx.is_array_like(u)
-        else u,
+        lambda u: (
+            jax.ShapeDtypeStruct(jnp.shape(u), jnp.result_type(u))
+            if eqx.is_array_like(u)
+            else u
+        ),
         tree,
     )
-

@@ -691,9 +691,7 @@ def _drive(
             status = _status(failure, row, tol, tol_metric, solver)
             # a failed run reports its failure as its status: no second warning;
             # warnings come from process 0 alone
-            warned = warned or (
-                main and failure == _OK and _warn_hypergradient(row)
-            )
+            warned = warned or (main and failure == _OK and _warn_hypergradient(row))
             if writer is not None:
                 writer.save(loop, rows, status)
             if display is not None:

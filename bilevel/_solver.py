@@ -346,4 +346,3 @@ class AbstractBilevelSolver(eqx.Module, Generic[SolverState]):
     @abc.abstractmethod
     def _params(self, state: Any) -> tuple[PyTree[Array], PyTree[Array]]:
         """The current floating-point `(x, y)`."""
-

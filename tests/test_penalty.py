@@ -199,8 +199,12 @@ QUADRATIC_CASES = {
     # linear ramp of gamma from 1 to 10 over 500 steps
     "vpbgd": (
         bl.solvers.VPBGD(
-            penalty=10.0, penalty_init=1.0, ramp_steps=500,
-            x_lr=0.02, z_lr=0.2, z_steps=5,
+            penalty=10.0,
+            penalty_init=1.0,
+            ramp_steps=500,
+            x_lr=0.02,
+            z_lr=0.2,
+            z_steps=5,
         ),
         3000,
         lambda k: 1 + 9 * np.minimum(k / 500, 1),
@@ -208,8 +212,13 @@ QUADRATIC_CASES = {
     # deterministic oracles: alpha_k lambda_k constant, lambda_k = 10 (k + 1)^(1/4)
     "f2sa": (
         bl.solvers.F2SA(
-            penalty=10.0, penalty_growth=0.25, y_lr=0.02, y_lr_decay=0.25,
-            z_lr=0.2, z_lr_decay=0.0, x_ratio=25.0,
+            penalty=10.0,
+            penalty_growth=0.25,
+            y_lr=0.02,
+            y_lr_decay=0.25,
+            z_lr=0.2,
+            z_lr_decay=0.0,
+            x_ratio=25.0,
         ),
         3000,
         lambda k: 10 * (k + 1.0) ** 0.25,
@@ -254,7 +263,6 @@ def test_quadratic_reaches_solution(quad, quad_constants, quad_blocks, name, dty
     np.testing.assert_allclose(
         history["lower_residual"][-1], sigma * np.linalg.norm(grad_f), rtol=1e-2
     )
-
 
 
 # --------------------------------------------------------------------------------------
@@ -314,7 +322,8 @@ def _slbamm_toy(n=4, dtype=jnp.float64):
 
 MERELY_CONVEX_CASES = {
     "penalty_double_loop": (
-        bl.solvers.Penalty(sigma=0.1, x_lr=0.5, y_lr=0.5, z_lr=0.5), 200
+        bl.solvers.Penalty(sigma=0.1, x_lr=0.5, y_lr=0.5, z_lr=0.5),
+        200,
     ),
     "penalty_single_loop": (
         bl.solvers.Penalty(
@@ -325,8 +334,13 @@ MERELY_CONVEX_CASES = {
     "vpbgd": (bl.solvers.VPBGD(penalty=10.0, x_lr=0.05, z_lr=0.5, z_steps=5), 1500),
     "f2sa": (
         bl.solvers.F2SA(
-            penalty=10.0, penalty_growth=0.25, y_lr=0.05, y_lr_decay=0.25,
-            z_lr=0.5, z_lr_decay=0.0, x_ratio=10.0,
+            penalty=10.0,
+            penalty_growth=0.25,
+            y_lr=0.05,
+            y_lr_decay=0.25,
+            z_lr=0.5,
+            z_lr_decay=0.0,
+            x_ratio=10.0,
         ),
         600,
     ),
@@ -405,9 +419,9 @@ def test_vpbgd_toy_ends_at_local_minima(dtype):
         g_yy = jax.grad(jax.grad(problem.lower, argnums=1), argnums=1)(x, -x, None)
         return f_y**2 / (2 * g_yy)
 
-    shifts = np.array([
-        float(jax.grad(phi)(m) / (gamma * jax.grad(jax.grad(psi))(m))) for m in minima
-    ])
+    shifts = np.array(
+        [float(jax.grad(phi)(m) / (gamma * jax.grad(jax.grad(psi))(m))) for m in minima]
+    )
 
     # The paper's toy configuration: gamma = 10, alpha = 0.1 / gamma, random starts.
     solver = bl.solvers.VPBGD(penalty=gamma, x_lr=0.1 / gamma, z_lr=0.1)

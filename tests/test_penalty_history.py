@@ -36,22 +36,53 @@ NUM_STEPS = 25
 # a default cannot change these runs).
 SOLVERS = {
     "penalty_double_loop": lambda: bl.solvers.Penalty(
-        variant="double_loop", sigma=0.05, sigma_decay=0.5, sigma_min=0.02,
-        x_lr=0.05, y_lr=0.25, z_lr=0.2, y_steps=3, z_steps=4, momentum=0.5,
+        variant="double_loop",
+        sigma=0.05,
+        sigma_decay=0.5,
+        sigma_min=0.02,
+        x_lr=0.05,
+        y_lr=0.25,
+        z_lr=0.2,
+        y_steps=3,
+        z_steps=4,
+        momentum=0.5,
         coupled_samples=False,
     ),
     "penalty_single_loop": lambda: bl.solvers.Penalty(
-        variant="single_loop", sigma=0.1, sigma_decay=0.2, sigma_min=0.05,
-        x_lr=0.1, y_lr=0.3, z_lr=0.3, y_steps=2, z_steps=2, momentum=0.3,
+        variant="single_loop",
+        sigma=0.1,
+        sigma_decay=0.2,
+        sigma_min=0.05,
+        x_lr=0.1,
+        y_lr=0.3,
+        z_lr=0.3,
+        y_steps=2,
+        z_steps=2,
+        momentum=0.3,
         coupled_samples=True,
     ),
     "vpbgd": lambda: bl.solvers.VPBGD(
-        penalty=5.0, penalty_init=1.0, ramp_steps=10, x_lr=0.03, y_lr=0.05,
-        z_lr=0.2, z_steps=3, scale_by_penalty=True, coupled_samples=False,
+        penalty=5.0,
+        penalty_init=1.0,
+        ramp_steps=10,
+        x_lr=0.03,
+        y_lr=0.05,
+        z_lr=0.2,
+        z_steps=3,
+        scale_by_penalty=True,
+        coupled_samples=False,
     ),
     "f2sa": lambda: bl.solvers.F2SA(
-        penalty=2.0, penalty_growth=0.3, y_lr=0.05, y_lr_decay=0.4, z_lr=0.2,
-        z_lr_decay=0.3, x_ratio=2.0, offset=2.0, y_steps=3, z_steps=2,
+        penalty=2.0,
+        penalty_growth=0.3,
+        y_lr=0.05,
+        y_lr_decay=0.4,
+        z_lr=0.2,
+        z_lr_decay=0.3,
+        x_ratio=2.0,
+        offset=2.0,
+        y_steps=3,
+        z_steps=2,
         coupled_samples=True,
     ),
 }
@@ -137,8 +168,10 @@ def run_case(solver_name: str, problem_name: str) -> dict[str, np.ndarray]:
     """Metrics of `NUM_STEPS` steps (step k uses key fold_in(PRNGKey(7), k)) and the
     final x, y, z."""
     constrained, stochastic = PROBLEMS[problem_name]
-    solver, problem, data = SOLVERS[solver_name](), _problem(constrained), _data(
-        stochastic
+    solver, problem, data = (
+        SOLVERS[solver_name](),
+        _problem(constrained),
+        _data(stochastic),
     )
     arrays = _arrays()
     x0, y0 = jnp.asarray(arrays["x0"]), jnp.asarray(arrays["y0"])
@@ -177,7 +210,7 @@ def recorded():
 def test_history_is_reproduced(recorded, solver_name, problem_name):
     got = run_case(solver_name, problem_name)
     prefix = f"{solver_name}/{problem_name}/"
-    names = [key[len(prefix):] for key in recorded if key.startswith(prefix)]
+    names = [key[len(prefix) :] for key in recorded if key.startswith(prefix)]
     # Every recorded metric and the final iterates (a refactor may add metrics, not
     # drop or change them).
     assert {"upper_loss", "grad_norm", "lower_residual", "x", "y", "z"} <= set(names)
@@ -189,7 +222,10 @@ def test_history_is_reproduced(recorded, solver_name, problem_name):
         # contracting iterations that stays near 1e-15. Any algorithmic change (a
         # different batch, step size or schedule) moves these numbers by far more.
         np.testing.assert_allclose(
-            got[name], recorded[prefix + name], rtol=1e-12, atol=1e-300,
+            got[name],
+            recorded[prefix + name],
+            rtol=1e-12,
+            atol=1e-300,
             err_msg=prefix + name,
         )
 

@@ -32,7 +32,10 @@ def test_hypercleaning_shapes(cleaning):
     assert cleaning.data.upper[0].shape == (100, 64)
     mlp = bl.problems.hypercleaning(model="mlp", num_train=50, num_val=20, hidden=8)
     assert {k: v.shape for k, v in mlp.y0.items()} == {
-        "w1": (64, 8), "b1": (8,), "w2": (8, 10), "b2": (10,)
+        "w1": (64, 8),
+        "b1": (8,),
+        "w2": (8, 10),
+        "b2": (10,),
     }
     assert not mlp.problem.condition.positive_semidefinite  # non-convex: no CG
 

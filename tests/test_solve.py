@@ -25,8 +25,15 @@ def test_implicit_diff_solve_reaches_closed_form_optimum(bench):
     # point.
     solver = bl.solvers.ImplicitDiff(inner_steps=10, outer_lr=1.0)
     result = bl.solve(
-        bench.problem, solver, bench.x0, bench.y0, bench.data, num_steps=400,
-        log_every=20, progress=False, tol=1e-7,
+        bench.problem,
+        solver,
+        bench.x0,
+        bench.y0,
+        bench.data,
+        num_steps=400,
+        log_every=20,
+        progress=False,
+        tol=1e-7,
     )
     assert result.status == bl.Status.converged
     assert float(jnp.linalg.norm(result.x - bench.solution)) < 1e-4  # issue target
@@ -42,8 +49,15 @@ def test_run_matches_solve_and_vmaps_over_seeds(bench):
         bench.problem, solver, bench.x0, bench.y0, bench.data, 30, key
     )
     result = bl.solve(
-        bench.problem, solver, bench.x0, bench.y0, bench.data, num_steps=30, key=key,
-        log_every=10, progress=False,
+        bench.problem,
+        solver,
+        bench.x0,
+        bench.y0,
+        bench.data,
+        num_steps=30,
+        key=key,
+        log_every=10,
+        progress=False,
     )
     x_run, _ = solver.params(state)
     assert np.max(np.abs(x_run - result.x)) < 1e-14  # same keys, same arithmetic
@@ -96,8 +110,14 @@ def test_unrolled_checkpoint_and_truncation(bench):
 def test_unrolled_solve_reaches_optimum(bench):
     solver = bl.solvers.Unrolled(inner_steps=80, inner_lr=0.2, outer_lr=1.0)
     result = bl.solve(
-        bench.problem, solver, bench.x0, bench.y0, bench.data, num_steps=300,
-        log_every=50, progress=False,
+        bench.problem,
+        solver,
+        bench.x0,
+        bench.y0,
+        bench.data,
+        num_steps=300,
+        log_every=50,
+        progress=False,
     )
     # With a warm start y0 = y*(x) treated as a constant, ITD's gradient is the K-term
     # Neumann sum: its bias is ~ (1 - 0.2 * lambda_min(A))^K <= 0.8^80 ~ 2e-8 (A >= I).
@@ -136,9 +156,7 @@ def test_stochastic_implicit_diff_improves_with_batch_size():
         solver = bl.solvers.ImplicitDiff(inner_steps=10, inner_lr=0.1, outer_lr=0.3)
 
         def run(k):
-            return bl.run(
-                bench.problem, solver, bench.x0, bench.y0, bench.data, 300, k
-            )
+            return bl.run(bench.problem, solver, bench.x0, bench.y0, bench.data, 300, k)
 
         states, _ = jax.vmap(run)(jr.split(jr.PRNGKey(0), 8))
         distances = jnp.linalg.norm(states.x - bench.solution[None, :], axis=1)
@@ -215,8 +233,17 @@ def test_bad_inputs_get_clear_errors(bench):
     with pytest.raises(ValueError, match="num_steps"):
         bl.solve(bench.problem, solver, bench.x0, bench.y0, bench.data, num_steps=0)
     with pytest.raises(ValueError, match="tol_metric"):
-        bl.solve(bench.problem, solver, bench.x0, bench.y0, bench.data, num_steps=2,
-                 progress=False, tol=1.0, tol_metric="nope")
+        bl.solve(
+            bench.problem,
+            solver,
+            bench.x0,
+            bench.y0,
+            bench.data,
+            num_steps=2,
+            progress=False,
+            tol=1.0,
+            tol_metric="nope",
+        )
     with pytest.raises(ValueError, match="leading sample axis"):
         bl.Minibatch(
             upper=None, lower={"a": jnp.zeros(3), "b": jnp.zeros(4)}, batch_size=2

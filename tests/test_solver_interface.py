@@ -79,8 +79,17 @@ def test_inner_tol_rejects_minibatches_at_step():
 
 @pytest.mark.parametrize(
     "value, ok",
-    [(0.1, True), (3, True), (0.0, False), (-1.0, False), (float("nan"), False),
-     (float("inf"), False), (None, False), ("auto", False), (True, False)],
+    [
+        (0.1, True),
+        (3, True),
+        (0.0, False),
+        (-1.0, False),
+        (float("nan"), False),
+        (float("inf"), False),
+        (None, False),
+        ("auto", False),
+        (True, False),
+    ],
 )
 def test_bounds_of_a_positive_step(value, ok):
     assert Bounds(0.0, low_open=True).accepts(value) is ok

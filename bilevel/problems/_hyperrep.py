@@ -99,8 +99,13 @@ def hyper_representation(
         ```
     """
     _check_sizes(
-        num_tasks=num_tasks, ways=ways, shots=shots, queries=queries, hidden=hidden,
-        num_test_tasks=num_test_tasks, newton_steps=newton_steps,
+        num_tasks=num_tasks,
+        ways=ways,
+        shots=shots,
+        queries=queries,
+        hidden=hidden,
+        num_test_tasks=num_test_tasks,
+        newton_steps=newton_steps,
     )
     if ways > 10:
         raise ValueError(
@@ -334,4 +339,3 @@ def _check_sizes(**sizes: int) -> None:
             raise ValueError(
                 f"hyper_representation: `{name}` must be an int >= 1, got {value!r}"
             )
-

@@ -73,6 +73,7 @@ registry: Mapping[str, Callable[..., Benchmark]] = _Registry(
 [`bilevel.problems.ridge_hpo`][]. Unknown names raise a `KeyError` (also a `ValueError`)
 listing the valid ones; [`bilevel.problems.make`][] also checks the parameters."""
 
+
 def parameters(name: str) -> dict[str, object]:
     """The parameters of the constructor registered as `name`, with their defaults
     (`inspect.Parameter.empty` for required ones)."""

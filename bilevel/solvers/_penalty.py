@@ -412,7 +412,10 @@ class _AbstractValuePenalty(AbstractBilevelSolver):
         return False
 
     def _init(
-        self, problem: BilevelProblem, x0: PyTree[Array], y0: PyTree[Array],
+        self,
+        problem: BilevelProblem,
+        x0: PyTree[Array],
+        y0: PyTree[Array],
         key: PRNGKeyArray,
     ) -> _PenaltyState:
         """$z_0 = y_0$; zero STORM buffers; curvature estimates and the adaptive step

@@ -142,11 +142,13 @@ class SABA(AbstractBilevelSolver):
         if self.memory_init == "full":
             lower = _full_memory(
                 lambda b: _lower_part(oracles(problem, x0, y0, v0, upper0, b)),
-                data.lower_batch_at, data.num_lower_batches,
+                data.lower_batch_at,
+                data.num_lower_batches,
             )
             upper = _full_memory(
                 lambda b: _upper_part(oracles(problem, x0, y0, v0, b, lower0)),
-                data.upper_batch_at, data.num_upper_batches,
+                data.upper_batch_at,
+                data.num_upper_batches,
             )
         else:
             lower = _empty_memory(_lower_part(like), data.num_lower_batches)
@@ -165,9 +167,7 @@ class SABA(AbstractBilevelSolver):
         o = oracles(problem, state.x, state.y, state.v, upper_batch, lower_batch)
         lower_hat, lower_memory = _saga_update(lower_memory, i, _lower_part(o))
         upper_hat, upper_memory = _saga_update(upper_memory, j, _upper_part(o))
-        d_y, d_v, d_x = directions(
-            Oracles(o.upper_loss, **upper_hat, **lower_hat)
-        )
+        d_y, d_v, d_x = directions(Oracles(o.upper_loss, **upper_hat, **lower_hat))
         rho, gamma = state.inner_lr, state.outer_lr
         x, y, v = joint_step(problem, state, d_y, d_v, d_x, rho, gamma)
         grad_norm = direction_norm(problem, state.x, x, d_x, gamma)

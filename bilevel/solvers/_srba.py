@@ -126,8 +126,12 @@ class SRBA(AbstractBilevelSolver):
             lower_batch = data.lower_batch(lower_key, state.step)
             o = oracles(problem, x, y, v, upper_batch, lower_batch)
             o_old = oracles(
-                problem, memory.x_old, memory.y_old, memory.v_old,
-                upper_batch, lower_batch,
+                problem,
+                memory.x_old,
+                memory.y_old,
+                memory.v_old,
+                upper_batch,
+                lower_batch,
             )
             new, old = directions(o), directions(o_old)
             d = (memory.d_y, memory.d_v, memory.d_x)
@@ -148,4 +152,3 @@ class SRBA(AbstractBilevelSolver):
 
     def _params(self, state):
         return state.x, state.y
-
