@@ -20,3 +20,19 @@ def getkey():
         return sub
 
     return _next
+
+
+# The slowest modules first: pytest-xdist hands whole modules to its workers
+# (`--dist loadscope`), so a slow module collected last would run alone at the end.
+_SLOW_MODULES = (
+    "test_distributed.py",
+    "test_migration.py",
+    "test_bsvrb.py",
+    "test_stochastic.py",
+    "test_unrolled.py",
+    "test_solve.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in _SLOW_MODULES)
