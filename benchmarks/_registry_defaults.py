@@ -18,6 +18,26 @@ def baseline_value(bench, scores):
     return float(bench.evaluate(bench.x0, bench.y0)[bench.metric])
 
 
+def timed_default_solve(bench, solver_name: str, steps: int):
+    """`bl.solve` of `bl.solvers.<solver_name>()` (defaults) on `bench` for `steps`
+    steps, 10 log points: `(result, seconds)`, compilation included."""
+    solver = getattr(bl.solvers, solver_name)()
+    start = time.perf_counter()
+    result = bl.solve(
+        bench.problem,
+        solver,
+        bench.x0,
+        bench.y0,
+        bench.data,
+        num_steps=steps,
+        key=jr.PRNGKey(0),
+        log_every=max(1, steps // 10),
+        progress=False,
+    )
+    jax.block_until_ready(result.x)
+    return result, time.perf_counter() - start
+
+
 def defaults_rows(solver_class, num_steps=2000, seed=0, names=None):
     """One row per applicable registry problem (multi-block ones excluded): the metric
     after `num_steps` steps of `solver_class()`, the baseline, whether the run is better

@@ -9,12 +9,12 @@ Table 2: relative hyper-objective gap of the scaled quadratic after the given st
 """
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+from _registry_defaults import baseline_value, timed_default_solve
 from _timing import print_table
 
 
@@ -37,28 +37,10 @@ def defaults_row(label, name, params, solver_name, steps):
     import bilevel as bl
 
     bench = bl.problems.make(name, **params)
-    solver = getattr(bl.solvers, solver_name)()
-    start = time.perf_counter()
-    result = bl.solve(
-        bench.problem,
-        solver,
-        bench.x0,
-        bench.y0,
-        bench.data,
-        num_steps=steps,
-        key=jr.PRNGKey(0),
-        log_every=max(1, steps // 10),
-        progress=False,
-    )
-    jax.block_until_ready(result.x)
-    seconds = time.perf_counter() - start
+    result, seconds = timed_default_solve(bench, solver_name, steps)
     values = bench.evaluate(result.x, result.y)
     metric = float(values[bench.metric])
-    baseline = float(
-        values[bench.baseline]
-        if bench.baseline
-        else bench.evaluate(bench.x0, bench.y0)[bench.metric]
-    )
+    baseline = baseline_value(bench, values)
     better = metric > baseline if bench.maximize else metric < baseline
     status = result.history.get("hypergradient_status")
     return {

@@ -20,13 +20,13 @@ times on whatever else the machine is doing: compare ratios within one table.
 
 import argparse
 import sys
-import time
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+from _registry_defaults import baseline_value, timed_default_solve
 from _timing import interleaved_median_times, median_time, print_table
 
 import bilevel as bl
@@ -382,11 +382,6 @@ REGISTRY = (
 )
 
 
-def _baseline(bench):
-    values = bench.evaluate(bench.x0, bench.y0)
-    return float(values[bench.baseline] if bench.baseline else values[bench.metric])
-
-
 def _deterministic_pool(bench):
     """iMAML's task pool as full-batch data (the same batches, flagged
     deterministic)."""
@@ -395,23 +390,10 @@ def _deterministic_pool(bench):
 
 
 def defaults_row(label, bench, solver_name, steps):
-    solver = getattr(bl.solvers, solver_name)()
-    start = time.perf_counter()
-    result = bl.solve(
-        bench.problem,
-        solver,
-        bench.x0,
-        bench.y0,
-        bench.data,
-        num_steps=steps,
-        key=jr.PRNGKey(0),
-        log_every=max(1, steps // 10),
-        progress=False,
-    )
-    jax.block_until_ready(result.x)
-    seconds = time.perf_counter() - start
-    metric = float(bench.evaluate(result.x, result.y)[bench.metric])
-    baseline = _baseline(bench)
+    result, seconds = timed_default_solve(bench, solver_name, steps)
+    values = bench.evaluate(result.x, result.y)
+    metric = float(values[bench.metric])
+    baseline = baseline_value(bench, values)
     better = metric > baseline if bench.maximize else metric < baseline
     return {
         "problem": label,
