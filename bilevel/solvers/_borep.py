@@ -17,7 +17,7 @@ import jax.tree_util as jtu
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
 
-from .._data import AbstractData, as_data
+from .._data import AbstractData
 from .._inner import inner_steps
 from .._linear import result_dtype
 from .._misc import tree_axpy, tree_norm, tree_project_ball, tree_scale, tree_sub
@@ -246,7 +246,6 @@ class BOREP(AbstractBilevelSolver):
         )
 
     def _step(self, problem, state, data, key):
-        data = as_data(data)
         k = state.step
         lower_key, upper_key, hvp_key, cross_key = jr.split(key, 4)
         period_start = jnp.where(k % self.period == 0, _PERIODIC, _FROZEN)

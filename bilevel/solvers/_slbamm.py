@@ -11,7 +11,6 @@ import jax.random as jr
 import jax.tree_util as jtu
 from jaxtyping import Array, Int, PyTree, Scalar
 
-from .._data import as_data
 from .._linear import result_dtype
 from .._misc import tree_axpy, tree_dot, tree_norm, tree_scale, tree_sub
 from .._problem import BilevelProblem, apply_project_x
@@ -379,7 +378,6 @@ class SLBAMM(AbstractBilevelSolver):
         return tree_axpy(-eta, residual, v), eta
 
     def _step(self, problem, state, data, key):
-        data = as_data(data)
         upper_key, lower_key = jr.split(key)
         upper_batch = data.upper_batch(upper_key, state.step)
         lower_batch = data.lower_batch(lower_key, state.step)
