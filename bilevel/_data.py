@@ -50,11 +50,17 @@ class AbstractData(eqx.Module):
         return self
 
     def full_upper(self) -> Any:
-        """All the upper data as one batch (for solvers that make full passes)."""
+        """All the upper data as one batch (for solvers that make full passes): any
+        draw of deterministic data."""
+        if self.deterministic:
+            return self.upper_batch(jr.PRNGKey(0), 0)
         raise TypeError(f"{type(self).__name__} cannot give all its upper data at once")
 
     def full_lower(self) -> Any:
-        """All the lower data as one batch (for solvers that make full passes)."""
+        """All the lower data as one batch (for solvers that make full passes): any
+        draw of deterministic data."""
+        if self.deterministic:
+            return self.lower_batch(jr.PRNGKey(0), 0)
         raise TypeError(f"{type(self).__name__} cannot give all its lower data at once")
 
     @property
@@ -331,8 +337,8 @@ class FixedBatches(AbstractData):
 
 def as_fixed_batches(data: Any, owner: str) -> FixedBatches:
     """`data` as [`bilevel.FixedBatches`][]: a `Minibatch` keeps its arrays, batch
-    sizes, seed and bound key; full-batch data becomes one batch per level. Anything
-    else raises a `TypeError` naming `owner` (the solver that needs fixed batches)."""
+    sizes, seed and bound key; full-batch data (and any deterministic data, whose draws
+    all return the whole data) becomes one batch per level. Anything else raises a `TypeError` naming `owner` (the solver that needs fixed batches)."""
     data = as_data(data)
     if isinstance(data, FixedBatches):
         return data
@@ -348,6 +354,8 @@ def as_fixed_batches(data: Any, owner: str) -> FixedBatches:
         )
     if isinstance(data, FullBatch):
         return FixedBatches(data.upper, data.lower)
+    if data.deterministic:  # every draw is the whole data: one batch per level
+        return FixedBatches(data.full_upper(), data.full_lower())
     raise TypeError(
         f"{owner} keeps one memory per batch and needs data split into fixed batches: "
         f"pass a bl.FixedBatches, bl.Minibatch or full batch, got {type(data).__name__}"

@@ -453,6 +453,7 @@ def hyper_curvature(
     key: PRNGKeyArray,
     num_iters: int = 10,
     max_steps: int = 50,
+    coupling_only: bool = False,
 ) -> Scalar:
     r"""Estimate of the curvature $L_\Phi = \|\nabla^2\Phi(x)\|_2$ of the
     hyper-objective $\Phi(x) = F(x, y^*(x))$, $G(x, y^*(x)) = 0$ (`upper` $= F$,
@@ -473,15 +474,22 @@ def hyper_curvature(
     $\partial_y G$ must be symmetric positive semidefinite and nonsingular on the range
     of $\partial_x G$ and of $\nabla_y F$ (a direction of non-positive curvature ends a
     solve early).
+
+    With `coupling_only`, the curvature of the part that passes through $y^*(x)$,
+    $\|\nabla^2\Phi - \nabla^2_{xx}\mathcal L\|$ (what lagging iterates of $y$ and
+    of the adjoint perturb), and, as a second output, the lower curvature that those
+    iterates see along it: the smaller Rayleigh quotient of $\partial_y G$ at the
+    responses $J w$ of $y^*$ and $(\partial_y G)^{-1}\,\partial_y\nabla\mathcal L
+    \,[w; Jw]$ of the adjoint to the leading direction $w$ ($\infty$ if both vanish).
     """
 
     def solver_at(y):
         residual, hvp = jax.linearize(lambda v: gradient(x, v), y)
-        return residual, lambda rhs: _conjugate_gradient(hvp, rhs, max_steps)
+        return residual, hvp, lambda rhs: _conjugate_gradient(hvp, rhs, max_steps)
 
-    residual, solve = solver_at(y)
+    residual, _, solve = solver_at(y)
     y = tree_sub(y, solve(residual))
-    _, solve = solver_at(y)
+    _, hvp, solve = solver_at(y)
     _, cross = jax.linearize(lambda u: gradient(u, y), x)
     cross_t = jax.linear_transpose(cross, x)
     adjoint = solve(jax.grad(upper, argnums=1)(x, y))
@@ -491,13 +499,24 @@ def hyper_curvature(
 
     _, upper_hvp = jax.linearize(jax.grad(lagrangian), (x, y))
 
-    def gauss_newton(w):
-        direction = (w, tree_scale(-1.0, solve(cross(w))))
-        h_x, h_y = upper_hvp(direction)
-        (back,) = cross_t(solve(h_y))
-        return tree_sub(h_x, back)
+    def product(w):
+        response = solve(cross(w))  # -J w
+        h_x, h_y = upper_hvp((w, tree_scale(-1.0, response)))
+        adjoint_response = solve(h_y)
+        (back,) = cross_t(adjoint_response)
+        if coupling_only:
+            h_x = tree_sub(h_x, upper_hvp((w, jtu.tree_map(jnp.zeros_like, y)))[0])
+        return tree_sub(h_x, back), (response, adjoint_response)
 
-    return operator_norm(gauss_newton, x, key, num_iters)
+    start = random_direction(key, x)
+    norm, leading = power_iteration(lambda w: product(w)[0], start, num_iters)
+    if not coupling_only:
+        return norm
+    _, responses = product(leading)
+    quotients = [
+        _ratio_or_inf(tree_dot(r, hvp(r)), tree_dot(r, r)) for r in responses
+    ]
+    return norm, jnp.minimum(*quotients)
 
 
 def _conjugate_gradient(matvec, rhs: PyTree[Array], max_steps: int) -> PyTree[Array]:
@@ -595,22 +614,34 @@ def single_loop_step_sizes(
     key: PRNGKeyArray,
     fraction: float = 0.5,
 ) -> tuple[Scalar, Scalar]:
-    r"""Default steps of the joint $(y, v, x)$ methods: $\rho = c / L_g$ for $y$ and $v$
-    and $\gamma = c / L_f$ for $x$, $c$ = `fraction`, with $L_g$ the largest lower
-    curvature ([`lower_curvature`][bilevel._stepsize.lower_curvature]) and $L_f$ the
-    largest upper curvature (`upper_curvature`) at $(x, y)$ over the given batches
-    (stacked along a leading axis, one per draw).
+    r"""Default steps of the joint $(y, v, x)$ methods, from the batches given (stacked
+    along a leading axis, one per draw), at $(x, y)$:
 
-    $y$ and $v$ take gradient steps on $g$ and on $\frac12 v^\top\nabla^2_{yy} g\, v +
-    v^\top\nabla_y f$, both $L_g$-smooth on every batch probed; the hyper-objective
-    scales like $f$ (scaling $g$ changes neither $y^*(x)$ nor $\nabla^2_{xy} g\,v^*$),
-    so the $x$ step follows $1/L_f$. Multiplying $g$ by $s$ or $f$ by $t$ leaves every
-    iteration unchanged. The default $c = 1/2$ keeps a margin below $1/L$, beyond which
-    variance-reduced steps on small batches diverge (power iteration also
-    underestimates $L$ slightly). A zero curvature (e.g. an upper objective without
-    second-order terms) falls back on the other level's.
+    - $\rho = c / L_g$ for $y$ and $v$, $c$ = `fraction`, $L_g$ the largest lower
+      curvature over the batches ([`lower_curvature`][bilevel._stepsize.lower_curvature]):
+      $y$ and $v$ take gradient steps on $g$ and on $\frac12 v^\top\nabla^2_{yy} g\, v +
+      v^\top\nabla_y f$, both $L_g$-smooth on every batch probed;
+    - $\gamma = c\min(1/L_\Phi,\ \rho\mu / L_c)$ for $x$, from the mean problem over
+      the batches (`hyper_curvature`): $L_\Phi$ the curvature of its hyper-objective,
+      $L_c$ that of the part through $y^*(x)$, $\mu$ the lower curvature along the
+      responses of $y^*$ and of the adjoint to the leading direction of that part.
+
+    Why $\rho\mu$: $y$ and $v$ follow $y^*(x)$ and $v^*(x)$ with a lag of about
+    $1/(\rho\mu)$ steps, and $x$ steps along a direction computed from them; the joint
+    iteration is stable only if $x$ moves slowly on that time scale (the two-time-scale
+    condition of the convergence analyses). On quadratics whose hyper-objective
+    curvature comes from the coupling, the joint iteration becomes unstable from
+    $\gamma L_c \approx 2.2\rho\mu_g$ (spectral radius of the iteration matrix,
+    $\kappa_g$ from 1 to 1000); with $c = 1/2$ the default stays at least 1.9 times
+    below it there. It is conservative where the coupling is weak (see the SOBA page).
+
+    Multiplying $g$ by $s$ or $f$ by $t$ leaves every iteration unchanged ($\rho\mu$ is
+    scale-free, $L_\Phi$ and $L_c$ scale with $t$). $\mu$ is floored at $10^{-3} L_g$
+    (e.g. a non-convex lower level); a non-positive or non-finite $L_\Phi$ falls back on
+    $L_f$, the largest upper curvature in $(x, y)$ (`upper_curvature`), and a zero $L_g$
+    on $L_f$ (or 1).
     """
-    lower_key, upper_key = jr.split(key)
+    lower_key, upper_key, hyper_key = jr.split(key, 3)
     leaves = jtu.tree_leaves((upper_batches, lower_batches))
     num = jnp.shape(leaves[0])[0] if leaves else 1
 
@@ -619,8 +650,27 @@ def single_loop_step_sizes(
         values = jax.vmap(lambda b, k: curvature(problem, x, y, b, k))(batches, keys)
         return jnp.max(values)
 
+    def mean_over(fn, batches):
+        if not jtu.tree_leaves(batches):  # a level without data
+            return lambda u, w: fn(u, w, batches)
+        return lambda u, w: jnp.mean(jax.vmap(lambda b: fn(u, w, b))(batches))
+
     lower = largest(lower_curvature, lower_batches, lower_key)
     upper = largest(upper_curvature, upper_batches, upper_key)
     lower = jnp.where(lower > 0, lower, jnp.where(upper > 0, upper, 1.0))
     upper = jnp.where(upper > 0, upper, lower)
-    return fraction / lower, fraction / upper
+    rho = fraction / lower
+
+    mean_upper = mean_over(problem.upper, upper_batches)
+    lower_grad = jax.grad(mean_over(problem.lower, lower_batches), argnums=1)
+    full_key, coupling_key = jr.split(hyper_key)
+    hyper = hyper_curvature(mean_upper, lower_grad, x, y, full_key)
+    coupling, lagging = hyper_curvature(
+        mean_upper, lower_grad, x, y, coupling_key, coupling_only=True
+    )
+    hyper = jnp.where(jnp.isfinite(hyper) & (hyper > 0), hyper, upper)
+    floor = 1e-3 * lower
+    lagging = jnp.where(lagging > floor, lagging, floor)  # also catches NaN
+    coupling = jnp.where(jnp.isfinite(coupling), coupling, hyper)
+    lag_limit = _ratio_or_inf(rho * lagging, coupling)
+    return rho, fraction * jnp.minimum(1 / hyper, lag_limit)

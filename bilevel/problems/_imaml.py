@@ -238,6 +238,10 @@ class TaskPool(AbstractData):
     query: tuple
     tasks: FewShotTasks
 
+    @property
+    def deterministic(self) -> bool:
+        return True  # every draw is the whole pool
+
     def upper_batch(self, key, draw, stream=0):
         return self.query
 

@@ -13,6 +13,7 @@ from ._soba import (
     SUPPORTS,
     UNSUPPORTED,
     SingleLoopState,
+    decay_horizon,
     decayed,
     direction_norm,
     directions,
@@ -46,11 +47,13 @@ class MASOBA(AbstractBilevelSolver):
 
     - `inner_lr`: $\rho_0$ for $y$ and $v$ (default: $\tfrac12 / L_g$, the lower
       curvature estimated at $(x_0, y_0)$ on a first batch).
-    - `outer_lr`: $\gamma_0$ for $x$ (default: $\tfrac12 / L_f$).
+    - `outer_lr`: $\gamma_0$ for $x$ (default: $\tfrac12\rho\,\mu_g / L_\Phi$, from the
+      problem: see [`bilevel.solvers.SOBA`][]).
     - `averaging`: $\theta_0 \in (0, 1]$ (default 1: the first step is SOBA's).
     - `decay`: the exponent of all three schedules (default 1/2; 0 keeps them
       constant).
-    - `decay_steps`: $\tau$ (default: the data's epoch length, 1 for full batches).
+    - `decay_steps`: $\tau$ (default: the data's epoch length; on deterministic data
+      such as full batches the steps stay constant).
     - `v_radius`: $R$ (default `None`: no projection). A bound on
       $\|v^*\| \le \|\nabla_y f\| / \mu_g$ keeps $v$ bounded on hard problems.
 
@@ -93,7 +96,7 @@ class MASOBA(AbstractBilevelSolver):
     def _step(self, problem, state, data, key):
         o = draw_oracles(problem, state, data, key)
         d_y, d_v, d_x = directions(o)
-        horizon = self.decay_steps or data.epoch_length
+        horizon = decay_horizon(self.decay_steps, data)
         rho = decayed(state.inner_lr, state.step, self.decay, horizon)
         gamma = decayed(state.outer_lr, state.step, self.decay, horizon)
         theta = decayed(

@@ -92,7 +92,8 @@ class SABA(AbstractBilevelSolver):
 
     - `inner_lr`: $\rho$ for $y$ and $v$ (default: $\tfrac12 / L_g$, the lower
       curvature estimated at $(x_0, y_0)$ on a first batch).
-    - `outer_lr`: $\gamma$ for $x$ (default: $\tfrac12 / L_f$, the upper curvature).
+    - `outer_lr`: $\gamma$ for $x$ (default: $\tfrac12\rho\,\mu_g / L_\Phi$, from the
+      problem: see [`bilevel.solvers.SOBA`][]).
     - `memory_init`: `"zero"` (default, as in the authors' benchmark: the tables start
       at zero and fill during the first epoch) or `"full"` (a full pass at `init`
       fills them at $(x_0, y_0, v_0 = 0)$).

@@ -13,6 +13,7 @@ $x \leftarrow P_X(x - \gamma D_x)$ simultaneously. At $y = y^*(x)$ and
 $v = v^*(x) = -[\nabla^2_{yy} g]^{-1}\nabla_y f$, $D_x$ is the hypergradient.
 """
 
+import math
 from typing import Any, ClassVar
 
 import equinox as eqx
@@ -39,7 +40,7 @@ UNSUPPORTED = {
     "optimality": "its y and v steps follow grad_y g and its Hessian",
 }
 
-# Default steps: 1 / (2 L_g) and 1 / (2 L_f), L the largest curvature over the first
+# Default steps (single_loop_step_sizes) from the curvatures over the first
 # PROBE_BATCHES draws of the data (at most one epoch).
 PROBE_BATCHES = 10
 
@@ -150,7 +151,16 @@ def oracle_metrics(o: Oracles, grad_norm: Scalar) -> dict[str, Scalar]:
     }
 
 
-def decayed(base, step, decay, horizon: int) -> Scalar:
+def decay_horizon(decay_steps: int | None, data: AbstractData) -> float:
+    r"""$\tau$ of the decreasing schedules: `decay_steps` if given, else the data's epoch
+    length, or $\infty$ (constant steps) on deterministic data, where the decrease
+    that averages out the noise of the batches would only slow the method down."""
+    if decay_steps is not None:
+        return decay_steps
+    return math.inf if data.deterministic else data.epoch_length
+
+
+def decayed(base, step, decay, horizon: float) -> Scalar:
     r"""$\text{base}\,(1 + t/\tau)^{-a}$ with $t$ = `step`, $a$ = `decay`, $\tau$ =
     `horizon` steps."""
     t = jnp.asarray(step, jnp.result_type(base))
@@ -177,10 +187,13 @@ class SOBA(AbstractBilevelSolver):
     **Step sizes.** The paper's analysis decreases them, $\rho_t \propto t^{-2/5}$,
     $\gamma_t \propto t^{-3/5}$; here $\rho_t = \rho_0 (1 + t/\tau)^{-2/5}$ and
     $\gamma_t = \gamma_0 (1 + t/\tau)^{-3/5}$, flat over the first $\tau$ steps (one
-    epoch of the data by default). By default $\rho_0 = \tfrac12 / L_g$ and
-    $\gamma_0 = \tfrac12 / L_f$, with $L_g$, $L_f$ power-iteration estimates of the
-    lower and upper curvature at $(x_0, y_0)$ on a first batch (see
-    `bilevel._stepsize.single_loop_step_sizes`); an explicit value wins.
+    epoch of the data by default; constant on deterministic data). By default
+    $\rho_0 = \tfrac12 / L_g$ and $\gamma_0 = \tfrac12\rho_0\,\mu_g / L_\Phi$: $L_g$
+    the largest lower curvature over the first batches, $\mu_g$ the smallest
+    eigenvalue of their mean lower Hessian and $L_\Phi$ the curvature of their mean
+    hyper-objective, at $(x_0, y_0)$. The $x$ step follows the lag $1/(\rho\mu_g)$ of
+    $y$ and $v$ behind $y^*(x)$, $v^*(x)$ (two time scales; see
+    `bilevel._stepsize.single_loop_step_sizes`). An explicit value wins.
 
     **Arguments:**
 
@@ -188,7 +201,8 @@ class SOBA(AbstractBilevelSolver):
     - `outer_lr`: $\gamma_0$, the step of $x$ (default: from the problem).
     - `inner_decay`, `outer_decay`: the exponents (defaults 2/5 and 3/5; 0 keeps the
       steps constant).
-    - `decay_steps`: $\tau$ (default: the data's epoch length, 1 for full batches).
+    - `decay_steps`: $\tau$ (default: the data's epoch length; on deterministic data
+      such as full batches the steps stay constant).
 
     Metrics: `upper_loss`, `grad_norm` $\|D_x\|$, `lower_residual`
     $\|\nabla_y g\|$ and `linear_residual` $\|D_v\|$, all on the step's batches.
@@ -228,7 +242,7 @@ class SOBA(AbstractBilevelSolver):
     def _step(self, problem, state, data, key):
         o = draw_oracles(problem, state, data, key)
         d_y, d_v, d_x = directions(o)
-        horizon = self.decay_steps or data.epoch_length
+        horizon = decay_horizon(self.decay_steps, data)
         rho = decayed(state.inner_lr, state.step, self.inner_decay, horizon)
         gamma = decayed(state.outer_lr, state.step, self.outer_decay, horizon)
         x, y, v = joint_step(problem, state, d_y, d_v, d_x, rho, gamma)

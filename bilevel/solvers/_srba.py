@@ -62,7 +62,8 @@ class SRBA(AbstractBilevelSolver):
 
     - `inner_lr`: $\rho$ for $y$ and $v$ (default: $\tfrac12 / L_g$, the lower
       curvature estimated at $(x_0, y_0)$ on a first batch).
-    - `outer_lr`: $\gamma$ for $x$ (default: $\tfrac12 / L_f$).
+    - `outer_lr`: $\gamma$ for $x$ (default: $\tfrac12\rho\,\mu_g / L_\Phi$, from the
+      problem: see [`bilevel.solvers.SOBA`][]).
     - `period`: $q$ (default: the data's epoch length, so a full pass costs about as
       much as the steps between two of them; this is the authors' benchmark setting
       $q = \frac12 (n + m) / B$ for equal batch sizes).
