@@ -338,7 +338,8 @@ class FixedBatches(AbstractData):
 def as_fixed_batches(data: Any, owner: str) -> FixedBatches:
     """`data` as [`bilevel.FixedBatches`][]: a `Minibatch` keeps its arrays, batch
     sizes, seed and bound key; full-batch data (and any deterministic data, whose draws
-    all return the whole data) becomes one batch per level. Anything else raises a `TypeError` naming `owner` (the solver that needs fixed batches)."""
+    all return the whole data) becomes one batch per level. Anything else raises a
+    `TypeError` naming `owner` (the solver that needs fixed batches)."""
     data = as_data(data)
     if isinstance(data, FixedBatches):
         return data

@@ -167,13 +167,14 @@ class AdaptiveStepState(NamedTuple):
     """State of `adaptive_gradient_descent`: the previous iterate and gradient, the
     last step $\\lambda_{k-1}$, the ratio
     $\\theta_{k-1} = \\lambda_{k-1}/\\lambda_{k-2}$ and whether the last step was the
-    probe ($\\theta = \\infty$)."""
+    probe ($\\theta = \\infty$), and the largest gradient norm seen."""
 
     previous_params: PyTree[Array]
     previous_grad: PyTree[Array]
     step_size: Scalar
     ratio: Scalar
     after_probe: Bool[Array, ""]
+    largest_grad: Scalar
 
 
 def adaptive_gradient_descent(probe: float = 1e-3) -> optax.GradientTransformation:
@@ -196,12 +197,20 @@ def adaptive_gradient_descent(probe: float = 1e-3) -> optax.GradientTransformati
     $\theta_0 = \infty$ and $\lambda_1$ is the local estimate alone; if the gradient
     did not change, $\lambda_1 = 2\lambda_0$); if the gradient is zero, the probe is
     retried at the next step. When $x$ does not move, $\lambda$ is kept.
+
+    Deviation: $\lambda$ is also kept (neither grown nor re-estimated) when the gradient
+    change $\|g_k - g_{k-1}\|$ is below $\sqrt{\epsilon}$ times the largest gradient
+    norm seen ($\epsilon$ the dtype's machine epsilon): a difference at the rounding
+    level of the gradients says nothing about the curvature, and on a hyper-objective
+    that keeps decreasing towards infinity (a regularisation weight $e^{x_j}$ that
+    only helps as it vanishes or explodes) the unchecked growth would drive $x$ to
+    values where the lower problem is numerically meaningless.
     """
 
     def init(params):
         zeros = jtu.tree_map(jnp.zeros_like, params)
         scalar = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(params)))
-        return AdaptiveStepState(zeros, zeros, scalar, scalar, jnp.array(False))
+        return AdaptiveStepState(zeros, zeros, scalar, scalar, jnp.array(False), scalar)
 
     def update(grads, state, params=None):
         if params is None:
@@ -210,19 +219,23 @@ def adaptive_gradient_descent(probe: float = 1e-3) -> optax.GradientTransformati
         first = probe * jnp.maximum(tree_norm(params), 1) * inverse_or_zero(grad_norm)
         moved = tree_norm(tree_sub(params, state.previous_params))
         change = tree_norm(tree_sub(grads, state.previous_grad))
+        largest = jnp.maximum(state.largest_grad, grad_norm).astype(grad_norm.dtype)
+        informative = change > jnp.sqrt(jnp.finfo(grad_norm.dtype).eps) * largest
         local = _ratio_or_inf(moved, 2 * change)
         grown = jnp.where(
             state.after_probe,
             jnp.where(jnp.isfinite(local), jnp.inf, 2 * state.step_size),
             jnp.sqrt(1 + state.ratio) * state.step_size,
         )
-        adapted = jnp.where(moved > 0, jnp.minimum(grown, local), state.step_size)
+        adapted = jnp.where(
+            (moved > 0) & informative, jnp.minimum(grown, local), state.step_size
+        )
         started = state.step_size > 0
         step = jnp.where(started, adapted, first).astype(grad_norm.dtype)
         ratio = jnp.where(started, step * inverse_or_zero(state.step_size), 0)
         updates = tree_scale(-step, grads)
         new_state = AdaptiveStepState(
-            params, grads, step, ratio.astype(step.dtype), ~started
+            params, grads, step, ratio.astype(step.dtype), ~started, largest
         )
         return updates, new_state
 
@@ -513,9 +526,7 @@ def hyper_curvature(
     if not coupling_only:
         return norm
     _, responses = product(leading)
-    quotients = [
-        _ratio_or_inf(tree_dot(r, hvp(r)), tree_dot(r, r)) for r in responses
-    ]
+    quotients = [_ratio_or_inf(tree_dot(r, hvp(r)), tree_dot(r, r)) for r in responses]
     return norm, jnp.minimum(*quotients)
 
 
@@ -618,7 +629,7 @@ def single_loop_step_sizes(
     along a leading axis, one per draw), at $(x, y)$:
 
     - $\rho = c / L_g$ for $y$ and $v$, $c$ = `fraction`, $L_g$ the largest lower
-      curvature over the batches ([`lower_curvature`][bilevel._stepsize.lower_curvature]):
+      curvature over the batches (`lower_curvature`):
       $y$ and $v$ take gradient steps on $g$ and on $\frac12 v^\top\nabla^2_{yy} g\, v +
       v^\top\nabla_y f$, both $L_g$-smooth on every batch probed;
     - $\gamma = c\min(1/L_\Phi,\ \rho\mu / L_c)$ for $x$, from the mean problem over

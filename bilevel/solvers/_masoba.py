@@ -18,6 +18,7 @@ from ._soba import (
     direction_norm,
     directions,
     draw_oracles,
+    guarded_inner_lr,
     init_state,
     joint_step,
     oracle_metrics,
@@ -94,10 +95,13 @@ class MASOBA(AbstractBilevelSolver):
         )
 
     def _step(self, problem, state, data, key):
-        o = draw_oracles(problem, state, data, key)
+        o, lower_batch = draw_oracles(problem, state, data, key)
         d_y, d_v, d_x = directions(o)
         horizon = decay_horizon(self.decay_steps, data)
-        rho = decayed(state.inner_lr, state.step, self.decay, horizon)
+        base = guarded_inner_lr(
+            problem, state, lower_batch, o.lower_grad, self.inner_lr is None
+        )
+        rho = decayed(base, state.step, self.decay, horizon)
         gamma = decayed(state.outer_lr, state.step, self.decay, horizon)
         theta = decayed(
             jnp.asarray(self.averaging, rho.dtype), state.step, self.decay, horizon
@@ -112,7 +116,7 @@ class MASOBA(AbstractBilevelSolver):
             moved = apply_project_x(problem, tree_axpy(-gamma, d_x, state.x))
         grad_norm = direction_norm(problem, state.x, moved, d_x, gamma)
         new_state = SingleLoopState(
-            x, y, v, state.inner_lr, state.outer_lr, average, state.step + 1
+            x, y, v, base, state.outer_lr, average, state.step + 1
         )
         metrics = oracle_metrics(o, grad_norm)
         metrics["average_norm"] = tree_norm(average)

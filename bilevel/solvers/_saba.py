@@ -21,6 +21,7 @@ from ._soba import (
     SingleLoopState,
     direction_norm,
     directions,
+    guarded_inner_lr,
     init_state,
     joint_step,
     oracle_metrics,
@@ -169,7 +170,9 @@ class SABA(AbstractBilevelSolver):
         lower_hat, lower_memory = _saga_update(lower_memory, i, _lower_part(o))
         upper_hat, upper_memory = _saga_update(upper_memory, j, _upper_part(o))
         d_y, d_v, d_x = directions(Oracles(o.upper_loss, **upper_hat, **lower_hat))
-        rho, gamma = state.inner_lr, state.outer_lr
+        derived = self.inner_lr is None
+        rho = guarded_inner_lr(problem, state, lower_batch, d_y, derived)
+        gamma = state.outer_lr
         x, y, v = joint_step(problem, state, d_y, d_v, d_x, rho, gamma)
         grad_norm = direction_norm(problem, state.x, x, d_x, gamma)
         new_state = SingleLoopState(

@@ -18,17 +18,18 @@ from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree, Scalar
 
 from .._data import AbstractData
-from .._misc import tree_axpy, tree_norm, tree_sub
+from .._misc import tree_axpy, tree_norm, tree_scale, tree_sub
 from .._oracles import Oracles, oracles
 from .._problem import apply_project_x
 from .._solver import AbstractBilevelSolver, count, nonnegative, positive
-from .._stepsize import single_loop_step_sizes
+from .._stepsize import hessian_product, inverse_or_zero, single_loop_step_sizes
 
 
 # What the four solvers support: the variance-reduced ones need every oracle to be a
@@ -104,13 +105,39 @@ def directions(o: Oracles) -> tuple[PyTree, PyTree, PyTree]:
 
 def draw_oracles(
     problem: Any, state: SingleLoopState, data: AbstractData, key: PRNGKeyArray
-) -> Oracles:
+) -> tuple[Oracles, Any]:
     """The oracle bundle at the current iterates on this step's lower and upper batch
-    (independent draws number `state.step` of stream 0)."""
+    (independent draws number `state.step` of stream 0), and the lower batch."""
     upper_key, lower_key = jr.split(key)
     upper_batch = data.upper_batch(upper_key, state.step)
     lower_batch = data.lower_batch(lower_key, state.step)
-    return oracles(problem, state.x, state.y, state.v, upper_batch, lower_batch)
+    bundle = oracles(problem, state.x, state.y, state.v, upper_batch, lower_batch)
+    return bundle, lower_batch
+
+
+def guarded_inner_lr(
+    problem: Any,
+    state: SingleLoopState,
+    lower_batch: Any,
+    d_y: PyTree,
+    derived: bool,
+    fraction: float = 0.5,
+) -> Scalar:
+    r"""The base step $\rho$ of $y$ and $v$ for this step: `state.inner_lr`, lowered
+    when it is derived (not given) to $c / L_u$, $L_u = \|\nabla^2_{yy} g\, u\|$ the
+    lower curvature along $u = D_y / \|D_y\|$ on the step's lower batch, $c$ =
+    `fraction`. The estimate of `init` holds at $(x_0, y_0)$; as $x$ moves the lower
+    curvature can grow (a regularisation weight $e^{x_j}$) and a step that was safe
+    would let $y$ and $v$ diverge. $y$ moves along $D_y$, so the curvature along it is
+    the one that matters first. Never raised; one Hessian-vector product."""
+    if not derived:
+        return state.inner_lr
+    unit = tree_scale(inverse_or_zero(tree_norm(d_y)), d_y)
+    lower = lambda w: problem.lower(state.x, w, lower_batch)  # noqa: E731
+    along = tree_norm(hessian_product(lower, state.y)(unit))
+    bound = fraction * inverse_or_zero(along)
+    lowered = jnp.where(bound > 0, jnp.minimum(state.inner_lr, bound), state.inner_lr)
+    return lax.stop_gradient(lowered.astype(state.inner_lr.dtype))
 
 
 def joint_step(
@@ -152,9 +179,10 @@ def oracle_metrics(o: Oracles, grad_norm: Scalar) -> dict[str, Scalar]:
 
 
 def decay_horizon(decay_steps: int | None, data: AbstractData) -> float:
-    r"""$\tau$ of the decreasing schedules: `decay_steps` if given, else the data's epoch
-    length, or $\infty$ (constant steps) on deterministic data, where the decrease
-    that averages out the noise of the batches would only slow the method down."""
+    r"""$\tau$ of the decreasing schedules: `decay_steps` if given, else the data's
+    epoch length, or $\infty$ (constant steps) on deterministic data, where the
+    decrease that averages out the noise of the batches would only slow the method
+    down."""
     if decay_steps is not None:
         return decay_steps
     return math.inf if data.deterministic else data.epoch_length
@@ -240,16 +268,15 @@ class SOBA(AbstractBilevelSolver):
         return init_state(problem, x0, y0, key, data, self.inner_lr, self.outer_lr)
 
     def _step(self, problem, state, data, key):
-        o = draw_oracles(problem, state, data, key)
+        o, lower_batch = draw_oracles(problem, state, data, key)
         d_y, d_v, d_x = directions(o)
+        base = guarded_inner_lr(problem, state, lower_batch, d_y, self.inner_lr is None)
         horizon = decay_horizon(self.decay_steps, data)
-        rho = decayed(state.inner_lr, state.step, self.inner_decay, horizon)
+        rho = decayed(base, state.step, self.inner_decay, horizon)
         gamma = decayed(state.outer_lr, state.step, self.outer_decay, horizon)
         x, y, v = joint_step(problem, state, d_y, d_v, d_x, rho, gamma)
         grad_norm = direction_norm(problem, state.x, x, d_x, gamma)
-        new_state = SingleLoopState(
-            x, y, v, state.inner_lr, state.outer_lr, None, state.step + 1
-        )
+        new_state = SingleLoopState(x, y, v, base, state.outer_lr, None, state.step + 1)
         return new_state, oracle_metrics(o, grad_norm)
 
     def _params(self, state):

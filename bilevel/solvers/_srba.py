@@ -18,6 +18,7 @@ from ._soba import (
     SingleLoopState,
     direction_norm,
     directions,
+    guarded_inner_lr,
     init_state,
     joint_step,
     oracle_metrics,
@@ -117,9 +118,12 @@ class SRBA(AbstractBilevelSolver):
         full_upper, full_lower = data.full_upper(), data.full_lower()
         x, y, v, memory = state.x, state.y, state.v, state.memory
 
+        derived = self.inner_lr is None
+
         def full_pass(_):
             o = oracles(problem, x, y, v, full_upper, full_lower)
-            return directions(o), o
+            d = directions(o)
+            return d, o, guarded_inner_lr(problem, state, full_lower, d[0], derived)
 
         def recursion(_):
             upper_key, lower_key = jr.split(key)
@@ -136,11 +140,12 @@ class SRBA(AbstractBilevelSolver):
             )
             new, old = directions(o), directions(o_old)
             d = (memory.d_y, memory.d_v, memory.d_x)
-            return tuple(map(_add_difference, d, new, old)), o
+            d = tuple(map(_add_difference, d, new, old))
+            return d, o, guarded_inner_lr(problem, state, lower_batch, d[0], derived)
 
         refresh = state.step % period == 0
-        (d_y, d_v, d_x), o = lax.cond(refresh, full_pass, recursion, None)
-        rho, gamma = state.inner_lr, state.outer_lr
+        (d_y, d_v, d_x), o, rho = lax.cond(refresh, full_pass, recursion, None)
+        gamma = state.outer_lr
         new_x, new_y, new_v = joint_step(problem, state, d_y, d_v, d_x, rho, gamma)
         grad_norm = direction_norm(problem, x, new_x, d_x, gamma)
         memory = _Recursion(d_y, d_v, d_x, x, y, v)
