@@ -85,6 +85,27 @@ def test_adaptive_outer_step_matches_the_paper_and_ignores_scale():
     assert np.linalg.norm(iterates(1.0, 300)[-1] - center) < 1e-8
 
 
+def test_adaptive_outer_step_does_not_run_away_where_the_objective_flattens():
+    # F(x) = softplus(-x) decreases towards x = +inf with a gradient ~ e^{-x}. Unchecked,
+    # the step grows by ~sqrt(2) per iteration once the gradient changes no more than
+    # its rounding, and x runs to ~1e2 in float32 (where a weight e^x overflows). The
+    # step is kept once the gradient change is below sqrt(eps) of the largest gradient:
+    # x stays where e^x is representable, and F still decreases to the rounding level.
+    def run(num_steps):
+        rule = adaptive_gradient_descent()
+        x = jnp.zeros((), jnp.float32)
+        state = rule.init(x)
+        grad = jax.grad(lambda u: jax.nn.softplus(-u))
+        step = jax.jit(lambda x, state: rule.update(grad(x), state, x))
+        for _ in range(num_steps):
+            updates, state = step(x, state)
+            x = optax.apply_updates(x, updates)
+        return float(x)
+
+    x = run(400)
+    assert 10.0 < x < 30.0, x  # F(10) = 4.5e-5 of the start; e^30 is finite
+
+
 @pytest.fixture(scope="module")
 def bench():
     return bl.problems.quadratic(dim_x=3, dim_y=6, seed=1)
