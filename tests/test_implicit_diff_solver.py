@@ -95,7 +95,7 @@ def test_adaptive_outer_step_matches_the_paper_and_ignores_scale():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_adaptive_outer_step_does_not_run_away_where_the_objective_flattens(dtype):
-    # F(x) = softplus(-x) decreases towards x = +inf with a gradient ~ e^{-x}. Unchecked,
+    # F(x) = softplus(-x) decreases towards x = +inf, its gradient ~ e^{-x}. Unchecked,
     # the step grows by ~sqrt(2) per iteration while the gradient changes by little
     # (x reached 87 in float32, where a weight e^x overflows). The step is capped at 10
     # times the largest one taken while the gradient changed by more than 1e-4 of its
