@@ -513,12 +513,14 @@ def hyper_curvature(
     of $\partial_x G$ and of $\nabla_y F$ (a direction of non-positive curvature ends a
     solve early).
 
-    With `coupling_only`, the curvature of the part that passes through $y^*(x)$,
-    $\|\nabla^2\Phi - \nabla^2_{xx}\mathcal L\|$ (what lagging iterates of $y$ and
-    of the adjoint perturb), and, as a second output, the lower curvature that those
-    iterates see along it: the smaller Rayleigh quotient of $\partial_y G$ at the
+    With `coupling_only`, three numbers instead: the curvature $L_c$ of the part that
+    passes through $y^*(x)$, $\|\nabla^2\Phi - \nabla^2_{xx}\mathcal L\|$ (what lagging
+    iterates of $y$ and of the adjoint perturb); the lower curvature that those
+    iterates see along it, the smaller Rayleigh quotient of $\partial_y G$ at the
     responses $J w$ of $y^*$ and $(\partial_y G)^{-1}\,\partial_y\nabla\mathcal L
-    \,[w; Jw]$ of the adjoint to the leading direction $w$ ($\infty$ if both vanish).
+    \,[w; Jw]$ of the adjoint to the leading direction $w$ ($\infty$ if both vanish);
+    and $\|\nabla^2_{xx}\mathcal L\|$ (no solves), so that $L_\Phi$ is at most the sum
+    of the first and the last.
     """
 
     def solver_at(y):
@@ -536,6 +538,10 @@ def hyper_curvature(
         return upper(*xy) - tree_dot(gradient(*xy), adjoint)
 
     _, upper_hvp = jax.linearize(jax.grad(lagrangian), (x, y))
+    zeros = jtu.tree_map(jnp.zeros_like, y)
+
+    def direct(w):
+        return upper_hvp((w, zeros))[0]
 
     def product(w):
         response = solve(cross(w))  # -J w
@@ -543,16 +549,25 @@ def hyper_curvature(
         adjoint_response = solve(h_y)
         (back,) = cross_t(adjoint_response)
         if coupling_only:
-            h_x = tree_sub(h_x, upper_hvp((w, jtu.tree_map(jnp.zeros_like, y)))[0])
+            h_x = tree_sub(h_x, direct(w))
         return tree_sub(h_x, back), (response, adjoint_response)
 
-    start = random_direction(key, x)
-    norm, leading = power_iteration(lambda w: product(w)[0], start, num_iters)
+    def body(_, carry):
+        w, _, _ = carry
+        out, responses = product(w)
+        norm = tree_norm(out)
+        return tree_scale(inverse_or_zero(norm), out), norm, responses
+
+    power_key, direct_key = jr.split(key) if coupling_only else (key, key)
+    start = random_direction(power_key, x)
+    empty = (zeros, zeros)
+    norm = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(x)))
+    _, norm, responses = lax.fori_loop(0, num_iters, body, (start, norm, empty))
     if not coupling_only:
         return norm
-    _, responses = product(leading)
     quotients = [_ratio_or_inf(tree_dot(r, hvp(r)), tree_dot(r, r)) for r in responses]
-    return norm, jnp.minimum(*quotients)
+    direct_norm = operator_norm(direct, x, direct_key, num_iters)
+    return norm, jnp.minimum(*quotients), direct_norm
 
 
 def _conjugate_gradient(matvec, rhs: PyTree[Array], max_steps: int) -> PyTree[Array]:
@@ -658,9 +673,12 @@ def single_loop_step_sizes(
       $y$ and $v$ take gradient steps on $g$ and on $\frac12 v^\top\nabla^2_{yy} g\, v +
       v^\top\nabla_y f$, both $L_g$-smooth on every batch probed;
     - $\gamma = c\min(1/L_\Phi,\ \rho\mu / L_c)$ for $x$, from the mean problem over
-      the batches (`hyper_curvature`): $L_\Phi$ the curvature of its hyper-objective,
-      $L_c$ that of the part through $y^*(x)$, $\mu$ the lower curvature along the
-      responses of $y^*$ and of the adjoint to the leading direction of that part.
+      the batches (`hyper_curvature`): $L_c$ the curvature of the part of its
+      hyper-objective that passes through $y^*(x)$, $L_\Phi = L_c +
+      \|\nabla^2_{xx}\mathcal L\|$ (a bound on the whole curvature), $\mu$ the lower
+      curvature along the responses of $y^*$ and of the adjoint to the leading
+      direction of the coupling part. One power iteration through two
+      conjugate-gradient solves per product.
 
     Why $\rho\mu$: $y$ and $v$ follow $y^*(x)$ and $v^*(x)$ with a lag of about
     $1/(\rho\mu)$ steps, and $x$ steps along a direction computed from them; the joint
@@ -699,11 +717,10 @@ def single_loop_step_sizes(
 
     mean_upper = mean_over(problem.upper, upper_batches)
     lower_grad = jax.grad(mean_over(problem.lower, lower_batches), argnums=1)
-    full_key, coupling_key = jr.split(hyper_key)
-    hyper = hyper_curvature(mean_upper, lower_grad, x, y, full_key)
-    coupling, lagging = hyper_curvature(
-        mean_upper, lower_grad, x, y, coupling_key, coupling_only=True
+    coupling, lagging, direct = hyper_curvature(
+        mean_upper, lower_grad, x, y, hyper_key, coupling_only=True
     )
+    hyper = coupling + direct  # an upper bound on L_Phi
     hyper = jnp.where(jnp.isfinite(hyper) & (hyper > 0), hyper, upper)
     floor = 1e-3 * lower
     lagging = jnp.where(lagging > floor, lagging, floor)  # also catches NaN

@@ -23,10 +23,8 @@ SMALL = {  # the problems' real data, fewer samples
 }
 PAIRS = [
     ("quadratic", "SABA"),
-    ("quadratic", "SRBA"),
     ("quadratic", "MASOBA"),
     ("ridge_hpo", "SOBA"),
-    ("logreg_hpo", "SABA"),
     ("logreg_hpo", "Unrolled"),
 ]
 
