@@ -167,8 +167,7 @@ class AdaptiveStepState(NamedTuple):
     """State of `adaptive_gradient_descent`: the previous iterate and gradient, the
     last step $\\lambda_{k-1}$, the ratio
     $\\theta_{k-1} = \\lambda_{k-1}/\\lambda_{k-2}$ and whether the last step was the
-    probe ($\\theta = \\infty$), the largest gradient norm seen and the largest step
-    taken while the gradient changes were informative."""
+    probe ($\\theta = \\infty$), and the largest gradient norm seen."""
 
     previous_params: PyTree[Array]
     previous_grad: PyTree[Array]
@@ -176,16 +175,6 @@ class AdaptiveStepState(NamedTuple):
     ratio: Scalar
     after_probe: Bool[Array, ""]
     largest_grad: Scalar
-    largest_step: Scalar
-
-
-UNINFORMATIVE_CHANGE = 1e-4
-"""Relative gradient change below which `adaptive_gradient_descent` stops raising its
-step cap (about float32's square-root epsilon)."""
-
-STEP_GROWTH_CAP = 10.0
-"""`adaptive_gradient_descent`'s step is at most this many times its largest step
-taken on informative gradient changes."""
 
 
 def adaptive_gradient_descent(probe: float = 1e-3) -> optax.GradientTransformation:
@@ -209,22 +198,19 @@ def adaptive_gradient_descent(probe: float = 1e-3) -> optax.GradientTransformati
     did not change, $\lambda_1 = 2\lambda_0$); if the gradient is zero, the probe is
     retried at the next step. When $x$ does not move, $\lambda$ is kept.
 
-    Deviation: $\lambda_k$ is at most `STEP_GROWTH_CAP` (10) times the largest step
-    taken while the gradient change $\|g_k - g_{k-1}\|$ was above
-    `UNINFORMATIVE_CHANGE` ($10^{-4}$) times the largest gradient norm seen. A
-    hypergradient carries the errors of the inner solves, and smaller differences say
-    little about the curvature. On a hyper-objective that keeps decreasing towards
-    infinity (a regularisation weight $e^{x_j}$ that only helps as it vanishes or
-    explodes) the unchecked growth, $\sqrt2$ per step, would drive $x$ to values where
-    the lower problem is numerically meaningless.
+    Deviation: $\lambda$ is also kept (neither grown nor re-estimated) when the gradient
+    change $\|g_k - g_{k-1}\|$ is below $\sqrt{\epsilon}$ times the largest gradient
+    norm seen ($\epsilon$ the dtype's machine epsilon): a difference at the rounding
+    level of the gradients says nothing about the curvature, and on a hyper-objective
+    that keeps decreasing towards infinity (a regularisation weight $e^{x_j}$ that
+    only helps as it vanishes or explodes) the unchecked growth would drive $x$ to
+    values where the lower problem is numerically meaningless.
     """
 
     def init(params):
         zeros = jtu.tree_map(jnp.zeros_like, params)
         scalar = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(params)))
-        return AdaptiveStepState(
-            zeros, zeros, scalar, scalar, jnp.array(False), scalar, scalar
-        )
+        return AdaptiveStepState(zeros, zeros, scalar, scalar, jnp.array(False), scalar)
 
     def update(grads, state, params=None):
         if params is None:
@@ -234,33 +220,22 @@ def adaptive_gradient_descent(probe: float = 1e-3) -> optax.GradientTransformati
         moved = tree_norm(tree_sub(params, state.previous_params))
         change = tree_norm(tree_sub(grads, state.previous_grad))
         largest = jnp.maximum(state.largest_grad, grad_norm).astype(grad_norm.dtype)
-        informative = change > UNINFORMATIVE_CHANGE * largest
+        informative = change > jnp.sqrt(jnp.finfo(grad_norm.dtype).eps) * largest
         local = _ratio_or_inf(moved, 2 * change)
         grown = jnp.where(
             state.after_probe,
             jnp.where(jnp.isfinite(local), jnp.inf, 2 * state.step_size),
             jnp.sqrt(1 + state.ratio) * state.step_size,
         )
-        adapted = jnp.where(moved > 0, jnp.minimum(grown, local), state.step_size)
-        cap = STEP_GROWTH_CAP * state.largest_step
-        adapted = jnp.where(cap > 0, jnp.minimum(adapted, cap), adapted)
+        adapted = jnp.where(
+            (moved > 0) & informative, jnp.minimum(grown, local), state.step_size
+        )
         started = state.step_size > 0
         step = jnp.where(started, adapted, first).astype(grad_norm.dtype)
         ratio = jnp.where(started, step * inverse_or_zero(state.step_size), 0)
         updates = tree_scale(-step, grads)
-        largest_step = jnp.where(
-            informative | ~started,
-            jnp.maximum(state.largest_step, step),
-            state.largest_step,
-        )
         new_state = AdaptiveStepState(
-            params,
-            grads,
-            step,
-            ratio.astype(step.dtype),
-            ~started,
-            largest,
-            largest_step,
+            params, grads, step, ratio.astype(step.dtype), ~started, largest
         )
         return updates, new_state
 

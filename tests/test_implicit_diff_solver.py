@@ -43,23 +43,15 @@ def test_defaults_pass_the_scale_battery(dtype):
 
 def _adgd_reference(grad, x0, probe, num_steps):
     """Malitsky & Mishchenko (2020), algorithm 1, transcribed in NumPy (theta_0 = inf,
-    lambda_0 the probe step), with our documented deviation: the step is at most 10
-    times the largest one taken while the gradient changed by more than 1e-4 of the
-    largest gradient norm seen."""
+    lambda_0 the probe step)."""
     x_prev, g_prev = x0, grad(x0)
-    largest = np.linalg.norm(g_prev)
-    lam_prev = probe * max(1.0, np.linalg.norm(x0)) / largest
-    largest_step = lam_prev
+    lam_prev = probe * max(1.0, np.linalg.norm(x0)) / np.linalg.norm(g_prev)
     xs, x, theta = [x0], x0 - lam_prev * g_prev, np.inf
     for _ in range(num_steps - 1):
         xs.append(x)
         g = grad(x)
-        largest = max(largest, np.linalg.norm(g))
-        change = np.linalg.norm(g - g_prev)
-        local = np.linalg.norm(x - x_prev) / (2 * change)
-        lam = min(np.sqrt(1 + theta) * lam_prev, local, 10 * largest_step)
-        if change > 1e-4 * largest:
-            largest_step = max(largest_step, lam)
+        local = np.linalg.norm(x - x_prev) / (2 * np.linalg.norm(g - g_prev))
+        lam = min(np.sqrt(1 + theta) * lam_prev, local)
         theta, lam_prev, x_prev, g_prev = lam / lam_prev, lam, x, g
         x = x - lam * g
     return np.stack(xs + [x])
@@ -93,23 +85,25 @@ def test_adaptive_outer_step_matches_the_paper_and_ignores_scale():
     assert np.linalg.norm(iterates(1.0, 300)[-1] - center) < 1e-8
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_adaptive_outer_step_does_not_run_away_where_the_objective_flattens(dtype):
+def test_adaptive_outer_step_does_not_run_away_where_the_objective_flattens():
     # F(x) = softplus(-x) decreases towards x = +inf, its gradient ~ e^{-x}. Unchecked,
-    # the step grows by ~sqrt(2) per iteration while the gradient changes by little
-    # (x reached 87 in float32, where a weight e^x overflows). The step is capped at 10
-    # times the largest one taken while the gradient changed by more than 1e-4 of its
-    # largest norm: x stays where e^x is representable, while F still falls to 1e-5 of
-    # its start (x > 10).
-    rule = adaptive_gradient_descent()
-    x = jnp.zeros((), dtype)
-    state = rule.init(x)
-    grad = jax.grad(lambda u: jax.nn.softplus(-u))
-    step = jax.jit(lambda x, state: rule.update(grad(x), state, x))
-    for _ in range(400):
-        updates, state = step(x, state)
-        x = optax.apply_updates(x, updates)
-    assert 10.0 < float(x) < 30.0, float(x)
+    # the step grows by ~sqrt(2) per iteration once the gradient changes no more than
+    # its rounding, and x runs to ~1e2 in float32 (where a weight e^x overflows). The
+    # step is kept once the gradient change is below sqrt(eps) of the largest gradient:
+    # x stays where e^x is representable, and F still decreases to the rounding level.
+    def run(num_steps):
+        rule = adaptive_gradient_descent()
+        x = jnp.zeros((), jnp.float32)
+        state = rule.init(x)
+        grad = jax.grad(lambda u: jax.nn.softplus(-u))
+        step = jax.jit(lambda x, state: rule.update(grad(x), state, x))
+        for _ in range(num_steps):
+            updates, state = step(x, state)
+            x = optax.apply_updates(x, updates)
+        return float(x)
+
+    x = run(400)
+    assert 10.0 < x < 30.0, x  # F(10) = 4.5e-5 of the start; e^30 is finite
 
 
 @pytest.fixture(scope="module")
