@@ -2,7 +2,7 @@
 
 import sys
 
-from . import main
+from . import console_main
 
 
-sys.exit(main())
+sys.exit(console_main())

@@ -212,6 +212,19 @@ def _distributed(args: argparse.Namespace) -> int:
         return COMMANDS[args.command](args)
 
 
+def console_main() -> int:
+    """The `bilevel` command and `python -m bilevel.cli`: `main`, then, after a Ctrl-C,
+    an immediate exit once the partial results are written and the streams flushed.
+    An interrupt can leave compiled work in flight, and the interpreter's normal
+    shutdown then waited on it (or crashed) instead of exiting with status 130."""
+    status = main()
+    if status == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `bilevel` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
