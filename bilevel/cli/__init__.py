@@ -13,10 +13,6 @@ written). docs/cli.md documents every option.
 benchmarks.
 """
 
-from ._main import (
-    build_parser as build_parser,
-    console_main as console_main,
-    main as main,
-)
+from ._main import build_parser as build_parser, main as main
 from ._settings import solver_classes as solver_classes
 from ._table import format_table as format_table

@@ -2,7 +2,7 @@
 
 import sys
 
-from . import console_main
+from . import main
 
 
-sys.exit(console_main())
+sys.exit(main())

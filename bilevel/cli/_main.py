@@ -212,21 +212,22 @@ def _distributed(args: argparse.Namespace) -> int:
         return COMMANDS[args.command](args)
 
 
-def console_main() -> int:
-    """The `bilevel` command and `python -m bilevel.cli`: `main`, then, after a Ctrl-C,
-    an immediate exit once the partial results are written and the streams flushed.
-    An interrupt can leave compiled work in flight, and the interpreter's normal
-    shutdown then waited on it (or crashed) instead of exiting with status 130."""
-    status = main()
-    if status == EXIT_INTERRUPTED:
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `bilevel` console script; returns the exit status.
+
+    As the command itself (`argv` not given), after a Ctrl-C it exits at once with
+    status 130 once the partial results are written and the streams flushed: an
+    interrupt can leave compiled work in flight, and the interpreter's normal shutdown
+    then waited on it (or crashed) instead of exiting."""
+    status = _main(argv)
+    if argv is None and status == EXIT_INTERRUPTED:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
     return status
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `bilevel` console script; returns the exit status."""
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_args(args)
