@@ -41,6 +41,9 @@ def test_ctrl_c_writes_partial_history_config_and_plot_then_exits_130(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A disposition of SIGINT set to "ignore" is inherited across exec (a parent
+        # process may run with Ctrl-C ignored): the command must start as from a shell.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
