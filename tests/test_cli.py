@@ -24,11 +24,24 @@ def bilevel_cmd(*args, timeout=300):
     return out.returncode, out.stdout.decode(), out.stderr.decode()
 
 
+# A SIGINT set to "ignore" is inherited across exec (pytest-xdist workers run with
+# Ctrl-C ignored): the command must start as from a shell. A small launcher restores
+# the default and execs the command; a preexec_fn would run Python hooks in a forked
+# child of a multithreaded JAX process, which JAX reports as an error.
+RESTORE_SIGINT_THEN_EXEC = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def test_ctrl_c_writes_partial_history_config_and_plot_then_exits_130(tmp_path):
     history = tmp_path / "history.csv"
     command = "run quadratic --solver implicitdiff --steps 100000000 --log-every 200"
     process = subprocess.Popen(
         [
+            sys.executable,
+            "-c",
+            RESTORE_SIGINT_THEN_EXEC,
             sys.executable,
             "-m",
             "bilevel.cli",
@@ -41,9 +54,6 @@ def test_ctrl_c_writes_partial_history_config_and_plot_then_exits_130(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # A disposition of SIGINT set to "ignore" is inherited across exec (a parent
-        # process may run with Ctrl-C ignored): the command must start as from a shell.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
