@@ -10,14 +10,6 @@ import bilevel as bl
 from bilevel._solver import check_supported
 
 
-def baseline_value(bench, scores):
-    """The baseline's value of `bench.metric`: `scores[bench.baseline]`, or the metric
-    at the initial point when the problem names no baseline."""
-    if bench.baseline is not None:
-        return float(scores[bench.baseline])
-    return float(bench.evaluate(bench.x0, bench.y0)[bench.metric])
-
-
 def timed_default_solve(bench, solver_name: str, steps: int):
     """`bl.solve` of `bl.solvers.<solver_name>()` (defaults) on `bench` for `steps`
     steps, 10 log points: `(result, seconds)`, compilation included."""
@@ -64,14 +56,14 @@ def defaults_rows(solver_class, num_steps=2000, seed=0, names=None):
         seconds = time.perf_counter() - start
         x, y = solver.params(state)
         scores = bench.evaluate(x, y)
-        value, baseline = float(scores[bench.metric]), baseline_value(bench, scores)
+        value, baseline = float(scores[bench.metric]), bench.baseline_value(scores)
         rows.append(
             {
                 "problem": name,
                 "metric": bench.metric + (" (max)" if bench.maximize else " (min)"),
                 "value": value,
                 "baseline": baseline,
-                "better": value > baseline if bench.maximize else value < baseline,
+                "better": bench.beats_baseline(scores),
                 "finite": bool(history["finite"][-1]),
                 "steps": num_steps,
                 "s (incl. compile)": seconds,

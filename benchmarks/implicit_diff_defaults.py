@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from _registry_defaults import baseline_value, timed_default_solve
+from _registry_defaults import timed_default_solve
 from _timing import print_table
 
 
@@ -40,8 +40,8 @@ def defaults_row(label, name, params, solver_name, steps):
     result, seconds = timed_default_solve(bench, solver_name, steps)
     values = bench.evaluate(result.x, result.y)
     metric = float(values[bench.metric])
-    baseline = baseline_value(bench, values)
-    better = metric > baseline if bench.maximize else metric < baseline
+    baseline = bench.baseline_value(values)
+    better = bench.beats_baseline(values)
     status = result.history.get("hypergradient_status")
     return {
         "problem": label,

@@ -1,6 +1,7 @@
 """Problems library: registry, offline data, ridge_hpo and logreg_hpo (closed forms,
 determinism, improvement under ImplicitDiff)."""
 
+import dataclasses
 import socket
 
 import equinox as eqx
@@ -83,6 +84,23 @@ def ridge():
     return bl.problems.ridge_hpo(
         num_train=150, num_val=100, seed=0, num_noise_features=3
     )
+
+
+def test_baseline_value_reads_the_named_baseline_or_the_start(ridge):
+    x = ridge.x0 + 1.0
+    scores = ridge.evaluate(x, ridge.lower_solution(x))
+    assert ridge.baseline_value(scores) == float(scores["baseline_validation_loss"])
+    worse = {**scores, ridge.metric: scores["baseline_validation_loss"] + 1.0}
+    assert not ridge.beats_baseline(worse)
+    better = {**scores, ridge.metric: scores["baseline_validation_loss"] - 1.0}
+    assert ridge.beats_baseline(better)
+    # no named baseline: the metric at (x0, y0); for a maximised metric, larger wins
+    start = ridge.evaluate(ridge.x0, ridge.y0)[ridge.metric]
+    unnamed = dataclasses.replace(ridge, baseline=None)
+    assert unnamed.baseline_value(scores) == float(start)
+    maximised = dataclasses.replace(unnamed, maximize=True)
+    assert maximised.beats_baseline({ridge.metric: start + 1.0})
+    assert not maximised.beats_baseline({ridge.metric: start})
 
 
 def test_ridge_shapes_and_split(ridge):

@@ -42,3 +42,16 @@ class Benchmark(eqx.Module):
     metric: str = eqx.field(static=True, default="hyper_objective")
     maximize: bool = eqx.field(static=True, default=False)
     baseline: str | None = eqx.field(static=True, default=None)
+
+    def baseline_value(self, scores: dict) -> float:
+        """The baseline's value of `metric`, given `scores = evaluate(x, y)` of a run:
+        `scores[baseline]`, or `metric` at the initial point when `baseline` is `None`.
+        """
+        if self.baseline is not None:
+            return float(scores[self.baseline])
+        return float(self.evaluate(self.x0, self.y0)[self.metric])
+
+    def beats_baseline(self, scores: dict) -> bool:
+        """Whether `scores[metric]` is strictly better than `baseline_value(scores)`."""
+        value, baseline = float(scores[self.metric]), self.baseline_value(scores)
+        return value > baseline if self.maximize else value < baseline
