@@ -30,13 +30,27 @@ def timed_default_solve(bench, solver_name: str, steps: int):
     return result, time.perf_counter() - start
 
 
-def defaults_rows(solver_class, num_steps=2000, seed=0, names=None):
+# Registry name -> a small instance's parameters (the problem's real data, fewer
+# samples or tasks): the matrix on these runs in minutes on a laptop CPU.
+SMALL = {
+    "ridge_hpo": {"num_train": 60, "num_val": 40},
+    "logreg_hpo": {"num_train": 60, "num_val": 40},
+    "hypercleaning": {"num_train": 100, "num_val": 50},
+    "distillation": {"num_train": 100},
+    "imaml": {"num_tasks": 8, "num_eval_tasks": 10},
+    "svm_hpo": {"num_train": 60, "num_val": 40},
+    "hyper_representation": {"num_tasks": 6, "num_test_tasks": 10},
+}
+
+
+def defaults_rows(solver_class, num_steps=2000, seed=0, names=None, small=False):
     """One row per applicable registry problem (multi-block ones excluded): the metric
     after `num_steps` steps of `solver_class()`, the baseline, whether the run is better
-    and finite, and the wall time of the run (compilation included)."""
+    and finite, and the wall time of the run (compilation included). `small`: the
+    instances of `SMALL` instead of the registry's default sizes."""
     rows = []
     for name in names or bl.problems.registry:
-        bench = bl.problems.make(name)
+        bench = bl.problems.make(name, **(SMALL.get(name, {}) if small else {}))
         solver = solver_class()
         try:
             check_supported(solver, bench.problem, bench.data)
@@ -56,6 +70,9 @@ def defaults_rows(solver_class, num_steps=2000, seed=0, names=None):
         seconds = time.perf_counter() - start
         x, y = solver.params(state)
         scores = bench.evaluate(x, y)
+        # Every run compiles new programs: without clearing, a long matrix exhausts
+        # the process's memory maps and LLVM fails with "Cannot allocate memory".
+        jax.clear_caches()
         value, baseline = float(scores[bench.metric]), bench.baseline_value(scores)
         rows.append(
             {

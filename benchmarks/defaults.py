@@ -3,7 +3,9 @@ registry problem it supports, judged by the problem's own evaluation metric agai
 problem's baseline; then the scale battery of the single-block solvers.
 
 Run: `make bench` (all benchmarks) or `python benchmarks/run_all.py defaults`.
-`--steps N` sets the budget (default 2000)."""
+`--steps N` sets the budget (default 2000); `--small` runs small instances of the
+problems (fewer samples or tasks); `--solvers` and `--problems` select a part of the
+matrix; `--no-battery` skips the scale battery."""
 
 import argparse
 import pathlib
@@ -27,12 +29,26 @@ SOLVERS = (
 )
 
 
-def matrix(num_steps: int) -> list[dict]:
+def matrix(num_steps: int, small: bool, solvers=SOLVERS, names=None) -> list[dict]:
     rows = []
-    for name in SOLVERS:
-        for row in defaults_rows(getattr(bl.solvers, name), num_steps=num_steps):
+    for name in solvers:
+        solver_class = getattr(bl.solvers, name)
+        for row in defaults_rows(solver_class, num_steps, names=names, small=small):
             rows.append({"solver": name, **row})
+            print(name, row["problem"], row["value"], row["baseline"], flush=True)
     return rows
+
+
+def summary(rows: list[dict]) -> str:
+    good = [row for row in rows if row["better"] and row["finite"]]
+    failing = ", ".join(
+        f"{r['problem']} {r['solver']} ({r['value']:.4g} vs {r['baseline']:.4g})"
+        for r in rows
+        if not (r["better"] and r["finite"])
+    )
+    return f"{len(good)} of {len(rows)} pairs finite and better than the baseline" + (
+        f"; failing: {failing}" if failing else ""
+    )
 
 
 def battery(num_steps: int) -> list[dict]:
@@ -57,9 +73,18 @@ def battery(num_steps: int) -> list[dict]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=2000)
-    steps = parser.parse_known_args()[0].steps
-    print_table(f"Defaults matrix ({steps} steps, float32 problems)", matrix(steps))
-    print_table(
-        f"Scale battery, float32 (relative gap (F - F*)/(F0 - F*) after {steps} steps)",
-        battery(steps),
-    )
+    parser.add_argument("--small", action="store_true", help="small instances")
+    parser.add_argument("--solvers", nargs="+", default=SOLVERS)
+    parser.add_argument("--problems", nargs="+", default=None)
+    parser.add_argument("--no-battery", action="store_true")
+    args = parser.parse_known_args()[0]
+    size = "small instances" if args.small else "registry sizes"
+    rows = matrix(args.steps, args.small, args.solvers, args.problems)
+    print_table(f"Defaults matrix ({args.steps} steps, float32, {size})", rows)
+    print(summary(rows))
+    if not args.no_battery:
+        print_table(
+            "Scale battery, float32 (relative gap (F - F*)/(F0 - F*) after "
+            f"{args.steps} steps)",
+            battery(args.steps),
+        )
