@@ -4,6 +4,7 @@ Balasubramanian, 2023)."""
 from typing import ClassVar
 
 import jax.numpy as jnp
+import jax.random as jr
 import jax.tree_util as jtu
 
 from .._misc import tree_axpy, tree_norm, tree_project_ball
@@ -22,6 +23,7 @@ from ._soba import (
     init_state,
     joint_step,
     oracle_metrics,
+    refresh_steps,
 )
 
 
@@ -46,10 +48,10 @@ class MASOBA(AbstractBilevelSolver):
 
     **Arguments:**
 
-    - `inner_lr`: $\rho_0$ for $y$ and $v$ (default: $\tfrac12 / L_g$, the lower
-      curvature estimated at $(x_0, y_0)$ on a first batch).
-    - `outer_lr`: $\gamma_0$ for $x$ (default: $\tfrac12\rho\,\mu_g / L_\Phi$, from the
-      problem: see [`bilevel.solvers.SOBA`][]).
+    - `inner_lr`: $\rho_0$ for $y$ and $v$ (default: $\tfrac12 / L_g$, the largest lower
+      curvature over the first batches; see [`bilevel.solvers.SOBA`][]).
+    - `outer_lr`: $\gamma_0$ for $x$ (default: from the lag of $y$ and $v$
+      behind the lower solution: see [`bilevel.solvers.SOBA`][]).
     - `averaging`: $\theta_0 \in (0, 1]$ (default 1: the first step is SOBA's).
     - `decay`: the exponent of all three schedules (default 1/2; 0 keeps them
       constant).
@@ -57,6 +59,8 @@ class MASOBA(AbstractBilevelSolver):
       such as full batches the steps stay constant).
     - `v_radius`: $R$ (default `None`: no projection). A bound on
       $\|v^*\| \le \|\nabla_y f\| / \mu_g$ keeps $v$ bounded on hard problems.
+    - `curvature_every`: on deterministic data, steps between two re-estimates of the
+      derived steps at the current iterates (default 500; 0: only at `init`).
 
     Metrics: `upper_loss`, `grad_norm` $\|D_x\|$ (before averaging),
     `average_norm` $\|h_{t+1}\|$, `lower_residual` $\|\nabla_y g\|$ and
@@ -84,6 +88,7 @@ class MASOBA(AbstractBilevelSolver):
     decay: float = nonnegative(0.5)
     decay_steps: int | None = count(None, optional=True)
     v_radius: float | None = positive(None, optional=True)
+    curvature_every: int = count(500, minimum=0)
 
     def unsupported_reason(self, feature: str) -> str:
         return UNSUPPORTED.get(feature, "")
@@ -95,6 +100,7 @@ class MASOBA(AbstractBilevelSolver):
         )
 
     def _step(self, problem, state, data, key):
+        state = refresh_steps(problem, state, data, jr.fold_in(key, 1), self)
         o, lower_batch = draw_oracles(problem, state, data, key)
         d_y, d_v, d_x = directions(o)
         horizon = decay_horizon(self.decay_steps, data)

@@ -14,7 +14,7 @@ from jaxtyping import Array, PyTree
 from .._data import FixedBatches, as_fixed_batches
 from .._misc import tree_sub
 from .._oracles import Oracles, oracles
-from .._solver import AbstractBilevelSolver, choice, positive
+from .._solver import AbstractBilevelSolver, choice, count, positive
 from ._soba import (
     SUPPORTS,
     UNSUPPORTED,
@@ -25,6 +25,7 @@ from ._soba import (
     init_state,
     joint_step,
     oracle_metrics,
+    refresh_steps,
 )
 
 
@@ -91,13 +92,15 @@ class SABA(AbstractBilevelSolver):
 
     **Arguments:**
 
-    - `inner_lr`: $\rho$ for $y$ and $v$ (default: $\tfrac12 / L_g$, the lower
-      curvature estimated at $(x_0, y_0)$ on a first batch).
-    - `outer_lr`: $\gamma$ for $x$ (default: $\tfrac12\rho\,\mu_g / L_\Phi$, from the
-      problem: see [`bilevel.solvers.SOBA`][]).
+    - `inner_lr`: $\rho$ for $y$ and $v$ (default: $\tfrac12 / L_g$, the largest lower
+      curvature over the first batches; see [`bilevel.solvers.SOBA`][]).
+    - `outer_lr`: $\gamma$ for $x$ (default: from the lag of $y$ and $v$
+      behind the lower solution: see [`bilevel.solvers.SOBA`][]).
     - `memory_init`: `"zero"` (default, as in the authors' benchmark: the tables start
       at zero and fill during the first epoch) or `"full"` (a full pass at `init`
       fills them at $(x_0, y_0, v_0 = 0)$).
+    - `curvature_every`: on deterministic data, steps between two re-estimates of the
+      derived steps at the current iterates (default 500; 0: only at `init`).
 
     **Memory:** tables of $K_g$ rows of $(2\dim y + \dim x)$ numbers and $K_f$ rows of
     $(\dim y + \dim x)$, $K$ the numbers of batches: fine for models of modest size,
@@ -131,6 +134,7 @@ class SABA(AbstractBilevelSolver):
     inner_lr: float | None = positive(None, optional=True)
     outer_lr: float | None = positive(None, optional=True)
     memory_init: Literal["zero", "full"] = choice("zero", ("zero", "full"))
+    curvature_every: int = count(500, minimum=0)
 
     def unsupported_reason(self, feature: str) -> str:
         return UNSUPPORTED.get(feature, "")
@@ -160,6 +164,7 @@ class SABA(AbstractBilevelSolver):
         )
 
     def _step(self, problem, state, data, key):
+        state = refresh_steps(problem, state, data, jr.fold_in(key, 1), self)
         data = as_fixed_batches(data, "SABA")
         lower_memory, upper_memory = state.memory
         _check_sizes(data, lower_memory, upper_memory)

@@ -96,6 +96,46 @@ def init_state(
     )
 
 
+def refresh_steps(
+    problem: Any,
+    state: SingleLoopState,
+    data: AbstractData,
+    key: PRNGKeyArray,
+    solver: AbstractBilevelSolver,
+) -> SingleLoopState:
+    r"""On deterministic data, every `solver.curvature_every` steps (0: never), the
+    derived base steps re-estimated at the current iterates by `single_loop_step_sizes`
+    on the data; the given ones (`solver.inner_lr`, `solver.outer_lr`) kept.
+
+    The curvatures behind the steps move with $x$. On `logreg_hpo` the lower curvature
+    $\mu$ falls as the regularisation weights $e^{x_j}$ shrink: an $x$ step that was
+    slow next to the lag of $y$ and $v$ at $x_0$ no longer is, and the joint iteration
+    diverged after about 1800 steps. On stochastic data the steps decrease over time
+    and an estimate would need many batches: no refresh there."""
+    inner_lr, outer_lr, every = solver.inner_lr, solver.outer_lr, solver.curvature_every
+    given = inner_lr is not None and outer_lr is not None
+    if given or not every or not data.deterministic:
+        return state
+
+    def estimate(state):
+        upper, lower = (
+            jtu.tree_map(lambda leaf: leaf[None], batch)
+            for batch in (data.full_upper(), data.full_lower())
+        )
+        rho, gamma = single_loop_step_sizes(
+            problem, state.x, state.y, upper, lower, key
+        )
+        rho = state.inner_lr if inner_lr is not None else rho
+        gamma = state.outer_lr if outer_lr is not None else gamma
+        steps = (rho.astype(state.inner_lr.dtype), gamma.astype(state.outer_lr.dtype))
+        return eqx.tree_at(
+            lambda s: (s.inner_lr, s.outer_lr), state, lax.stop_gradient(steps)
+        )
+
+    due = (state.step > 0) & (state.step % every == 0)
+    return lax.cond(due, estimate, lambda state: state, state)
+
+
 def directions(o: Oracles) -> tuple[PyTree, PyTree, PyTree]:
     """$(D_y, D_v, D_x)$ from one oracle bundle."""
     d_v = jtu.tree_map(jnp.add, o.hvp, o.upper_grad_y)
@@ -216,11 +256,11 @@ class SOBA(AbstractBilevelSolver):
     $\gamma_t \propto t^{-3/5}$; here $\rho_t = \rho_0 (1 + t/\tau)^{-2/5}$ and
     $\gamma_t = \gamma_0 (1 + t/\tau)^{-3/5}$, flat over the first $\tau$ steps (one
     epoch of the data by default; constant on deterministic data). By default
-    $\rho_0 = \tfrac12 / L_g$ and $\gamma_0 = \tfrac12\rho_0\,\mu_g / L_\Phi$: $L_g$
-    the largest lower curvature over the first batches, $\mu_g$ the smallest
-    eigenvalue of their mean lower Hessian and $L_\Phi$ the curvature of their mean
-    hyper-objective, at $(x_0, y_0)$. The $x$ step follows the lag $1/(\rho\mu_g)$ of
-    $y$ and $v$ behind $y^*(x)$, $v^*(x)$ (two time scales; see
+    $\rho_0 = \tfrac12 / L_g$, $L_g$ the largest lower curvature over the first
+    batches, and $\gamma_0 = \tfrac12\min(1/L_\Phi,\ \rho_0\mu / L_c)$: $x$ moves
+    slowly next to the lag $1/(\rho_0\mu)$ of $y$ and $v$ behind $y^*(x)$ and
+    $v^*(x)$ (two time scales; $L_c$ the curvature of the hyper-objective through
+    $y^*$, $\mu$ the lower curvature along its responses; see
     `bilevel._stepsize.single_loop_step_sizes`). An explicit value wins.
 
     **Arguments:**
@@ -231,6 +271,8 @@ class SOBA(AbstractBilevelSolver):
       steps constant).
     - `decay_steps`: $\tau$ (default: the data's epoch length; on deterministic data
       such as full batches the steps stay constant).
+    - `curvature_every`: on deterministic data, steps between two re-estimates of the
+      derived steps at the current iterates (default 500; 0: only at `init`).
 
     Metrics: `upper_loss`, `grad_norm` $\|D_x\|$, `lower_residual`
     $\|\nabla_y g\|$ and `linear_residual` $\|D_v\|$, all on the step's batches.
@@ -260,6 +302,7 @@ class SOBA(AbstractBilevelSolver):
     inner_decay: float = nonnegative(0.4)
     outer_decay: float = nonnegative(0.6)
     decay_steps: int | None = count(None, optional=True)
+    curvature_every: int = count(500, minimum=0)
 
     def unsupported_reason(self, feature: str) -> str:
         return UNSUPPORTED.get(feature, "")
@@ -268,6 +311,7 @@ class SOBA(AbstractBilevelSolver):
         return init_state(problem, x0, y0, key, data, self.inner_lr, self.outer_lr)
 
     def _step(self, problem, state, data, key):
+        state = refresh_steps(problem, state, data, jr.fold_in(key, 1), self)
         o, lower_batch = draw_oracles(problem, state, data, key)
         d_y, d_v, d_x = directions(o)
         base = guarded_inner_lr(problem, state, lower_batch, d_y, self.inner_lr is None)

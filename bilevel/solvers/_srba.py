@@ -22,6 +22,7 @@ from ._soba import (
     init_state,
     joint_step,
     oracle_metrics,
+    refresh_steps,
 )
 
 
@@ -61,13 +62,15 @@ class SRBA(AbstractBilevelSolver):
 
     **Arguments:**
 
-    - `inner_lr`: $\rho$ for $y$ and $v$ (default: $\tfrac12 / L_g$, the lower
-      curvature estimated at $(x_0, y_0)$ on a first batch).
-    - `outer_lr`: $\gamma$ for $x$ (default: $\tfrac12\rho\,\mu_g / L_\Phi$, from the
-      problem: see [`bilevel.solvers.SOBA`][]).
+    - `inner_lr`: $\rho$ for $y$ and $v$ (default: $\tfrac12 / L_g$, the largest lower
+      curvature over the first batches; see [`bilevel.solvers.SOBA`][]).
+    - `outer_lr`: $\gamma$ for $x$ (default: from the lag of $y$ and $v$
+      behind the lower solution: see [`bilevel.solvers.SOBA`][]).
     - `period`: $q$ (default: the data's epoch length, so a full pass costs about as
       much as the steps between two of them; this is the authors' benchmark setting
       $q = \frac12 (n + m) / B$ for equal batch sizes).
+    - `curvature_every`: on deterministic data, steps between two re-estimates of the
+      derived steps at the current iterates (default 500; 0: only at `init`).
 
     The data must give its whole content for the full passes ([`bilevel.Minibatch`][],
     [`bilevel.FixedBatches`][] or full batches). The paper's analysis also projects
@@ -102,6 +105,7 @@ class SRBA(AbstractBilevelSolver):
     inner_lr: float | None = positive(None, optional=True)
     outer_lr: float | None = positive(None, optional=True)
     period: int | None = count(None, optional=True)
+    curvature_every: int = count(500, minimum=0)
 
     def unsupported_reason(self, feature: str) -> str:
         return UNSUPPORTED.get(feature, "")
@@ -114,6 +118,7 @@ class SRBA(AbstractBilevelSolver):
         )
 
     def _step(self, problem, state, data, key):
+        state = refresh_steps(problem, state, data, jr.fold_in(key, 1), self)
         period = self.period or data.epoch_length
         full_upper, full_lower = data.full_upper(), data.full_lower()
         x, y, v, memory = state.x, state.y, state.v, state.memory
