@@ -116,7 +116,8 @@ class Minibatch(AbstractData):
     **Arguments:**
 
     - `upper`, `lower`: pytrees of arrays sharing a leading sample axis (per level), or
-      `None` for a level without data.
+      `None` for a level without data. A level taken whole (its batch size `None`) is
+      one batch and may be any pytree (e.g. a few scalars).
     - `batch_size`: samples per lower batch (`None`: the full lower data).
     - `upper_batch_size`: samples per upper batch (default: `batch_size`).
     - `sampling`: `"epoch"` (default: a fresh permutation per epoch, every sample
@@ -217,7 +218,8 @@ class FixedBatches(AbstractData):
     **Arguments:**
 
     - `upper`, `lower`: pytrees of arrays sharing a leading sample axis (per level), or
-      `None` for a level without data.
+      `None` for a level without data. A level taken whole (its batch size `None`) is
+      one batch and may be any pytree (e.g. a few scalars).
     - `batch_size`: $B$, samples per lower batch; it must divide the number of lower
       samples (`None`: one batch, the full data).
     - `upper_batch_size`: samples per upper batch (default: `batch_size`); it must
@@ -244,7 +246,10 @@ class FixedBatches(AbstractData):
     sharding: Any = eqx.field(static=True, default=None)
 
     def __check_init__(self):
-        _check_samples("FixedBatches", self.upper, self.lower)
+        # a level taken whole (batch size None) is one batch: any pytree will do
+        _check_samples(
+            "FixedBatches", self.upper, self.lower, self._upper_size, self.batch_size
+        )
         _check_batch_sizes("FixedBatches", self.batch_size, self.upper_batch_size)
         _check_seed("FixedBatches", self.seed)
         for name, tree, size in (
@@ -363,8 +368,14 @@ def as_fixed_batches(data: Any, owner: str) -> FixedBatches:
     )
 
 
-def _check_samples(owner: str, upper: PyTree, lower: PyTree) -> None:
-    for name, tree in (("upper", upper), ("lower", lower)):
+def _check_samples(
+    owner: str, upper: PyTree, lower: PyTree, upper_size: Any = 0, lower_size: Any = 0
+) -> None:
+    """Every leaf of a level has the same leading sample axis; a level whose batch
+    size is `None` (taken whole) is not checked."""
+    for name, tree, size in (("upper", upper, upper_size), ("lower", lower, lower_size)):
+        if size is None:
+            continue
         leaves = jtu.tree_leaves(tree)
         sizes = {jnp.shape(u)[0] if jnp.ndim(u) else None for u in leaves}
         if None in sizes or len(sizes) > 1:
@@ -399,7 +410,7 @@ def _run_key(seed: int | None, key) -> PRNGKeyArray:
 
 def _num_samples(tree: PyTree) -> int | None:
     leaves = jtu.tree_leaves(tree)
-    return jnp.shape(leaves[0])[0] if leaves else None
+    return jnp.shape(leaves[0])[0] if leaves and jnp.ndim(leaves[0]) else None
 
 
 def _batches(tree: PyTree, size: int | None) -> int:

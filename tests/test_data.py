@@ -221,3 +221,41 @@ def test_fixed_batches_conversions_and_errors():
         as_fixed_batches(Custom(), "SABA")
     with pytest.raises(TypeError, match="cannot give all its lower data"):
         Custom().full_lower()
+
+
+def test_full_batches_of_any_pytree_run_the_memory_solvers():
+    """Full-batch data whose leaves have no sample axis (here the scales of the
+    objectives) is one fixed batch per level: SABA runs on it and matches the same
+    problem with the scales written into the objectives (no data); a split level
+    still needs a common sample axis."""
+    scales = {"s": jnp.asarray(3.0), "t": jnp.asarray(0.5)}
+    whole = as_fixed_batches(bl.FullBatch(upper=scales, lower=scales), "SABA")
+    assert whole.deterministic and whole.upper_batch_at(0) is scales
+    with pytest.raises(ValueError, match="same leading sample axis"):
+        bl.FixedBatches(upper=None, lower=scales, batch_size=1)
+
+    def problem(data_scales):
+        def lower(x, y, d):
+            d = data_scales if d is None else d
+            return d["s"] * (0.5 * jnp.sum(y**2) - jnp.dot(x, y))
+
+        def upper(x, y, d):
+            d = data_scales if d is None else d
+            return d["t"] * 0.5 * jnp.sum((y - 1.0) ** 2)
+
+        return bl.BilevelProblem(upper=upper, lower=lower)
+
+    x0, y0 = jnp.zeros(3), jnp.zeros(3)
+    solver = bl.solvers.SABA()
+    with_data, _ = bl.run(
+        problem(None),
+        solver,
+        x0,
+        y0,
+        bl.FullBatch(upper=scales, lower=scales),
+        50,
+        jr.PRNGKey(0),
+    )
+    baked, _ = bl.run(problem(scales), solver, x0, y0, None, 50, jr.PRNGKey(0))
+    np.testing.assert_allclose(with_data.x, baked.x, rtol=1e-6)
+    assert float(jnp.max(jnp.abs(with_data.x - x0))) > 1e-3  # it moved
