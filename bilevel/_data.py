@@ -373,7 +373,8 @@ def _check_samples(
 ) -> None:
     """Every leaf of a level has the same leading sample axis; a level whose batch
     size is `None` (taken whole) is not checked."""
-    for name, tree, size in (("upper", upper, upper_size), ("lower", lower, lower_size)):
+    levels = (("upper", upper, upper_size), ("lower", lower, lower_size))
+    for name, tree, size in levels:
         if size is None:
             continue
         leaves = jtu.tree_leaves(tree)
