@@ -39,7 +39,12 @@ from .._solver import (
     nonnegative,
     positive,
 )
-from .._stepsize import hyper_hessian_product, lower_curvature, operator_norm
+from .._stepsize import (
+    hyper_curvature,
+    hyper_hessian_product,
+    lower_curvature,
+    operator_norm,
+)
 
 
 _LOWER_UPDATES = ("all", "sampled", "lazy")
@@ -359,13 +364,18 @@ class BSVRB(AbstractBilevelSolver):
     **Defaults.** At the first step, on the first sampled blocks and batches at
     $(x_0, y_0)$: $L_g = \max_i \|\nabla^2_{yy} g_i\|$ and $L_F$, the norm of the
     blocks' mean hyper-objective Hessian linearised in $y$ (power iterations,
-    `bilevel._stepsize.hyper_hessian_product`). Then $\tau = \tau_v = 0.5/L_g$,
-    $\eta = 0.2/L_F$, $\mu' = 10^{-6} L_g$; $\beta_t = \max(1/(t+1), 10^{-3})$ ($z$ is
-    the running mean of the corrected estimates, then an exponential average over
-    about $10^3$ steps); $\alpha = 1$ when the data are deterministic (a block's
-    oracles are then exact at each visit) and $0.1$ otherwise. Multiplying every $g_i$
-    by $s$ and every $f_i$ by $t$ scales $L_g$ by $s$ and $L_F$ by $t$, so the iterates
-    $x_t$ do not change. An explicit value always wins.
+    `bilevel._stepsize.hyper_hessian_product`), and per block the curvature $L_c$ of
+    its hyper-objective through $y_i^*$ and the lower curvature $\mu$ along the
+    responses of $y_i^*$ and $v_i^*$ (`bilevel._stepsize.hyper_curvature`; largest
+    $L_c$, smallest $\mu$ over the blocks). Then $\tau = \tau_v = 0.5/L_g$,
+    $\eta = \min(0.2/L_F,\ \tau\mu/L_c)$ ($x$ slow next to the lag of $y_i$
+    and $v_i$, as for [`bilevel.solvers.SOBA`][]), $\mu' = 10^{-6} L_g$;
+    $\beta_t = \max(1/(t+1), 10^{-3})$ ($z$ is the running mean of the corrected
+    estimates, then an exponential average over about $10^3$ steps); $\alpha = 1$
+    when the data are deterministic (a block's oracles are then exact at each
+    visit) and $0.1$ otherwise. Multiplying every $g_i$ by $s$ and every $f_i$ by $t$
+    scales $L_g$, $\mu$ by $s$ and $L_F$, $L_c$ by $t$: the iterates $x_t$ do not
+    change. An explicit value always wins.
 
     **Per-block data.** Block $i$'s objectives are called as $f_i$ = `upper(x, y_i,
     batch, i)` and $g_i$ = `lower(x, y_i, batch, i)`, with `i` an int32 scalar. For the
@@ -664,10 +674,10 @@ class BSVRB(AbstractBilevelSolver):
         y = _gather(state.y, local, shards)
 
         def estimate(_):
-            lower, upper = _curvatures(
+            curvatures = _curvatures(
                 problem, state.x, y, batches, blocks, jr.fold_in(key, 1)
             )
-            derived = _default_steps(lower, upper)
+            derived = _default_steps(*curvatures)
             return _StepSizes(
                 *(
                     old if value is not None else new.astype(old.dtype)
@@ -750,22 +760,34 @@ _UPPER_FRACTION = 0.2
 _FLOOR_FRACTION = 1e-6
 _BETA = 1e-3
 _STOCHASTIC_ALPHA = 0.1
+_LAG_FRACTION = 1.0  # of the lag bound tau mu / L_c (see `_default_steps`)
+_FLOOR_LAG = 1e-3  # mu is at least this fraction of L_g
 
 
-def _default_steps(lower, upper) -> _StepSizes:
-    r"""$\tau = \tau_v = c_y / L_g$, $\eta = c_x / L_F$, $\mu' = c_\mu L_g$ from the
-    estimates $L_g$ (lower) and $L_F$ (upper); a zero estimate borrows the other."""
+def _default_steps(lower, upper, coupling, lagging) -> _StepSizes:
+    r"""$\tau = \tau_v = c_y / L_g$, $\mu' = c_\mu L_g$ and
+    $\eta = \min(c_x / L_F,\ c_{\rm lag}\,\tau\mu / L_c)$ from the estimates $L_g$
+    (lower), $L_F$ (upper), $L_c$ (`coupling`) and $\mu$ (`lagging`, floored at
+    $10^{-3} L_g$); a zero estimate borrows the other, a non-finite $L_c$ drops the
+    lag bound."""
     lower = jnp.where(lower > 0, lower, jnp.where(upper > 0, upper, 1.0))
     upper = jnp.where(upper > 0, upper, lower)
     tau = _LOWER_FRACTION / lower
-    return _StepSizes(_UPPER_FRACTION / upper, tau, tau, _FLOOR_FRACTION * lower)
+    lagging = jnp.where(lagging > _FLOOR_LAG * lower, lagging, _FLOOR_LAG * lower)
+    safe = jnp.isfinite(coupling) & (coupling > 0)
+    lag_limit = _LAG_FRACTION * tau * lagging / jnp.where(safe, coupling, 1.0)
+    eta = jnp.minimum(_UPPER_FRACTION / upper, jnp.where(safe, lag_limit, jnp.inf))
+    return _StepSizes(eta, tau, tau, _FLOOR_FRACTION * lower)
 
 
 def _curvatures(problem, x, y, batches, blocks, key):
-    r"""$L_g = \max_i \|\nabla^2_{yy} g_i\|$ over the sampled blocks and $L_F =
+    r"""$L_g = \max_i \|\nabla^2_{yy} g_i\|$ over the sampled blocks, $L_F =
     \|\frac1I\sum_i \nabla^2\tilde F_i\|$ (power iterations; see
-    `bilevel._stepsize.hyper_hessian_product`), at $(x, y_i)$ on the blocks' batches."""
-    (values, axes), (lower_key, upper_key) = batches, jr.split(key)
+    `bilevel._stepsize.hyper_hessian_product`), and over the blocks the largest
+    curvature $L_c$ of a block's hyper-objective through $y_i^*$ and the smallest lower
+    curvature $\mu$ along its responses (`bilevel._stepsize.hyper_curvature`), at
+    $(x, y_i)$ on the blocks' batches."""
+    (values, axes), (lower_key, upper_key, lag_key) = batches, jr.split(key, 3)
     in_axes = (0, axes, 0)
 
     def lower(y_i, batch, index):
@@ -779,8 +801,23 @@ def _curvatures(problem, x, y, batches, blocks, key):
 
         return _mean_over_slots(_vmap2(product, in_axes)(y, values, blocks))
 
+    def lag(y_i, batch, index):
+        block = _block_problem(problem, index)
+        upper_batch, lower_batch = batch
+        coupling, lagging, _ = hyper_curvature(
+            lambda u, w: block.upper(u, w, upper_batch),
+            lambda u, w: block.condition(u, w, lower_batch),
+            x,
+            y_i,
+            lag_key,
+            coupling_only=True,
+        )
+        return coupling, lagging
+
     lower_max = jnp.max(_vmap2(lower, in_axes)(y, values, blocks))
-    return lower_max, operator_norm(matvec, x, upper_key)
+    couplings, laggings = _vmap2(lag, in_axes)(y, values, blocks)
+    hyper = operator_norm(matvec, x, upper_key)
+    return lower_max, hyper, jnp.max(couplings), jnp.min(laggings)
 
 
 def _grad_norm(problem, x, grad, eta):
