@@ -496,3 +496,23 @@ def test_derived_inner_step_follows_a_lower_curvature_that_grows():
         )
         assert bool(history["finite"][-1]), name
         np.testing.assert_allclose(state.x, np.log(10.0), atol=5e-2, err_msg=name)
+
+
+def test_re_estimates_keep_explicit_steps_and_skip_minibatches():
+    """`curvature_every` (here 2): an explicit x step is kept exactly through the
+    re-estimates on full batches; on minibatches nothing is re-estimated (the x step
+    after 5 steps is the one of `init`, read after 1 step of the same run). That a
+    derived step does change on full batches is checked on logreg_hpo
+    (test_defaults_registry.py)."""
+    lower, upper = _arrays(0)
+    full = bl.FullBatch(
+        upper=_cast(upper, jnp.float64), lower=_cast(lower, jnp.float64)
+    )
+    given, _ = _run(
+        bl.solvers.SOBA(outer_lr=0.05, curvature_every=2), full, jnp.float64, 5
+    )
+    assert float(given.outer_lr) == 0.05
+    solver, stochastic = bl.solvers.SOBA(curvature_every=2), _data(jnp.float64)
+    first, _ = _run(solver, stochastic, jnp.float64, 1)
+    later, _ = _run(solver, stochastic, jnp.float64, 5)
+    assert float(later.outer_lr) == float(first.outer_lr)
