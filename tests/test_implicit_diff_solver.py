@@ -91,19 +91,33 @@ def test_adaptive_outer_step_does_not_run_away_where_the_objective_flattens():
     # its rounding, and x runs to ~1e2 in float32 (where a weight e^x overflows). The
     # step is kept once the gradient change is below sqrt(eps) of the largest gradient:
     # x stays where e^x is representable, and F still decreases to the rounding level.
-    def run(num_steps):
-        rule = adaptive_gradient_descent()
-        x = jnp.zeros((), jnp.float32)
-        state = rule.init(x)
-        grad = jax.grad(lambda u: jax.nn.softplus(-u))
-        step = jax.jit(lambda x, state: rule.update(grad(x), state, x))
-        for _ in range(num_steps):
-            updates, state = step(x, state)
-            x = optax.apply_updates(x, updates)
-        return float(x)
+    x = _adaptive_run(lambda u: jax.nn.softplus(-u), jnp.zeros((), jnp.float32), 400)
+    assert 10.0 < float(x) < 30.0, x  # F(10) = 4.5e-5 of the start; e^30 is finite
 
-    x = run(400)
-    assert 10.0 < x < 30.0, x  # F(10) = 4.5e-5 of the start; e^30 is finite
+
+def test_adaptive_outer_step_grows_while_the_gradient_stays_large():
+    # F(x) = a'x + eps/2 |x|^2 with eps = 1e-8: after the probe (x moves by 1e-3) the
+    # gradient changes by 1e-11, far below sqrt(eps_f32) of its norm. Keeping the step
+    # there froze it at the probe's size (x moved 1e-3 per step: this stalled
+    # ImplicitDiff and Unrolled on the full-size ridge_hpo). While the gradient is at
+    # least half the largest seen, the step grows as in the paper: x moves by 1e3 and
+    # more within 60 steps.
+    a = jnp.asarray([0.6, -0.8], jnp.float32)
+    x0 = jnp.zeros(2, jnp.float32)
+    x = _adaptive_run(lambda u: a @ u + 0.5e-8 * u @ u, x0, 60)
+    assert float(jnp.linalg.norm(x - x0)) > 1e3, x
+    assert float(a @ x) < -1e3  # along -a, the descent direction
+
+
+def _adaptive_run(objective, x, num_steps):
+    rule = adaptive_gradient_descent()
+    state = rule.init(x)
+    grad = jax.grad(objective)
+    step = jax.jit(lambda x, state: rule.update(grad(x), state, x))
+    for _ in range(num_steps):
+        updates, state = step(x, state)
+        x = optax.apply_updates(x, updates)
+    return x
 
 
 @pytest.fixture(scope="module")
