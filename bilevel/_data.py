@@ -116,8 +116,7 @@ class Minibatch(AbstractData):
     **Arguments:**
 
     - `upper`, `lower`: pytrees of arrays sharing a leading sample axis (per level), or
-      `None` for a level without data. A level taken whole (its batch size `None`) is
-      one batch and may be any pytree (e.g. a few scalars).
+      `None` for a level without data.
     - `batch_size`: samples per lower batch (`None`: the full lower data).
     - `upper_batch_size`: samples per upper batch (default: `batch_size`).
     - `sampling`: `"epoch"` (default: a fresh permutation per epoch, every sample

@@ -69,22 +69,9 @@ def init_state(
     outer_lr,
     memory: Any = None,
 ) -> SingleLoopState:
-    """State with $v_0 = 0$ and the base steps: the given ones, or estimated from the
-    largest curvature at $(x_0, y_0)$ over the first draws of the data (up to
-    `PROBE_BATCHES`, at most one epoch; `single_loop_step_sizes`)."""
+    """State with $v_0 = 0$ and the base steps of `base_steps` at $(x_0, y_0)$."""
     dtype = jnp.result_type(*jtu.tree_leaves(y0))
-    if inner_lr is None or outer_lr is None:
-        draws = jnp.arange(min(data.epoch_length, PROBE_BATCHES), dtype=jnp.int32)
-        batch_key, curvature_key = jr.split(key)
-        upper, lower = (
-            jax.vmap(draw, in_axes=(None, 0))(batch_key, draws)
-            for draw in (data.upper_batch, data.lower_batch)
-        )
-        rho, gamma = single_loop_step_sizes(
-            problem, x0, y0, upper, lower, curvature_key
-        )
-        inner_lr = rho if inner_lr is None else inner_lr
-        outer_lr = gamma if outer_lr is None else outer_lr
+    inner_lr, outer_lr = base_steps(problem, x0, y0, key, data, inner_lr, outer_lr)
     return SingleLoopState(
         x=x0,
         y=y0,
@@ -96,6 +83,25 @@ def init_state(
     )
 
 
+def base_steps(problem, x, y, key, data: AbstractData, inner_lr, outer_lr) -> tuple:
+    """`(inner_lr, outer_lr)`: the given ones, or estimated at $(x, y)$ from the
+    largest curvature over the first draws of the data (up to `PROBE_BATCHES`, at most
+    one epoch; `single_loop_step_sizes`)."""
+    if inner_lr is not None and outer_lr is not None:
+        return inner_lr, outer_lr
+    draws = jnp.arange(min(data.epoch_length, PROBE_BATCHES), dtype=jnp.int32)
+    batch_key, curvature_key = jr.split(key)
+    upper, lower = (
+        jax.vmap(draw, in_axes=(None, 0))(batch_key, draws)
+        for draw in (data.upper_batch, data.lower_batch)
+    )
+    rho, gamma = single_loop_step_sizes(problem, x, y, upper, lower, curvature_key)
+    return (
+        rho if inner_lr is None else inner_lr,
+        gamma if outer_lr is None else outer_lr,
+    )
+
+
 def refresh_steps(
     problem: Any,
     state: SingleLoopState,
@@ -104,8 +110,8 @@ def refresh_steps(
     solver: AbstractBilevelSolver,
 ) -> SingleLoopState:
     r"""On deterministic data, every `solver.curvature_every` steps (0: never), the
-    derived base steps re-estimated at the current iterates by `single_loop_step_sizes`
-    on the data; the given ones (`solver.inner_lr`, `solver.outer_lr`) kept.
+    derived base steps re-estimated at the current iterates (`base_steps`, whose
+    draws of such data are the whole data); the given ones kept.
 
     The curvatures behind the steps move with $x$. On `logreg_hpo` the lower curvature
     $\mu$ falls as the regularisation weights $e^{x_j}$ shrink: an $x$ step that was
@@ -118,16 +124,13 @@ def refresh_steps(
         return state
 
     def estimate(state):
-        upper, lower = (
-            jtu.tree_map(lambda leaf: leaf[None], batch)
-            for batch in (data.full_upper(), data.full_lower())
+        rho, gamma = base_steps(
+            problem, state.x, state.y, key, data, inner_lr, outer_lr
         )
-        rho, gamma = single_loop_step_sizes(
-            problem, state.x, state.y, upper, lower, key
+        steps = (
+            jnp.asarray(rho, state.inner_lr.dtype),
+            jnp.asarray(gamma, state.outer_lr.dtype),
         )
-        rho = state.inner_lr if inner_lr is not None else rho
-        gamma = state.outer_lr if outer_lr is not None else gamma
-        steps = (rho.astype(state.inner_lr.dtype), gamma.astype(state.outer_lr.dtype))
         return eqx.tree_at(
             lambda s: (s.inner_lr, s.outer_lr), state, lax.stop_gradient(steps)
         )
