@@ -163,6 +163,15 @@ def inverse_or_zero(value: Scalar) -> Scalar:
     return jnp.where(positive, 1 / jnp.where(positive, value, 1), 0).astype(value.dtype)
 
 
+def refresh_due(step: Int[Array, ""], every: int, deterministic: bool) -> Any:
+    """Whether step `step` re-estimates derived step sizes: every `every` steps after
+    the first (`every = 0`: never), on deterministic data only (on stochastic data the
+    steps decay, and an estimate would need many batches)."""
+    if not every or not deterministic:
+        return False
+    return (step > 0) & (step % every == 0)
+
+
 class AdaptiveStepState(NamedTuple):
     """State of `adaptive_gradient_descent`: the previous iterate and gradient, the
     last step $\\lambda_{k-1}$, the ratio

@@ -1124,3 +1124,32 @@ def test_defaults_pass_the_scale_battery():
     assert np.all(np.asarray(history["finite"]))
     gaps = battery.relative_gaps(x, jnp.float32)
     assert np.all(gaps <= 1e-2), gaps
+
+
+def test_derived_steps_are_re_estimated_as_x_moves():
+    # g = e^{x_0} |y|^2 / 2 - sum(y): L_g = e^{x_0} exactly (a multiple of the
+    # identity, so the power iteration is exact); f pulls y* = e^{-x_0} towards 2, so
+    # x_0 falls from 0. On deterministic data the derived tau = 0.5 / L_g is
+    # re-estimated at the current x every `curvature_every` steps: at step 3 it is
+    # 0.5 e^{-x_0} with x_0 the iterate after 3 steps; a given tau stays; with
+    # curvature_every=0 the step-0 value stays.
+    problem = bl.BilevelProblem(
+        lambda x, y, batch: 0.5 * jnp.sum((y - 2.0) ** 2),
+        lambda x, y, batch: 0.5 * jnp.exp(x[0]) * jnp.sum(y**2) - jnp.sum(y),
+    )
+    data = bl.FullBatch(upper=None, lower=None)
+    x0, y0 = jnp.zeros(1), jnp.zeros(3)
+
+    def steps_after(solver, num_steps):
+        return bl.run(problem, solver, x0, y0, data, num_steps)[0]
+
+    refreshed = bl.solvers.BSVRB(curvature_every=3)
+    before, after = steps_after(refreshed, 3), steps_after(refreshed, 4)
+    moved = float(before.x[0])
+    assert moved < -1e-3  # x has moved, so the two estimates differ
+    np.testing.assert_allclose(before.steps.tau, 0.5, rtol=1e-12)
+    np.testing.assert_allclose(after.steps.tau, 0.5 * np.exp(-moved), rtol=1e-10)
+    given = steps_after(bl.solvers.BSVRB(curvature_every=3, tau=0.3), 4)
+    assert float(given.steps.tau) == 0.3
+    frozen = steps_after(bl.solvers.BSVRB(curvature_every=0), 4)
+    np.testing.assert_allclose(frozen.steps.tau, 0.5, rtol=1e-12)

@@ -44,6 +44,7 @@ from .._stepsize import (
     hyper_hessian_product,
     lower_curvature,
     operator_norm,
+    refresh_due,
 )
 
 
@@ -359,6 +360,8 @@ class BSVRB(AbstractBilevelSolver):
     - `num_shards`: the blocks are split into this many contiguous equal groups and
       $I/\text{num\_shards}$ blocks are sampled from each (stratified sampling).
       Default: the mesh's size along `mesh_axis`, or 1. It must divide $m$ and $I$.
+    - `curvature_every`: on deterministic data, steps between two re-estimates of the
+      derived step sizes at the current iterates (default 500; 0: step 0 only).
     - `mesh`, `mesh_axis`: shard over devices (below).
 
     **Defaults.** At the first step, on the first sampled blocks and batches at
@@ -375,7 +378,11 @@ class BSVRB(AbstractBilevelSolver):
     when the data are deterministic (a block's oracles are then exact at each
     visit) and $0.1$ otherwise. Multiplying every $g_i$ by $s$ and every $f_i$ by $t$
     scales $L_g$, $\mu$ by $s$ and $L_F$, $L_c$ by $t$: the iterates $x_t$ do not
-    change. An explicit value always wins.
+    change. On deterministic data the derived steps are estimated again every
+    `curvature_every` steps at the current iterates: the curvatures move with $x$ (on
+    `logreg_hpo` $\mu$ falls as the weights $e^{x_j}$ shrink, and the step of $x_0$
+    left $x$ crawling: validation loss 0.237 after 2000 steps against 0.030 with the
+    re-estimates, baseline 0.072). An explicit value always wins.
 
     **Per-block data.** Block $i$'s objectives are called as $f_i$ = `upper(x, y_i,
     batch, i)` and $g_i$ = `lower(x, y_i, batch, i)`, with `i` an int32 scalar. For the
@@ -456,6 +463,7 @@ class BSVRB(AbstractBilevelSolver):
     lower_update: str = choice("sampled", _LOWER_UPDATES)
     block_sampling: str = choice("epoch", ("epoch", "independent"))
     num_shards: int | None = count(None, optional=True)
+    curvature_every: int = count(500, minimum=0)
     mesh: jax.sharding.Mesh | None = eqx.field(static=True, default=None)
     mesh_axis: str = eqx.field(static=True, default="blocks")
 
@@ -576,7 +584,9 @@ class BSVRB(AbstractBilevelSolver):
 
         last = rows(state.last_sampled)
         fresh = last < 0
-        steps = self._step_sizes(problem, state, batches, blocks, local, key)
+        steps = self._step_sizes(
+            problem, state, batches, blocks, local, key, data.deterministic
+        )
         estimator = self._estimator(steps)
         alpha = self._alpha(data)
         msvr = _MSVR(alpha, self._gamma(alpha, num_blocks, per_step))
@@ -665,11 +675,16 @@ class BSVRB(AbstractBilevelSolver):
         needed.append(self.hessian_floor if self.version == 1 else self.tau_v)
         return any(value is None for value in needed)
 
-    def _step_sizes(self, problem, state, batches, blocks, local, key) -> _StepSizes:
+    def _step_sizes(
+        self, problem, state, batches, blocks, local, key, deterministic: bool
+    ) -> _StepSizes:
         """The state's step sizes, with the missing ones estimated at step 0 on the
-        first sampled blocks and batches (`lax.cond`: later steps skip the work)."""
+        first sampled blocks and batches, and again every `curvature_every` steps
+        on deterministic data at the current iterates (`lax.cond`: the other steps
+        skip the work)."""
         if not self._derives_steps():
             return state.steps
+        refresh = refresh_due(state.step, self.curvature_every, deterministic)
         _, _, shards = self._sizes(problem)
         y = _gather(state.y, local, shards)
 
@@ -689,7 +704,8 @@ class BSVRB(AbstractBilevelSolver):
                 )
             )
 
-        return lax.cond(state.step == 0, estimate, lambda _: state.steps, None)
+        due = (state.step == 0) | refresh
+        return lax.cond(due, estimate, lambda _: state.steps, None)
 
     def _sample(self, problem, state, data, key):
         """Sampled blocks (local indices and global ones, `(shards, per_shard)`) and

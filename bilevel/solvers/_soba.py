@@ -29,7 +29,12 @@ from .._misc import tree_axpy, tree_norm, tree_scale, tree_sub
 from .._oracles import Oracles, oracles
 from .._problem import apply_project_x
 from .._solver import AbstractBilevelSolver, count, nonnegative, positive
-from .._stepsize import hessian_product, inverse_or_zero, single_loop_step_sizes
+from .._stepsize import (
+    hessian_product,
+    inverse_or_zero,
+    refresh_due,
+    single_loop_step_sizes,
+)
 
 
 # What the four solvers support: the variance-reduced ones need every oracle to be a
@@ -118,9 +123,9 @@ def refresh_steps(
     slow next to the lag of $y$ and $v$ at $x_0$ no longer is, and the joint iteration
     diverged after about 1800 steps. On stochastic data the steps decrease over time
     and an estimate would need many batches: no refresh there."""
-    inner_lr, outer_lr, every = solver.inner_lr, solver.outer_lr, solver.curvature_every
-    given = inner_lr is not None and outer_lr is not None
-    if given or not every or not data.deterministic:
+    inner_lr, outer_lr = solver.inner_lr, solver.outer_lr
+    due = refresh_due(state.step, solver.curvature_every, data.deterministic)
+    if (inner_lr is not None and outer_lr is not None) or due is False:
         return state
 
     def estimate(state):
@@ -135,7 +140,6 @@ def refresh_steps(
             lambda s: (s.inner_lr, s.outer_lr), state, lax.stop_gradient(steps)
         )
 
-    due = (state.step > 0) & (state.step % every == 0)
     return lax.cond(due, estimate, lambda state: state, state)
 
 
