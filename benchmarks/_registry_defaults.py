@@ -80,7 +80,7 @@ def defaults_rows(solver_class, num_steps=2000, seed=0, names=None, small=False)
                 "metric": bench.metric + (" (max)" if bench.maximize else " (min)"),
                 "value": value,
                 "baseline": baseline,
-                "better": bench.beats_baseline(scores),
+                "better": bench.improves(value, baseline),
                 "finite": bool(history["finite"][-1]),
                 "steps": num_steps,
                 "s (incl. compile)": seconds,

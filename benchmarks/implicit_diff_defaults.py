@@ -41,7 +41,7 @@ def defaults_row(label, name, params, solver_name, steps):
     values = bench.evaluate(result.x, result.y)
     metric = float(values[bench.metric])
     baseline = bench.baseline_value(values)
-    better = bench.beats_baseline(values)
+    better = bench.improves(metric, baseline)
     status = result.history.get("hypergradient_status")
     return {
         "problem": label,

@@ -394,7 +394,7 @@ def defaults_row(label, bench, solver_name, steps):
     values = bench.evaluate(result.x, result.y)
     metric = float(values[bench.metric])
     baseline = bench.baseline_value(values)
-    better = bench.beats_baseline(values)
+    better = bench.improves(metric, baseline)
     return {
         "problem": label,
         "solver": solver_name,

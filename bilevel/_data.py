@@ -247,7 +247,11 @@ class FixedBatches(AbstractData):
     def __check_init__(self):
         # a level taken whole (batch size None) is one batch: any pytree will do
         _check_samples(
-            "FixedBatches", self.upper, self.lower, self._upper_size, self.batch_size
+            "FixedBatches",
+            self.upper,
+            self.lower,
+            upper_whole=self._upper_size is None,
+            lower_whole=self.batch_size is None,
         )
         _check_batch_sizes("FixedBatches", self.batch_size, self.upper_batch_size)
         _check_seed("FixedBatches", self.seed)
@@ -368,13 +372,17 @@ def as_fixed_batches(data: Any, owner: str) -> FixedBatches:
 
 
 def _check_samples(
-    owner: str, upper: PyTree, lower: PyTree, upper_size: Any = 0, lower_size: Any = 0
+    owner: str,
+    upper: PyTree,
+    lower: PyTree,
+    upper_whole: bool = False,
+    lower_whole: bool = False,
 ) -> None:
-    """Every leaf of a level has the same leading sample axis; a level whose batch
-    size is `None` (taken whole) is not checked."""
-    levels = (("upper", upper, upper_size), ("lower", lower, lower_size))
-    for name, tree, size in levels:
-        if size is None:
+    """Every leaf of a level has the same leading sample axis; a level taken whole
+    (`upper_whole`, `lower_whole`: one batch of any pytree) is not checked."""
+    levels = (("upper", upper, upper_whole), ("lower", lower, lower_whole))
+    for name, tree, whole in levels:
+        if whole:
             continue
         leaves = jtu.tree_leaves(tree)
         sizes = {jnp.shape(u)[0] if jnp.ndim(u) else None for u in leaves}

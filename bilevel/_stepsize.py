@@ -163,10 +163,13 @@ def inverse_or_zero(value: Scalar) -> Scalar:
     return jnp.where(positive, 1 / jnp.where(positive, value, 1), 0).astype(value.dtype)
 
 
-def refresh_due(step: Int[Array, ""], every: int, deterministic: bool) -> Any:
+def refresh_due(
+    step: Int[Array, ""], every: int, deterministic: bool
+) -> bool | Bool[Array, ""]:
     """Whether step `step` re-estimates derived step sizes: every `every` steps after
     the first (`every = 0`: never), on deterministic data only (on stochastic data the
-    steps decay, and an estimate would need many batches)."""
+    steps decay, and an estimate would need many batches). The Python `False` when no
+    step ever does, so that callers need not trace the estimate at all."""
     if not every or not deterministic:
         return False
     return (step > 0) & (step % every == 0)

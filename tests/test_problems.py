@@ -101,6 +101,9 @@ def test_baseline_value_reads_the_named_baseline_or_the_start(ridge):
     maximised = dataclasses.replace(unnamed, maximize=True)
     assert maximised.beats_baseline({ridge.metric: start + 1.0})
     assert not maximised.beats_baseline({ridge.metric: start})
+    # the comparison on two numbers: strict, in the metric's direction
+    assert ridge.improves(0.1, 0.2) and not ridge.improves(0.2, 0.2)
+    assert maximised.improves(0.2, 0.1) and not maximised.improves(0.1, 0.2)
 
 
 def test_ridge_shapes_and_split(ridge):

@@ -51,7 +51,11 @@ class Benchmark(eqx.Module):
             return float(scores[self.baseline])
         return float(self.evaluate(self.x0, self.y0)[self.metric])
 
+    def improves(self, value: float, baseline: float) -> bool:
+        """Whether `value` of `metric` is strictly better than `baseline` (larger when
+        `maximize`, else smaller)."""
+        return value > baseline if self.maximize else value < baseline
+
     def beats_baseline(self, scores: dict) -> bool:
         """Whether `scores[metric]` is strictly better than `baseline_value(scores)`."""
-        value, baseline = float(scores[self.metric]), self.baseline_value(scores)
-        return value > baseline if self.maximize else value < baseline
+        return self.improves(float(scores[self.metric]), self.baseline_value(scores))

@@ -4,7 +4,6 @@ Balasubramanian, 2023)."""
 from typing import ClassVar
 
 import jax.numpy as jnp
-import jax.random as jr
 import jax.tree_util as jtu
 
 from .._misc import tree_axpy, tree_norm, tree_project_ball
@@ -100,7 +99,7 @@ class MASOBA(AbstractBilevelSolver):
         )
 
     def _step(self, problem, state, data, key):
-        state = refresh_steps(problem, state, data, jr.fold_in(key, 1), self)
+        state = refresh_steps(problem, state, data, key, self)
         o, lower_batch = draw_oracles(problem, state, data, key)
         d_y, d_v, d_x = directions(o)
         horizon = decay_horizon(self.decay_steps, data)

@@ -164,7 +164,7 @@ class SABA(AbstractBilevelSolver):
         )
 
     def _step(self, problem, state, data, key):
-        state = refresh_steps(problem, state, data, jr.fold_in(key, 1), self)
+        state = refresh_steps(problem, state, data, key, self)
         data = as_fixed_batches(data, "SABA")
         lower_memory, upper_memory = state.memory
         _check_sizes(data, lower_memory, upper_memory)

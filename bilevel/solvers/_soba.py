@@ -116,7 +116,8 @@ def refresh_steps(
 ) -> SingleLoopState:
     r"""On deterministic data, every `solver.curvature_every` steps (0: never), the
     derived base steps re-estimated at the current iterates (`base_steps`, whose
-    draws of such data are the whole data); the given ones kept.
+    draws of such data are the whole data); the given ones kept. `key` is the step's
+    key: the estimate draws from a fold of it, apart from the step's own draws.
 
     The curvatures behind the steps move with $x$. On `logreg_hpo` the lower curvature
     $\mu$ falls as the regularisation weights $e^{x_j}$ shrink: an $x$ step that was
@@ -130,7 +131,7 @@ def refresh_steps(
 
     def estimate(state):
         rho, gamma = base_steps(
-            problem, state.x, state.y, key, data, inner_lr, outer_lr
+            problem, state.x, state.y, jr.fold_in(key, 1), data, inner_lr, outer_lr
         )
         steps = (
             jnp.asarray(rho, state.inner_lr.dtype),
@@ -318,7 +319,7 @@ class SOBA(AbstractBilevelSolver):
         return init_state(problem, x0, y0, key, data, self.inner_lr, self.outer_lr)
 
     def _step(self, problem, state, data, key):
-        state = refresh_steps(problem, state, data, jr.fold_in(key, 1), self)
+        state = refresh_steps(problem, state, data, key, self)
         o, lower_batch = draw_oracles(problem, state, data, key)
         d_y, d_v, d_x = directions(o)
         base = guarded_inner_lr(problem, state, lower_batch, d_y, self.inner_lr is None)

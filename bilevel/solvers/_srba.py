@@ -118,7 +118,7 @@ class SRBA(AbstractBilevelSolver):
         )
 
     def _step(self, problem, state, data, key):
-        state = refresh_steps(problem, state, data, jr.fold_in(key, 1), self)
+        state = refresh_steps(problem, state, data, key, self)
         period = self.period or data.epoch_length
         full_upper, full_lower = data.full_upper(), data.full_lower()
         x, y, v, memory = state.x, state.y, state.v, state.memory
