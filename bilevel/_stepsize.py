@@ -517,7 +517,7 @@ def hyper_curvature(
 
     def solver_at(y):
         residual, hvp = jax.linearize(lambda v: gradient(x, v), y)
-        return residual, hvp, lambda rhs: _conjugate_gradient(hvp, rhs, max_steps)
+        return residual, hvp, lambda rhs: conjugate_gradient(hvp, rhs, max_steps)
 
     residual, _, solve = solver_at(y)
     y = tree_sub(y, solve(residual))
@@ -562,7 +562,7 @@ def hyper_curvature(
     return norm, jnp.minimum(*quotients), direct_norm
 
 
-def _conjugate_gradient(matvec, rhs: PyTree[Array], max_steps: int) -> PyTree[Array]:
+def conjugate_gradient(matvec, rhs: PyTree[Array], max_steps: int) -> PyTree[Array]:
     r"""Conjugate gradients for $A u = b$ from $u = 0$, until $\|b - Au\| \le 10^{-3}
     \|b\|$, `max_steps`, or a direction of non-positive curvature. (lineax's CG declares
     a breakdown when $p^\top A p < 100\, n\, \epsilon\, \|r\|^2$, an absolute test

@@ -61,8 +61,10 @@ from .._solver import (
 from .._stepsize import (
     PowerIteration,
     SecantStep,
+    conjugate_gradient,
     continue_power_iteration,
     hessian_product,
+    refresh_due,
     secant_step,
     start_power_iteration,
     start_secant_step,
@@ -84,6 +86,15 @@ MAX_INNER_ROUNDS = 10
 this many times per outer step until the inner solves are reliable."""
 
 FIRST_ITERATIONS = 50
+"""Power iterations of each curvature estimate at the first step."""
+
+X_BLOCK_ITERATIONS = 20
+X_BLOCK_REFRESH_ITERATIONS = 3
+r"""Power iterations of VPBGD's $L_x$ at the first step and, warm-started, at each
+refresh (each takes a conjugate-gradient solve)."""
+
+X_BLOCK_CG_STEPS = 50
+"""Largest number of Hessian-vector products of each of those solves."""
 
 NOISY_DECAY = 1 / 3
 r"""With minibatches the default $x$ step of Penalty's double loop and VPBGD's joint
@@ -93,7 +104,6 @@ $d_x$, so a constant step only reaches a noise floor."""
 PEAK_DECAY = 0.99
 """Step sizes use the largest curvature estimate of the last ~100 steps: the running
 maximum decays by this factor per step."""
-"""Power iterations of each curvature estimate at the first step."""
 
 
 # --------------------------------------------------------------------------------------
@@ -110,12 +120,14 @@ class _Momentum(eqx.Module):
 
 class _Curvature(eqx.Module):
     r"""Curvature estimates: $L_f$ (first step only), $L_g$ (tracked or first step
-    only), $L_J$ (tracked, when a rule uses it), the recent peaks of the last two (what
-    the step sizes use), and $L_f/L_g$ at the first step."""
+    only), $L_J$ (tracked, when a rule uses it), $L_x$ (refreshed, when a rule uses
+    it), the recent peaks of $L_g$ and $L_J$ (what the step sizes use), and $L_f/L_g$
+    at the first step."""
 
     upper: PowerIteration
     lower: PowerIteration
     joint: PowerIteration | None
+    x_block: PowerIteration | None
     lower_peak: Scalar
     joint_peak: Scalar
     ratio: Scalar
@@ -151,6 +163,8 @@ class _Needs(NamedTuple):
     joint: bool  # estimate L_J at the first step
     track_joint: bool  # and keep tracking it
     secant: bool  # adaptive x step (Malitsky-Mishchenko), starting from 1 / L_J
+    x_block: bool = False  # estimate L_x at the first step
+    refresh_every: int = 0  # and again every so many steps (0: never)
 
 
 class _Oracles(eqx.Module):
@@ -364,6 +378,49 @@ def _update_joint_curvature(
     return eqx.tree_at(lambda c: (c.joint, c.joint_peak), curvature, (joint, peak))
 
 
+def _update_x_block_curvature(
+    problem, curvature: _Curvature, state: _PenaltyState, batches, penalty, iterations
+) -> _Curvature:
+    r"""$L_x = \|\nabla^2_{xx} F_\lambda\|$, the $x$-block of the Hessian of
+    $F_\lambda(x, y) = f(x, y) + \lambda(g(x, y) - g^*(x))$ at a lower solution: with
+    $\nabla^2 g^*(x) = \nabla^2_{xx} g - \nabla^2_{xy} g\,(\nabla^2_{yy} g)^{-1}
+    \nabla^2_{yx} g$ at $y = y^*(x)$,
+
+    $\nabla^2_{xx} F_\lambda = \nabla^2_{xx} f
+    + \lambda\,\nabla^2_{xy} g\,(\nabla^2_{yy} g)^{-1}\nabla^2_{yx} g$.
+
+    It is taken at $(x_k, \hat z)$, $\hat z = z_k - (\nabla^2_{yy} g)^{-1}\nabla_y
+    g(x_k, z_k)$ the Newton point of the value-function variable (at an arbitrary $z$
+    the coupling can vanish, e.g. $z = 0$ for a weight decay $e^x\|y\|^2$), by
+    `iterations` warm-started power iterations (0: keep the estimate), each with one
+    conjugate-gradient solve with $\nabla^2_{yy} g$."""
+    upper_batch, _, lower_batch = batches
+    x = state.x
+
+    def lower_grad(u, v):
+        return jax.grad(problem.lower, argnums=1)(u, v, lower_batch)
+
+    def solve_at(z):
+        hvp = hessian_product(lambda v: problem.lower(x, v, lower_batch), z)
+        return lambda rhs: conjugate_gradient(hvp, rhs, X_BLOCK_CG_STEPS)
+
+    z = tree_sub(state.z, solve_at(state.z)(lower_grad(x, state.z)))
+    solve = solve_at(z)
+    upper_hvp = hessian_product(lambda u: problem.upper(u, z, upper_batch), x)
+    _, cross = jax.linearize(lambda u: lower_grad(u, z), x)
+    cross_t = jax.linear_transpose(cross, x)
+
+    def product(w):
+        (coupling,) = cross_t(solve(cross(w)))
+        return tree_axpy(penalty, coupling, upper_hvp(w))
+
+    def estimate(_):
+        return continue_power_iteration(product, curvature.x_block, iterations)
+
+    x_block = lax.cond(iterations > 0, estimate, lambda _: curvature.x_block, None)
+    return eqx.tree_at(lambda c: c.x_block, curvature, x_block)
+
+
 def _penalised_lr(curvature: _Curvature, penalty) -> Scalar:
     r"""$1/(L_f + \lambda L_g)$: the step for gradient descent on $f + \lambda g$ in
     $y$."""
@@ -433,12 +490,14 @@ class _AbstractValuePenalty(AbstractBilevelSolver):
         if any(n.curvature for n in needs):
             upper_key, lower_key, joint_key = jr.split(key, 3)
             upper = start_power_iteration(upper_key, y0)
-            joint = None
+            joint = x_block = None
             if any(n.joint for n in needs):
                 joint = start_power_iteration(joint_key, (x0, y0))
+            if any(n.x_block for n in needs):
+                x_block = start_power_iteration(joint_key, x0)
             zero = upper.norm
             lower = start_power_iteration(lower_key, y0)
-            curvature = _Curvature(upper, lower, joint, zero, zero, zero)
+            curvature = _Curvature(upper, lower, joint, x_block, zero, zero, zero)
         secant = start_secant_step(x0) if any(n.secant for n in needs) else None
         step = jnp.array(0)
         return _PenaltyState(x0, y0, y0, momentum, step, curvature, secant)
@@ -457,6 +516,13 @@ class _AbstractValuePenalty(AbstractBilevelSolver):
         if needs.joint:
             curvature = _update_joint_curvature(
                 problem, curvature, state, batches, penalty, needs.track_joint
+            )
+        if needs.x_block:
+            due = refresh_due(state.step, needs.refresh_every, needs.deterministic)
+            iterations = jnp.where(state.step == 0, X_BLOCK_ITERATIONS, 0)
+            iterations = jnp.where(due, X_BLOCK_REFRESH_ITERATIONS, iterations)
+            curvature = _update_x_block_curvature(
+                problem, curvature, state, batches, penalty, iterations
             )
         return curvature, self._rule(state.step, penalty, curvature, needs, dtype)
 
@@ -735,21 +801,36 @@ class VPBGD(_AbstractValuePenalty):
 
     - `penalty`: $\gamma$ ($\gamma = \Theta(\epsilon^{-1/2})$ in the theory).
     - `penalty_init`, `ramp_steps`: linear ramp (default 0 steps: constant $\gamma$).
-    - `x_lr`: $\alpha$; `y_lr`: step of $y$ if different (default: `x_lr`). Need
-      $\alpha \lesssim 1/L_\gamma$, $L_\gamma = O(\gamma)$.
+    - `x_lr`: $\alpha$ of $x$; `y_lr`: the step of $y$ (default: `x_lr` when that is
+      given, the paper's single step). Need $\alpha \lesssim 1/L_\gamma$,
+      $L_\gamma = O(\gamma)$.
     - `z_lr`: $\beta$ of the value-function loop; `z_steps`: its length (default 1,
       warm-started, as in the public code).
+    - `curvature_every`: on deterministic data, steps between two re-estimates of
+      the default $x$ step (0: the first step's only; default 100).
     - `scale_by_penalty`: see above (default `False`).
     - `coupled_samples`: one lower batch for both $\nabla_x g$ calls (default `True`;
       see [`bilevel.solvers.Penalty`][]).
 
     **Defaults** (curvature estimates on the step's batches, see
-    [`bilevel.solvers.Penalty`][]): $\gamma = 100 L_f/L_g$ at the first step;
-    $\alpha = 1/L_J$ with $L_J = \|\nabla^2_{(x,y)}(f + \gamma_k g)\|$ tracked (the
-    theory's $1/L_\gamma$; times $(k + 1)^{-1/3}$ with minibatches); $\beta = 1/L_g$
-    tracked. Progress in $x$ is then
-    $O(\mu_F/(\gamma L_g))$ per step, so V-PBGD is slow when the hyper-objective is
-    ill-conditioned (see the solver's page for measured numbers).
+    [`bilevel.solvers.Penalty`][]): $\gamma = 100 L_f/L_g$ at the first step, and one
+    step per block of the joint step (a block-diagonal step, where the paper states
+    one $\alpha$ for both; the paper's single step $1/L_\gamma$ is bounded by the
+    stiff $y$-block, $\gamma L_g$, so $x$ moved $O(\mu_F/(\gamma L_g))$ per step):
+
+    - $y$: $1/(L_f + \gamma_k L_g)$ with $L_g$ tracked, the inverse curvature of the
+      $y$-block;
+    - $x$: $1/L_x$, $L_x = \|\nabla^2_{xx} f + \gamma_k\nabla^2_{xy} g\,
+      (\nabla^2_{yy} g)^{-1}\nabla^2_{yx} g\|$, the $x$-block of the Hessian of
+      $F_\gamma$ at a lower solution (the value function contributes its own
+      curvature), estimated at the first step and every `curvature_every` steps on
+      deterministic data (warm-started power iterations with conjugate-gradient
+      solves, at the Newton point of $z$). Where $F_\gamma$ is convex, its Hessian
+      is at most twice its block diagonal, so these steps keep the joint iteration
+      stable; $x$ then moves at the pace of its own block (on the small ridge and
+      logistic hyperparameter problems of the registry $L_x$ is about $L_J/150$);
+    - with minibatches both are multiplied by $(k + 1)^{-1/3}$; $\beta = 1/L_g$
+      tracked.
 
     **Metrics** each step (minibatch estimates with stochastic data): `upper_loss`
     $f(x_k, y_k)$; `grad_norm` $\|d_x\|$, the $x$-part of $\nabla F_\gamma$ (the
@@ -768,6 +849,7 @@ class VPBGD(_AbstractValuePenalty):
     y_lr: float | None = positive(None, optional=True)
     z_lr: float | None = positive(None, optional=True)
     z_steps: int = count(1)
+    curvature_every: int = count(100, minimum=0)
     scale_by_penalty: bool = eqx.field(static=True, default=False)
     coupled_samples: bool = eqx.field(static=True, default=True)
 
@@ -775,15 +857,21 @@ class VPBGD(_AbstractValuePenalty):
         return 0, self.z_steps
 
     def _needs(self, deterministic: bool) -> _Needs:
-        derived = (self.penalty, self.x_lr, self.z_lr)
+        derived = (self.penalty, self.x_lr, self._stated_y_lr(), self.z_lr)
         return _Needs(
             deterministic=deterministic,
             curvature=any(v is None for v in derived),
-            track_lower=self.z_lr is None,
-            joint=self.x_lr is None,
-            track_joint=self.x_lr is None,
+            track_lower=self.z_lr is None or self._stated_y_lr() is None,
+            joint=False,
+            track_joint=False,
             secant=False,
+            x_block=self.x_lr is None,
+            refresh_every=self.curvature_every,
         )
+
+    def _stated_y_lr(self) -> float | None:
+        """The step of $y$ if stated: `y_lr`, else `x_lr` (the paper's joint step)."""
+        return self.x_lr if self.y_lr is None else self.y_lr
 
     def _penalty(self, step, curvature, dtype):
         if self.penalty is None:
@@ -798,13 +886,19 @@ class VPBGD(_AbstractValuePenalty):
 
     def _rule(self, step, penalty, curvature, needs, dtype) -> _Rule:
         scale = 1 / jnp.maximum(penalty, 1) if self.scale_by_penalty else 1
-        if self.x_lr is None:
-            x_lr = 1 / curvature.joint_peak
-            if not needs.deterministic:  # noise: decay (see Penalty)
-                x_lr = x_lr * (step + 1).astype(dtype) ** -NOISY_DECAY
+        y_lr = self._stated_y_lr()
+        if y_lr is None:
+            y_lr = _penalised_lr(curvature, penalty)
+        if self.x_lr is None:  # no x-curvature: the y step, the smaller scale
+            x_lr = jnp.where(
+                curvature.x_block.norm > 0, 1 / curvature.x_block.norm, y_lr
+            )
         else:
             x_lr = self.x_lr
-        y_lr = x_lr if self.y_lr is None else self.y_lr
+        if not needs.deterministic:  # noise: decay (see Penalty)
+            decay = (step + 1).astype(dtype) ** -NOISY_DECAY
+            x_lr = x_lr * decay if self.x_lr is None else x_lr
+            y_lr = y_lr * decay if self._stated_y_lr() is None else y_lr
         z_lr = 1 / curvature.lower_peak if self.z_lr is None else self.z_lr
         return _Rule(
             penalty=penalty,
