@@ -371,3 +371,24 @@ def test_scale_battery_defaults():
     scale_battery.check_scaled_problem()
     gaps, finite = scale_battery.relative_gaps(bl.solvers.SLBAMM())
     scale_battery.assert_steady_progress(gaps, finite, final=1e-3)
+
+
+def test_x_step_follows_the_tracked_lower_curvature():
+    # f = e^{x} |y|^2 / 2 - sum(y), F = |y - 0.2|^2 / 2 (y in R^3): every Hessian in y
+    # is a multiple of the identity, so at step 0 L = m for F and f (condition 1) and
+    # the tracked curvature of phi_mu is exactly mu_k + (1 - mu_k) e^{x}. F pulls
+    # y* = e^{-x} down to 0.2, so x grows and so does the lower curvature. The derived
+    # lower step is 1 / max(bound_k, tracked) and the x step 1 / (2 kappa_k L_Phi)
+    # with kappa_k = max(bound_k, tracked) / m_k, m_k = mu_k + (1 - mu_k) = 1: their
+    # ratio alpha_k / s_k = 1 / (2 L_Phi) stays what it was at step 0 while s_k falls
+    # (with kappa_k from the step-0 spectra only, alpha_k stayed put: rtol 1e-10, the
+    # rounding of a few float64 products).
+    problem = bl.BilevelProblem(
+        lambda x, y, batch: 0.5 * jnp.sum((y - 0.2) ** 2),
+        lambda x, y, batch: 0.5 * jnp.exp(x[0]) * jnp.sum(y**2) - jnp.sum(y),
+    )
+    x0, y0 = jnp.zeros(1, jnp.float64), jnp.ones(3, jnp.float64)
+    _, history = bl.run(problem, bl.solvers.SLBAMM(), x0, y0, None, 60)
+    lower_step, alpha = np.asarray(history["lower_step"]), np.asarray(history["alpha"])
+    assert lower_step[-1] < 0.8 * lower_step[0]  # the lower curvature has grown
+    np.testing.assert_allclose(alpha / lower_step, alpha[0] / lower_step[0], rtol=1e-10)

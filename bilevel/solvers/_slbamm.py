@@ -172,11 +172,12 @@ class SLBAMM(AbstractBilevelSolver):
       follows the curvature of $\varphi_{\mu_k}$ by one warm-started power iteration
       per step (a curvature that grows, e.g. with a weight decay $e^{x}$, shrinks the
       step);
-    - $\alpha_k = c/(2\kappa_k L_\Phi)$ with $\kappa_k = (\mu_k\omega L_F +
-      (1-\mu_k)L_f)/(\mu_k\omega m_F + (1-\mu_k)m_f)$: a safe step on the
+    - $\alpha_k = c/(2\kappa_k L_\Phi)$ with $\kappa_k = \max(\mu_k\omega L_F +
+      (1-\mu_k)L_f, \hat L_k)/(\mu_k\omega m_F + (1-\mu_k)m_f)$: a safe step on the
       hyper-objective, slowed by the number of steps $y$ and $v$ need to follow a move
-      of $x$; for a merely convex lower level ($m_f = 0$) it shrinks like $\mu_k$, the
-      coupling of the paper's strategies;
+      of $x$ (which grows with the tracked curvature $\hat L_k$); for a merely convex
+      lower level ($m_f = 0$) it shrinks like $\mu_k$, the coupling of the paper's
+      strategies;
     - $\eta_{\max} = 10^3 s_k$.
 
     Multiplying $f$ by $s$ or $F$ by $t$ leaves the iterates $x^k, y^k$ unchanged (up to
@@ -341,12 +342,12 @@ class SLBAMM(AbstractBilevelSolver):
 
     def _adaptive_x_step(self, c: _Curvatures, mu, weight, safety) -> Scalar:
         r"""$\alpha_k = 1/(2\kappa_k L_\Phi)$: a safe step $1/(2L_\Phi)$ on the
-        hyper-objective, slowed by the condition number $\kappa_k \le (\mu_k\omega L_F
-        + (1 - \mu_k) L_f)/(\mu_k\omega m_F + (1 - \mu_k) m_f)$ of
+        hyper-objective, slowed by the condition number $\kappa_k \le \max(\mu_k\omega
+        L_F + (1 - \mu_k) L_f, \hat L_k)/(\mu_k\omega m_F + (1 - \mu_k) m_f)$ of
         $\nabla^2_{yy}\varphi_{\mu_k}$, the number of steps the lower iterate and the
         multiplier need to follow a move of $x$. For a merely convex lower level
         ($m_f = 0$) this makes $\alpha_k$ shrink like $\mu_k$."""
-        largest = mu * weight * c.upper + (1 - mu) * c.lower
+        largest = jnp.maximum(mu * weight * c.upper + (1 - mu) * c.lower, c.tracked)
         smallest = mu * weight * c.upper_min + (1 - mu) * c.lower_min
         condition = largest / jnp.maximum(smallest, 1e-6 * largest)
         tiny = jnp.finfo(c.hyper.dtype).tiny
