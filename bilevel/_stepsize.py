@@ -515,13 +515,7 @@ def hyper_curvature(
     of the first and the last.
     """
 
-    def solver_at(y):
-        residual, hvp = jax.linearize(lambda v: gradient(x, v), y)
-        return residual, hvp, lambda rhs: conjugate_gradient(hvp, rhs, max_steps)
-
-    residual, _, solve = solver_at(y)
-    y = tree_sub(y, solve(residual))
-    _, hvp, solve = solver_at(y)
+    y, hvp, solve = newton_point(gradient, x, y, max_steps)
     _, cross = jax.linearize(lambda u: gradient(u, y), x)
     cross_t = jax.linear_transpose(cross, x)
     adjoint = solve(jax.grad(upper, argnums=1)(x, y))
@@ -562,7 +556,28 @@ def hyper_curvature(
     return norm, jnp.minimum(*quotients), direct_norm
 
 
-def conjugate_gradient(matvec, rhs: PyTree[Array], max_steps: int) -> PyTree[Array]:
+def newton_point(
+    gradient: Callable[[PyTree[Array], PyTree[Array]], PyTree[Array]],
+    x: PyTree[Array],
+    y: PyTree[Array],
+    max_steps: int,
+) -> tuple[PyTree[Array], Callable, Callable]:
+    r"""The Newton point $\hat y = y - (\partial_y G)^{-1} G(x, y)$ of $G$ = `gradient`
+    (one conjugate-gradient solve), with $v \mapsto \partial_y G(x, \hat y)\,v$ and a
+    conjugate-gradient solver $b \mapsto (\partial_y G(x, \hat y))^{-1} b$ there (at
+    most `max_steps` products each)."""
+
+    def linearised(y):
+        residual, hvp = jax.linearize(lambda v: gradient(x, v), y)
+        return residual, hvp, lambda rhs: _conjugate_gradient(hvp, rhs, max_steps)
+
+    residual, _, solve = linearised(y)
+    y = tree_sub(y, solve(residual))
+    _, hvp, solve = linearised(y)
+    return y, hvp, solve
+
+
+def _conjugate_gradient(matvec, rhs: PyTree[Array], max_steps: int) -> PyTree[Array]:
     r"""Conjugate gradients for $A u = b$ from $u = 0$, until $\|b - Au\| \le 10^{-3}
     \|b\|$, `max_steps`, or a direction of non-positive curvature. (lineax's CG declares
     a breakdown when $p^\top A p < 100\, n\, \epsilon\, \|r\|^2$, an absolute test

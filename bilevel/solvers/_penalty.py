@@ -61,9 +61,9 @@ from .._solver import (
 from .._stepsize import (
     PowerIteration,
     SecantStep,
-    conjugate_gradient,
     continue_power_iteration,
     hessian_product,
+    newton_point,
     refresh_due,
     secant_step,
     start_power_iteration,
@@ -400,12 +400,7 @@ def _update_x_block_curvature(
     def lower_grad(u, v):
         return jax.grad(problem.lower, argnums=1)(u, v, lower_batch)
 
-    def solve_at(z):
-        hvp = hessian_product(lambda v: problem.lower(x, v, lower_batch), z)
-        return lambda rhs: conjugate_gradient(hvp, rhs, X_BLOCK_CG_STEPS)
-
-    z = tree_sub(state.z, solve_at(state.z)(lower_grad(x, state.z)))
-    solve = solve_at(z)
+    z, _, solve = newton_point(lower_grad, x, state.z, X_BLOCK_CG_STEPS)
     upper_hvp = hessian_product(lambda u: problem.upper(u, z, upper_batch), x)
     _, cross = jax.linearize(lambda u: lower_grad(u, z), x)
     cross_t = jax.linear_transpose(cross, x)
