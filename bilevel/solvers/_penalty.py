@@ -823,7 +823,8 @@ class VPBGD(_AbstractValuePenalty):
       solves, at the Newton point of $z$). Where $F_\gamma$ is convex, its Hessian
       is at most twice its block diagonal, so these steps keep the joint iteration
       stable; $x$ then moves at the pace of its own block (on the small ridge and
-      logistic hyperparameter problems of the registry $L_x$ is about $L_J/150$);
+      logistic hyperparameter problems of the registry $L_x$ is 150 to 225 times
+      smaller than $L_J$);
     - with minibatches both are multiplied by $(k + 1)^{-1/3}$; $\beta = 1/L_g$
       tracked.
 
