@@ -400,16 +400,16 @@ def _update_x_block_curvature(
     def lower_grad(u, v):
         return jax.grad(problem.lower, argnums=1)(u, v, lower_batch)
 
-    z, _, solve = newton_point(lower_grad, x, state.z, X_BLOCK_CG_STEPS)
-    upper_hvp = hessian_product(lambda u: problem.upper(u, z, upper_batch), x)
-    _, cross = jax.linearize(lambda u: lower_grad(u, z), x)
-    cross_t = jax.linear_transpose(cross, x)
+    def estimate(_):  # the Newton point's solve too: only on the steps that estimate
+        z, _, solve = newton_point(lower_grad, x, state.z, X_BLOCK_CG_STEPS)
+        upper_hvp = hessian_product(lambda u: problem.upper(u, z, upper_batch), x)
+        _, cross = jax.linearize(lambda u: lower_grad(u, z), x)
+        cross_t = jax.linear_transpose(cross, x)
 
-    def product(w):
-        (coupling,) = cross_t(solve(cross(w)))
-        return tree_axpy(penalty, coupling, upper_hvp(w))
+        def product(w):
+            (coupling,) = cross_t(solve(cross(w)))
+            return tree_axpy(penalty, coupling, upper_hvp(w))
 
-    def estimate(_):
         return continue_power_iteration(product, curvature.x_block, iterations)
 
     x_block = lax.cond(iterations > 0, estimate, lambda _: curvature.x_block, None)
