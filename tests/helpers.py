@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+import bilevel as bl
+
 
 def tree_allclose(a, b, *, rtol=1e-5, atol=1e-8) -> bool:
     """Leafwise `np.allclose` on two pytrees of the same structure."""
@@ -34,3 +36,13 @@ def central_difference(fn, x, direction, eps=1e-6):
 def dense_jacobian(fn, x):
     """Dense float64 Jacobian via jax.jacfwd, for small reference computations."""
     return jax.jacfwd(fn)(x)
+
+
+def weight_decay_problem(target: float):
+    r"""$g = e^{x_0}\|y\|^2/2 - \sum_i y_i$, $f = \|y - \text{target}\|^2/2$: every
+    Hessian in $y$ is a multiple of the identity ($L_g = e^{x_0}$, $y^* = e^{-x_0}$),
+    so curvature estimates are exact and follow $x$ in closed form."""
+    return bl.BilevelProblem(
+        lambda x, y, batch: 0.5 * jnp.sum((y - target) ** 2),
+        lambda x, y, batch: 0.5 * jnp.exp(x[0]) * jnp.sum(y**2) - jnp.sum(y),
+    )

@@ -25,7 +25,7 @@ import bilevel as bl
 from bilevel.solvers._bsvrb import project_hessian
 
 from . import scale_battery as battery
-from .helpers import central_difference, relative_error
+from .helpers import central_difference, relative_error, weight_decay_problem
 
 
 # -------------------------------------------------------------------------------------
@@ -1133,10 +1133,7 @@ def test_derived_steps_are_re_estimated_as_x_moves():
     # re-estimated at the current x every `curvature_every` steps: at step 3 it is
     # 0.5 e^{-x_0} with x_0 the iterate after 3 steps; a given tau stays; with
     # curvature_every=0 the step-0 value stays.
-    problem = bl.BilevelProblem(
-        lambda x, y, batch: 0.5 * jnp.sum((y - 2.0) ** 2),
-        lambda x, y, batch: 0.5 * jnp.exp(x[0]) * jnp.sum(y**2) - jnp.sum(y),
-    )
+    problem = weight_decay_problem(2.0)
     data = bl.FullBatch(upper=None, lower=None)
     x0, y0 = jnp.zeros(1), jnp.zeros(3)
 

@@ -20,6 +20,7 @@ from ._penalty_problems import (
     carried_data,
     quadratic_constants as _constants,
 )
+from .helpers import weight_decay_problem
 
 
 DTYPES = [jnp.float64, jnp.float32]
@@ -180,10 +181,7 @@ def test_vpbgd_block_steps_follow_the_x_curvature():
     # y step is 1 / (L_f + lambda L_g) = 1/101: from y_0 = 0, d_y = -2 - 100, so
     # y_1 = 102/101. On deterministic data L_x is re-estimated at the current x every
     # `curvature_every` steps; with 0 the step-0 value stays; a given x_lr wins.
-    problem = bl.BilevelProblem(
-        lambda x, y, batch: 0.5 * jnp.sum((y - 2.0) ** 2),
-        lambda x, y, batch: 0.5 * jnp.exp(x[0]) * jnp.sum(y**2) - jnp.sum(y),
-    )
+    problem = weight_decay_problem(2.0)
     data = bl.FullBatch(upper=None, lower=None)
     x0, y0 = jnp.zeros(1, jnp.float64), jnp.zeros(3, jnp.float64)
 

@@ -11,7 +11,7 @@ import bilevel as bl
 from bilevel.solvers._slbamm import linearise
 
 from .data import lbo_histories, scale_battery
-from .helpers import relative_error
+from .helpers import relative_error, weight_decay_problem
 
 
 # --- merely convex toy (spec slbamm.md 2.5a): x* = y* = z* = 1, the LL ignores z ------
@@ -383,10 +383,7 @@ def test_x_step_follows_the_tracked_lower_curvature():
     # ratio alpha_k / s_k = 1 / (2 L_Phi) stays what it was at step 0 while s_k falls
     # (with kappa_k from the step-0 spectra only, alpha_k stayed put: rtol 1e-10, the
     # rounding of a few float64 products).
-    problem = bl.BilevelProblem(
-        lambda x, y, batch: 0.5 * jnp.sum((y - 0.2) ** 2),
-        lambda x, y, batch: 0.5 * jnp.exp(x[0]) * jnp.sum(y**2) - jnp.sum(y),
-    )
+    problem = weight_decay_problem(0.2)
     x0, y0 = jnp.zeros(1, jnp.float64), jnp.ones(3, jnp.float64)
     _, history = bl.run(problem, bl.solvers.SLBAMM(), x0, y0, None, 60)
     lower_step, alpha = np.asarray(history["lower_step"]), np.asarray(history["alpha"])

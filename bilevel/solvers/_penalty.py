@@ -853,7 +853,7 @@ class VPBGD(_AbstractValuePenalty):
         return 0, self.z_steps
 
     def _needs(self, deterministic: bool) -> _Needs:
-        derived = (self.penalty, self.x_lr, self._stated_y_lr(), self.z_lr)
+        derived = (self.penalty, self.x_lr, self.z_lr)  # y_lr is stated if x_lr is
         return _Needs(
             deterministic=deterministic,
             curvature=any(v is None for v in derived),
