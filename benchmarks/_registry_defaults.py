@@ -10,10 +10,11 @@ import bilevel as bl
 from bilevel._solver import check_supported
 
 
-def timed_default_solve(bench, solver_name: str, steps: int):
-    """`bl.solve` of `bl.solvers.<solver_name>()` (defaults) on `bench` for `steps`
-    steps, 10 log points: `(result, seconds)`, compilation included."""
-    solver = getattr(bl.solvers, solver_name)()
+def timed_default_solve(bench, solver_name: str, steps: int, **options):
+    """`bl.solve` of `bl.solvers.<solver_name>(**options)` (defaults, unless `options`
+    names some) on `bench` for `steps` steps, 10 log points: `(result, seconds)`,
+    compilation included."""
+    solver = getattr(bl.solvers, solver_name)(**options)
     start = time.perf_counter()
     result = bl.solve(
         bench.problem,

@@ -3,9 +3,15 @@ problems they apply to, compared by each problem's own evaluation metric with it
 baseline (issue: defaults that work), and the scale battery of the quadratic.
 
     python benchmarks/implicit_diff_defaults.py [--steps N] [--only NAME ...] [--x64]
+        [--inner-solvers]
 
-Table 1: problem x solver: status, metric vs baseline, hypergradient status, seconds.
+Table 1: problem x solver: status, metric vs baseline, hypergradient status, last
+lower residual, seconds.
 Table 2: relative hyper-objective gap of the scaled quadratic after the given steps.
+Table 3 (with `--inner-solvers`): ImplicitDiff's default inner steps against
+`inner_optimizer=optax.lbfgs()` on the problems whose lower level becomes
+ill-conditioned (logreg_hpo) or whose lower variable is large (imaml): metric, last
+lower residual, seconds.
 """
 
 import argparse
@@ -14,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import optax
 from _registry_defaults import timed_default_solve
 from _timing import print_table
 
@@ -31,13 +38,14 @@ CASES = [
     ("hyper_representation", "hyper_representation", {}),
 ]
 SOLVERS = ("ImplicitDiff", "Unrolled")
+INNER_CASES = ("logreg_hpo", "imaml")
 
 
-def defaults_row(label, name, params, solver_name, steps):
+def defaults_row(label, name, params, solver_name, steps, **options):
     import bilevel as bl
 
     bench = bl.problems.make(name, **params)
-    result, seconds = timed_default_solve(bench, solver_name, steps)
+    result, seconds = timed_default_solve(bench, solver_name, steps, **options)
     values = bench.evaluate(result.x, result.y)
     metric = float(values[bench.metric])
     baseline = bench.baseline_value(values)
@@ -53,8 +61,25 @@ def defaults_row(label, name, params, solver_name, steps):
         "baseline": baseline,
         "beats baseline": bool(better),
         "hypergrad status (last)": "-" if status is None else int(status[-1]),
+        "lower residual (last)": float(result.history["lower_residual"][-1]),
         "seconds": seconds,
     }
+
+
+def inner_solver_rows(steps, only=None):
+    """ImplicitDiff with its default inner steps and with `optax.lbfgs()` ones."""
+    rows = []
+    for label, name, params in CASES:
+        if label not in INNER_CASES or (only and label not in only):
+            continue
+        for inner, options in (
+            ("default", {}),
+            ("optax.lbfgs()", {"inner_optimizer": optax.lbfgs()}),
+        ):
+            row = defaults_row(label, name, params, "ImplicitDiff", steps, **options)
+            rows.append({"inner steps": inner, **row})
+            print(rows[-1], flush=True)
+    return rows
 
 
 def scale_battery(steps, pairs=None):
@@ -111,6 +136,7 @@ def main():
     parser.add_argument("--x64", action="store_true")
     parser.add_argument("--no-battery", action="store_true")
     parser.add_argument("--no-registry", action="store_true")
+    parser.add_argument("--inner-solvers", action="store_true")
     args = parser.parse_args()
     if args.x64:
         jax.config.update("jax_enable_x64", True)
@@ -138,6 +164,11 @@ def main():
             "scale battery: quadratic(4, 10, lower_condition=20), "
             f"{args.battery_steps} steps, gap (F(x_K) - F*) / (F(x_0) - F*)",
             scale_battery(args.battery_steps),
+        )
+    if args.inner_solvers:
+        print_table(
+            f"ImplicitDiff inner steps, {args.steps} steps (bl.solve, key 0)",
+            inner_solver_rows(args.steps, args.only),
         )
 
 
