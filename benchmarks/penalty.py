@@ -10,11 +10,16 @@
 4. The scale battery: relative hyper-objective gap (F(x_K) - F*) / (F(x_0) - F*) of
    `quadratic(lower_condition=20, lower_scale=s, upper_scale=t)` after 3000 steps with
    defaults, and of the condition-50 quadratic (lower Hessian eigenvalues on [1, 50]).
+5. VPBGD's block steps, from dense Hessians at x_0 and y*(x_0) on the small ridge and
+   logistic instances: the joint curvature L_J of f + gamma g, the x-block L_x of the
+   Hessian of F_gamma (with the value function's own curvature) and the y-block L_y,
+   and the extreme eigenvalues of that Hessian scaled by the block steps (stable
+   below 2).
 
-    python benchmarks/penalty.py [--tables throughput target defaults battery]
+    python benchmarks/penalty.py [--tables throughput target defaults battery blocks]
                                  [--steps N] [--problems NAME ...] [--x64]
 
-Sections 1 and 2 run in float64; 3 and 4 in float32 unless `--x64`. Timings are wall
+Sections 1, 2 and 5 run in float64; 3 and 4 in float32 unless `--x64`. Timings are wall
 times on whatever else the machine is doing: compare ratios within one table.
 """
 
@@ -26,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from _registry_defaults import timed_default_solve
+from _registry_defaults import SMALL, timed_default_solve
 from _timing import interleaved_median_times, median_time, print_table
+from jax.flatten_util import ravel_pytree
 
 import bilevel as bl
 
@@ -466,12 +472,72 @@ def battery_table(steps):
     )
 
 
+def _block_curvatures(name):
+    r"""Dense $L_J$, $L_x$, $L_y$ and the scaled Hessian's extreme eigenvalues of
+    VPBGD's $F_\gamma$ at $x_0$ and $y^*(x_0)$, $\gamma = 100 L_f/L_g$ there."""
+    bench = bl.problems.make(name, **SMALL[name])
+    data = bench.data
+    flat_x, unravel_x = ravel_pytree(bench.x0)
+    flat_y, unravel_y = ravel_pytree(bench.y0)
+
+    def lower(x, y):
+        return bench.problem.lower(unravel_x(x), unravel_y(y), data.full_lower())
+
+    def upper(x, y):
+        return bench.problem.upper(unravel_x(x), unravel_y(y), data.full_upper())
+
+    def top(matrix):
+        return float(np.linalg.eigvalsh(np.asarray(matrix))[-1])
+
+    y = flat_y
+    for _ in range(30):  # Newton's method on the lower problem
+        y = y - jnp.linalg.solve(
+            jax.hessian(lower, 1)(flat_x, y), jax.grad(lower, 1)(flat_x, y)
+        )
+    g_yy, f_yy = jax.hessian(lower, 1)(flat_x, y), jax.hessian(upper, 1)(flat_x, y)
+    gamma = 100 * top(f_yy) / top(g_yy)
+    g_yx = jax.jacfwd(jax.grad(lower, 1), 0)(flat_x, y)
+    block_x = jax.hessian(upper, 0)(flat_x, y) + gamma * g_yx.T @ jnp.linalg.solve(
+        g_yy, g_yx
+    )
+    joint = jax.hessian(lambda u: upper(*u) + gamma * lower(*u))((flat_x, y))
+    (j_xx, j_xy), (j_yx, j_yy) = joint
+    dense = jnp.block([[j_xx, j_xy], [j_yx, j_yy]])
+    # F_gamma's Hessian: the joint one with -gamma * hess v(x) in its x-block
+    value_hessian = jax.hessian(lower, 0)(flat_x, y) - g_yx.T @ jnp.linalg.solve(
+        g_yy, g_yx
+    )
+    n = flat_x.size
+    hessian = dense.at[:n, :n].add(-gamma * value_hessian)
+    l_x, l_y, l_joint = top(block_x), top(j_yy), top(dense)
+    scale = jnp.sqrt(jnp.concatenate([jnp.full(n, 1 / l_x), jnp.full(y.size, 1 / l_y)]))
+    scaled = np.linalg.eigvalsh(np.asarray(scale[:, None] * hessian * scale[None, :]))
+    return {
+        "problem": f"{name} (small)",
+        "gamma": gamma,
+        "L_J": l_joint,
+        "L_x": l_x,
+        "L_y": l_y,
+        "L_J / L_x": l_joint / l_x,
+        "scaled eig min": float(scaled[0]),
+        "scaled eig max": float(scaled[-1]),
+    }
+
+
+def blocks_table():
+    print_table(
+        "VPBGD block steps: dense float64 curvatures at x_0, y*(x_0) (stable while "
+        "the scaled Hessian's largest eigenvalue is below 2)",
+        [_block_curvatures(name) for name in ("ridge_hpo", "logreg_hpo")],
+    )
+
+
 def main(argv):
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "--tables",
         nargs="+",
-        default=["throughput", "target", "defaults", "battery"],
+        default=["throughput", "target", "defaults", "battery", "blocks"],
     )
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--problems", nargs="+", default=list(REGISTRY))
@@ -483,8 +549,11 @@ def main(argv):
         defaults_table(args.steps, args.problems)
     if "battery" in args.tables:
         battery_table(args.steps)
-    if {"throughput", "target"} & set(args.tables):
+    if {"throughput", "target", "blocks"} & set(args.tables):
         jax.config.update("jax_enable_x64", True)
+    if "blocks" in args.tables:
+        blocks_table()
+    if {"throughput", "target"} & set(args.tables):
         bench, rows, lipschitz = quadratic_setup()
         if "throughput" in args.tables:
             throughput_table(bench, rows, lipschitz)
