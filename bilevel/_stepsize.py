@@ -671,7 +671,7 @@ def single_loop_step_sizes(
     lower_batches: Any,
     key: PRNGKeyArray,
     fraction: float = 0.5,
-) -> tuple[Scalar, Scalar]:
+) -> tuple[Scalar, Scalar, Scalar]:
     r"""Default steps of the joint $(y, v, x)$ methods, from the batches given (stacked
     along a leading axis, one per draw), at $(x, y)$:
 
@@ -685,7 +685,9 @@ def single_loop_step_sizes(
       \|\nabla^2_{xx}\mathcal L\|$ (a bound on the whole curvature), $\mu$ the lower
       curvature along the responses of $y^*$ and of the adjoint to the leading
       direction of the coupling part. One power iteration through two
-      conjugate-gradient solves per product.
+      conjugate-gradient solves per product;
+    - the ceiling $c / L_\Phi$ of $x$ steps on deterministic data (the curvature
+      bound alone, without the lag limit; see `bilevel.solvers.SOBA`).
 
     Why $\rho\mu$: $y$ and $v$ follow $y^*(x)$ and $v^*(x)$ with a lag of about
     $1/(\rho\mu)$ steps, and $x$ steps along a direction computed from them; the joint
@@ -733,4 +735,5 @@ def single_loop_step_sizes(
     lagging = jnp.where(lagging > floor, lagging, floor)  # also catches NaN
     coupling = jnp.where(jnp.isfinite(coupling), coupling, hyper)
     lag_limit = _ratio_or_inf(rho * lagging, coupling)
-    return rho, fraction * jnp.minimum(1 / hyper, lag_limit)
+    ceiling = fraction / hyper
+    return rho, jnp.minimum(ceiling, fraction * lag_limit), ceiling

@@ -429,6 +429,68 @@ def test_default_steps_are_scale_invariant(scales):
     assert float(other.outer_lr) == pytest.approx(float(base.outer_lr) / t, rel=1e-9)
 
 
+def _full_batch(dtype=jnp.float64):
+    lower, upper = _arrays(0)
+    return bl.FullBatch(upper=_cast(upper, dtype), lower=_cast(lower, dtype))
+
+
+@pytest.mark.parametrize("name", ["SOBA", "SABA", "SRBA", "MASOBA"])
+def test_controlled_x_step_on_deterministic_data(name):
+    """On full batches the derived x step starts at gamma_0 (the lag-limited step
+    of init), is cut to max(gamma/2, gamma_0) after an iteration in which ||D_y|| or
+    ||D_v|| grew, and otherwise grows by 1.05 up to the ceiling 1/(2 L_Phi): checked
+    step by step against the recursion on the history's own residuals (rtol 1e-12:
+    the same float64 arithmetic). The ceiling is 1/(2 L), L = L_c + ||d2_xx L|| the
+    bound on L_Phi of `test_default_steps_follow_the_curvatures_and_the_lag` (5%, the
+    same estimates). Scaling g by s and f by t leaves every x iterate unchanged (rtol
+    1e-9) and divides the steps by t. An explicit `outer_lr` is used unchanged at
+    every step."""
+    data, x0, y0 = _full_batch(), -jnp.ones(DX), jnp.zeros(DY)
+    solver = getattr(bl.solvers, name)(curvature_every=0)  # gamma_0 of init throughout
+    first, _ = bl.run(PROBLEM, solver, x0, y0, data, 1, jr.PRNGKey(0))
+    gamma0, ceiling = float(first.outer_lr), float(first.control.ceiling)
+    state, history = bl.run(PROBLEM, solver, x0, y0, data, 80, jr.PRNGKey(0))
+
+    lower, upper = _arrays(0)
+    hessian = lower["s"].T @ lower["s"] / len(lower["s"])
+    sensitivity = -np.linalg.solve(hessian, lower["b"].T @ lower["a"] / len(lower["s"]))
+    cross = upper["a"].T @ upper["b"] / len(upper["s"])
+    curvature = cross @ sensitivity + sensitivity.T @ cross.T
+    curvature += (
+        sensitivity.T @ (upper["s"].T @ upper["s"]) @ sensitivity / len(upper["s"])
+    )
+    direct = upper["r"].T @ upper["r"] / len(upper["r"])
+    bound = np.linalg.norm(curvature, 2) + np.linalg.norm(direct, 2)  # >= L_Phi
+    assert ceiling == pytest.approx(0.5 / bound, rel=5e-2)
+    assert gamma0 < ceiling
+
+    residuals = np.stack([history["lower_residual"], history["linear_residual"]], 1)
+    expected, grew = [gamma0], 0
+    for t in range(1, len(residuals)):
+        if np.any(residuals[t] > residuals[t - 1]):
+            expected.append(max(0.5 * expected[-1], gamma0))
+        else:
+            expected.append(min(1.05 * expected[-1], ceiling))
+            grew += 1
+    np.testing.assert_allclose(history["outer_step"], expected, rtol=1e-12)
+    assert grew > 0 and max(expected) > gamma0
+
+    s, t = 0.02, 50.0
+    scaled = bl.BilevelProblem(
+        lambda x, y, b: t * upper_objective(x, y, b),
+        lambda x, y, b: s * lower_objective(x, y, b),
+    )
+    other, other_history = bl.run(scaled, solver, x0, y0, data, 80, jr.PRNGKey(0))
+    np.testing.assert_allclose(other.x, state.x, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        other_history["outer_step"], history["outer_step"] / t, rtol=1e-9
+    )
+
+    given = getattr(bl.solvers, name)(outer_lr=0.05)
+    _, fixed = bl.run(PROBLEM, given, x0, y0, data, 20, jr.PRNGKey(0))
+    np.testing.assert_array_equal(fixed["outer_step"], 0.05)
+
+
 # --- constraints, capabilities, errors -----------------------------------------------
 
 

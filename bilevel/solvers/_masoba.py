@@ -13,6 +13,8 @@ from ._soba import (
     SUPPORTS,
     UNSUPPORTED,
     SingleLoopState,
+    adapts_outer_lr,
+    controlled_outer_lr,
     decay_horizon,
     decayed,
     direction_norm,
@@ -107,7 +109,9 @@ class MASOBA(AbstractBilevelSolver):
             problem, state, lower_batch, o.lower_grad, self.inner_lr is None
         )
         rho = decayed(base, state.step, self.decay, horizon)
-        gamma = decayed(state.outer_lr, state.step, self.decay, horizon)
+        adaptive = adapts_outer_lr(self, data)
+        gamma, control = controlled_outer_lr(state, d_y, d_v, adaptive)
+        gamma = decayed(gamma, state.step, self.decay, horizon)
         theta = decayed(
             jnp.asarray(self.averaging, rho.dtype), state.step, self.decay, horizon
         )
@@ -121,9 +125,9 @@ class MASOBA(AbstractBilevelSolver):
             moved = apply_project_x(problem, tree_axpy(-gamma, d_x, state.x))
         grad_norm = direction_norm(problem, state.x, moved, d_x, gamma)
         new_state = SingleLoopState(
-            x, y, v, base, state.outer_lr, average, state.step + 1
+            x, y, v, base, state.outer_lr, control, average, state.step + 1
         )
-        metrics = oracle_metrics(o, grad_norm)
+        metrics = oracle_metrics(o, grad_norm, gamma)
         metrics["average_norm"] = tree_norm(average)
         return new_state, metrics
 

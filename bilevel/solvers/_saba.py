@@ -19,6 +19,8 @@ from ._soba import (
     SUPPORTS,
     UNSUPPORTED,
     SingleLoopState,
+    adapts_outer_lr,
+    controlled_outer_lr,
     direction_norm,
     directions,
     guarded_inner_lr,
@@ -177,13 +179,15 @@ class SABA(AbstractBilevelSolver):
         d_y, d_v, d_x = directions(Oracles(o.upper_loss, **upper_hat, **lower_hat))
         derived = self.inner_lr is None
         rho = guarded_inner_lr(problem, state, lower_batch, d_y, derived)
-        gamma = state.outer_lr
+        adaptive = adapts_outer_lr(self, data)
+        gamma, control = controlled_outer_lr(state, d_y, d_v, adaptive)
         x, y, v = joint_step(problem, state, d_y, d_v, d_x, rho, gamma)
         grad_norm = direction_norm(problem, state.x, x, d_x, gamma)
+        memory = (lower_memory, upper_memory)
         new_state = SingleLoopState(
-            x, y, v, rho, gamma, (lower_memory, upper_memory), state.step + 1
+            x, y, v, rho, state.outer_lr, control, memory, state.step + 1
         )
-        return new_state, oracle_metrics(o, grad_norm)
+        return new_state, oracle_metrics(o, grad_norm, gamma)
 
     def _params(self, state):
         return state.x, state.y

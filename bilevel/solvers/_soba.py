@@ -50,16 +50,33 @@ UNSUPPORTED = {
 # PROBE_BATCHES draws of the data (at most one epoch).
 PROBE_BATCHES = 10
 
+# The derived x step on deterministic data (`controlled_outer_lr`): its growth per step
+# while y and v keep up, its cut when they fall behind.
+X_STEP_GROWTH = 1.05
+X_STEP_CUT = 0.5
+
+
+class OuterStepControl(eqx.Module):
+    r"""The derived $x$ step on deterministic data (`controlled_outer_lr`): the step of
+    the last iteration, its ceiling $\tfrac12 / L_\Phi$, and $(\|D_y\|, \|D_v\|)$ of the
+    last iteration."""
+
+    step: Scalar
+    ceiling: Scalar
+    lag: tuple[Scalar, Scalar]
+
 
 class SingleLoopState(eqx.Module):
     """State of the joint $(y, v, x)$ methods: the iterates, the base step sizes (given
-    or estimated at `init`), the method's own memory and a step counter."""
+    or estimated at `init`), the controlled $x$ step, the method's own memory and a step
+    counter."""
 
     x: PyTree[Array]
     y: PyTree[Array]
     v: PyTree[Array]
     inner_lr: Scalar
     outer_lr: Scalar
+    control: OuterStepControl
     memory: Any
     step: Int[Array, ""]
 
@@ -76,35 +93,40 @@ def init_state(
 ) -> SingleLoopState:
     """State with $v_0 = 0$ and the base steps of `base_steps` at $(x_0, y_0)$."""
     dtype = jnp.result_type(*jtu.tree_leaves(y0))
-    inner_lr, outer_lr = base_steps(problem, x0, y0, key, data, inner_lr, outer_lr)
+    steps = base_steps(problem, x0, y0, key, data, inner_lr, outer_lr)
+    inner_lr, outer_lr, ceiling = (jnp.asarray(s, dtype) for s in steps)
+    zero = jnp.zeros((), dtype)  # the first step counts as behind: it takes gamma_0
     return SingleLoopState(
         x=x0,
         y=y0,
         v=jtu.tree_map(jnp.zeros_like, y0),
-        inner_lr=jnp.asarray(inner_lr, dtype),
-        outer_lr=jnp.asarray(outer_lr, dtype),
+        inner_lr=inner_lr,
+        outer_lr=outer_lr,
+        control=OuterStepControl(outer_lr, ceiling, (zero, zero)),
         memory=memory,
         step=jnp.zeros((), jnp.int32),
     )
 
 
 def base_steps(problem, x, y, key, data: AbstractData, inner_lr, outer_lr) -> tuple:
-    """`(inner_lr, outer_lr)`: the given ones, or estimated at $(x, y)$ from the
-    largest curvature over the first draws of the data (up to `PROBE_BATCHES`, at most
-    one epoch; `single_loop_step_sizes`)."""
+    """`(inner_lr, outer_lr, ceiling)`: the given steps, or estimated at $(x, y)$ from
+    the largest curvature over the first draws of the data (up to `PROBE_BATCHES`, at
+    most one epoch; `single_loop_step_sizes`), and the ceiling of the controlled $x$
+    step (the given `outer_lr` if there is one)."""
     if inner_lr is not None and outer_lr is not None:
-        return inner_lr, outer_lr
+        return inner_lr, outer_lr, outer_lr
     draws = jnp.arange(min(data.epoch_length, PROBE_BATCHES), dtype=jnp.int32)
     batch_key, curvature_key = jr.split(key)
     upper, lower = (
         jax.vmap(draw, in_axes=(None, 0))(batch_key, draws)
         for draw in (data.upper_batch, data.lower_batch)
     )
-    rho, gamma = single_loop_step_sizes(problem, x, y, upper, lower, curvature_key)
-    return (
-        rho if inner_lr is None else inner_lr,
-        gamma if outer_lr is None else outer_lr,
+    rho, gamma, ceiling = single_loop_step_sizes(
+        problem, x, y, upper, lower, curvature_key
     )
+    if outer_lr is not None:
+        gamma = ceiling = outer_lr
+    return (rho if inner_lr is None else inner_lr, gamma, ceiling)
 
 
 def refresh_steps(
@@ -130,15 +152,17 @@ def refresh_steps(
         return state
 
     def estimate(state):
-        rho, gamma = base_steps(
+        steps = base_steps(
             problem, state.x, state.y, jr.fold_in(key, 1), data, inner_lr, outer_lr
         )
-        steps = (
-            jnp.asarray(rho, state.inner_lr.dtype),
-            jnp.asarray(gamma, state.outer_lr.dtype),
-        )
+        rho, gamma, ceiling = (jnp.asarray(s, state.outer_lr.dtype) for s in steps)
+        control = state.control
+        within = jnp.clip(control.step, gamma, ceiling)
+        control = OuterStepControl(within, ceiling, control.lag)
         return eqx.tree_at(
-            lambda s: (s.inner_lr, s.outer_lr), state, lax.stop_gradient(steps)
+            lambda s: (s.inner_lr, s.outer_lr, s.control),
+            state,
+            lax.stop_gradient((rho, gamma, control)),
         )
 
     return lax.cond(due, estimate, lambda state: state, state)
@@ -188,6 +212,43 @@ def guarded_inner_lr(
     return lax.stop_gradient(lowered.astype(state.inner_lr.dtype))
 
 
+def adapts_outer_lr(solver: AbstractBilevelSolver, data: AbstractData) -> bool:
+    """Whether `controlled_outer_lr` sets the $x$ step: derived, on deterministic
+    data, and constant (no decay horizon)."""
+    horizon = getattr(solver, "decay_steps", None)
+    return solver.outer_lr is None and data.deterministic and horizon is None
+
+
+def controlled_outer_lr(
+    state: SingleLoopState, d_y: PyTree, d_v: PyTree, adaptive: bool
+) -> tuple[Scalar, OuterStepControl]:
+    r"""The $x$ step $\gamma_t$ of this iteration and the next control state.
+
+    Without `adaptive`, the base step `state.outer_lr`. With it (a derived step on
+    deterministic data), $\gamma_t$ moves between the safe step $\gamma_0 =
+    \tfrac12\min(1/L_\Phi, \rho\mu/L_c)$ of `single_loop_step_sizes` and the ceiling
+    $\tfrac12/L_\Phi$: $\gamma_t = \max(\gamma_0, \gamma_{t-1}/2)$ when $\|D_y\|$ or
+    $\|D_v\|$ grew since the last iteration ($y$ or $v$ fall behind $y^*(x)$,
+    $v^*(x)$), else $\min(1.05\,\gamma_{t-1}, \tfrac12/L_\Phi)$.
+
+    Why: $\rho\mu/L_c$ is a worst case, the stability limit of a joint iteration whose
+    coupling runs through the slowest lower direction, and it can be far below what a
+    problem tolerates. On hyper-cleaning ($\mu/L_g \approx 4\cdot10^{-3}$) it held $x$
+    at 1/500 of $\tfrac12/L_\Phi$ and no weight moved in 500 steps; that problem runs
+    stably at the ceiling. Where the lag limit is real the residuals grow as $x$
+    outruns $y$ and $v$, and the step falls back towards $\gamma_0$, which never
+    changes. Both tests are ratios, so scaling $g$ or $f$ changes no iterate."""
+    control = state.control
+    if not adaptive:
+        return state.outer_lr, control
+    lag = (tree_norm(d_y), tree_norm(d_v))
+    behind = (lag[0] > control.lag[0]) | (lag[1] > control.lag[1])
+    cut = jnp.maximum(X_STEP_CUT * control.step, state.outer_lr)
+    grown = jnp.minimum(X_STEP_GROWTH * control.step, control.ceiling)
+    step = lax.stop_gradient(jnp.where(behind, cut, grown))
+    return step, OuterStepControl(step, control.ceiling, lax.stop_gradient(lag))
+
+
 def joint_step(
     problem: Any,
     state: SingleLoopState,
@@ -214,15 +275,17 @@ def direction_norm(
     return tree_norm(tree_sub(x, new_x)) / gamma
 
 
-def oracle_metrics(o: Oracles, grad_norm: Scalar) -> dict[str, Scalar]:
+def oracle_metrics(o: Oracles, grad_norm: Scalar, gamma: Scalar) -> dict[str, Scalar]:
     r"""The metric contract from one oracle bundle: `upper_loss`, `grad_norm`,
     `lower_residual` $\|\nabla_y g\|$ and `linear_residual`
-    $\|\nabla^2_{yy} g\, v + \nabla_y f\|$ on the step's batches."""
+    $\|\nabla^2_{yy} g\, v + \nabla_y f\|$ on the step's batches, and the step's
+    `outer_step` $\gamma_t$."""
     return {
         "upper_loss": o.upper_loss,
         "grad_norm": grad_norm,
         "lower_residual": tree_norm(o.lower_grad),
         "linear_residual": tree_norm(jtu.tree_map(jnp.add, o.hvp, o.upper_grad_y)),
+        "outer_step": gamma,
     }
 
 
@@ -269,7 +332,12 @@ class SOBA(AbstractBilevelSolver):
     slowly next to the lag $1/(\rho_0\mu)$ of $y$ and $v$ behind $y^*(x)$ and
     $v^*(x)$ (two time scales; $L_c$ the curvature of the hyper-objective through
     $y^*$, $\mu$ the lower curvature along its responses; see
-    `bilevel._stepsize.single_loop_step_sizes`). An explicit value wins.
+    `bilevel._stepsize.single_loop_step_sizes`). On deterministic data (no
+    `decay_steps`) the derived $\gamma_t$ moves between $\gamma_0$ and
+    $\tfrac12/L_\Phi$ with the lag residuals $\|D_y\|$, $\|D_v\|$: cut in half when
+    one grew, grown by 5% otherwise (`controlled_outer_lr`; a deviation from the
+    paper's constant steps: the lag limit is a worst case, and on hyper-cleaning it
+    held $x$ still for 500 steps). An explicit value wins.
 
     **Arguments:**
 
@@ -283,7 +351,8 @@ class SOBA(AbstractBilevelSolver):
       derived steps at the current iterates (default 500; 0: only at `init`).
 
     Metrics: `upper_loss`, `grad_norm` $\|D_x\|$, `lower_residual`
-    $\|\nabla_y g\|$ and `linear_residual` $\|D_v\|$, all on the step's batches.
+    $\|\nabla_y g\|$ and `linear_residual` $\|D_v\|$, all on the step's batches, and
+    `outer_step` $\gamma_t$.
 
     `init` needs the run's data (`bl.run` and `bl.solve` pass it) to estimate the
     default steps.
@@ -325,11 +394,15 @@ class SOBA(AbstractBilevelSolver):
         base = guarded_inner_lr(problem, state, lower_batch, d_y, self.inner_lr is None)
         horizon = decay_horizon(self.decay_steps, data)
         rho = decayed(base, state.step, self.inner_decay, horizon)
-        gamma = decayed(state.outer_lr, state.step, self.outer_decay, horizon)
+        adaptive = adapts_outer_lr(self, data)
+        gamma, control = controlled_outer_lr(state, d_y, d_v, adaptive)
+        gamma = decayed(gamma, state.step, self.outer_decay, horizon)
         x, y, v = joint_step(problem, state, d_y, d_v, d_x, rho, gamma)
         grad_norm = direction_norm(problem, state.x, x, d_x, gamma)
-        new_state = SingleLoopState(x, y, v, base, state.outer_lr, None, state.step + 1)
-        return new_state, oracle_metrics(o, grad_norm)
+        new_state = SingleLoopState(
+            x, y, v, base, state.outer_lr, control, None, state.step + 1
+        )
+        return new_state, oracle_metrics(o, grad_norm, gamma)
 
     def _params(self, state):
         return state.x, state.y

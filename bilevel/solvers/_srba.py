@@ -16,6 +16,8 @@ from ._soba import (
     SUPPORTS,
     UNSUPPORTED,
     SingleLoopState,
+    adapts_outer_lr,
+    controlled_outer_lr,
     direction_norm,
     directions,
     guarded_inner_lr,
@@ -150,14 +152,15 @@ class SRBA(AbstractBilevelSolver):
 
         refresh = state.step % period == 0
         (d_y, d_v, d_x), o, rho = lax.cond(refresh, full_pass, recursion, None)
-        gamma = state.outer_lr
+        adaptive = adapts_outer_lr(self, data)
+        gamma, control = controlled_outer_lr(state, d_y, d_v, adaptive)
         new_x, new_y, new_v = joint_step(problem, state, d_y, d_v, d_x, rho, gamma)
         grad_norm = direction_norm(problem, x, new_x, d_x, gamma)
         memory = _Recursion(d_y, d_v, d_x, x, y, v)
         new_state = SingleLoopState(
-            new_x, new_y, new_v, rho, gamma, memory, state.step + 1
+            new_x, new_y, new_v, rho, state.outer_lr, control, memory, state.step + 1
         )
-        metrics = oracle_metrics(o, grad_norm)
+        metrics = oracle_metrics(o, grad_norm, gamma)
         metrics["full_pass"] = refresh.astype(grad_norm.dtype)
         return new_state, metrics
 
