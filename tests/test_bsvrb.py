@@ -1150,3 +1150,18 @@ def test_derived_steps_are_re_estimated_as_x_moves():
     assert float(given.steps.tau) == 0.3
     frozen = steps_after(bl.solvers.BSVRB(curvature_every=0), 4)
     np.testing.assert_allclose(frozen.steps.tau, 0.5, rtol=1e-12)
+
+
+def test_upper_curvature_is_taken_at_the_newton_point():
+    # g = e^{x_0} |y|^2 / 2 - sum(y) over 3 entries, f = |y - 1/2|^2 / 2, from
+    # x_0 = 0, y_0 = 0. At y_0 the sensitivity J = -(d2_yy g)^{-1} d2_yx g = -e^{x_0} y
+    # vanishes, and so did L_F; at the Newton point y = e^{-x_0} = 1 (exact: g is
+    # quadratic in y) J = -1 per entry and L_F = |J|^2 = 3 (f has no x term). The lag
+    # bound is tau mu / L_c = 0.5 / 6 (tau = 0.5, mu = 1; L_c = Phi'' - d2_xx L =
+    # 4.5 + 1.5 with v = 1/2 per entry); so eta = min(0.2 / 3, 0.5 / 6) = 1/15 (at
+    # y_0: L_F = 0 fell back on L_g = 1, eta = min(0.2, 1/12) = 1/12, the value the
+    # old rule gave). Exact estimates (1-dim x, identity Hessians): rtol 1e-6.
+    problem = weight_decay_problem(0.5)
+    data = bl.FullBatch(upper=None, lower=None)
+    state, _ = bl.run(problem, bl.solvers.BSVRB(), jnp.zeros(1), jnp.zeros(3), data, 1)
+    np.testing.assert_allclose(state.steps.eta, 1 / 15, rtol=1e-6)

@@ -43,6 +43,7 @@ from .._stepsize import (
     hyper_curvature,
     hyper_hessian_product,
     lower_curvature,
+    newton_point,
     operator_norm,
     refresh_due,
 )
@@ -366,8 +367,9 @@ class BSVRB(AbstractBilevelSolver):
 
     **Defaults.** At the first step, on the first sampled blocks and batches at
     $(x_0, y_0)$: $L_g = \max_i \|\nabla^2_{yy} g_i\|$ and $L_F$, the norm of the
-    blocks' mean hyper-objective Hessian linearised in $y$ (power iterations,
-    `bilevel._stepsize.hyper_hessian_product`), and per block the curvature $L_c$ of
+    blocks' mean hyper-objective Hessian linearised in $y$ at the blocks' Newton
+    points (power iterations, `bilevel._stepsize.hyper_hessian_product`), and per
+    block the curvature $L_c$ of
     its hyper-objective through $y_i^*$ and the lower curvature $\mu$ along the
     responses of $y_i^*$ and $v_i^*$ (`bilevel._stepsize.hyper_curvature`; largest
     $L_c$, smallest $\mu$ over the blocks). Then $\tau = \tau_v = 0.5/L_g$,
@@ -778,6 +780,7 @@ _BETA = 1e-3
 _STOCHASTIC_ALPHA = 0.1
 _LAG_FRACTION = 1.0  # of the lag bound tau mu / L_c (see `_default_steps`)
 _FLOOR_LAG = 1e-3  # mu is at least this fraction of L_g
+_NEWTON_STEPS = 50  # CG products of the Newton point of `_curvatures`
 
 
 def _default_steps(lower, upper, coupling, lagging) -> _StepSizes:
@@ -799,7 +802,11 @@ def _default_steps(lower, upper, coupling, lagging) -> _StepSizes:
 def _curvatures(problem, x, y, batches, blocks, key):
     r"""$L_g = \max_i \|\nabla^2_{yy} g_i\|$ over the sampled blocks, $L_F =
     \|\frac1I\sum_i \nabla^2\tilde F_i\|$ (power iterations; see
-    `bilevel._stepsize.hyper_hessian_product`), and over the blocks the largest
+    `bilevel._stepsize.hyper_hessian_product`) at the blocks' Newton points
+    $\hat y_i = y_i - (\nabla^2_{yy} g_i)^{-1}\nabla_y g_i$ (at $y_i = 0$ the
+    sensitivity of a weight decay $e^x y$ vanishes: on `logreg_hpo`, $L_F$ was 0
+    at $y_0$ and the step fell back on $0.2/L_g$, 1/180 of the lag bound, and $x$
+    crawled), and over the blocks the largest
     curvature $L_c$ of a block's hyper-objective through $y_i^*$ and the smallest lower
     curvature $\mu$ along its responses (`bilevel._stepsize.hyper_curvature`), at
     $(x, y_i)$ on the blocks' batches."""
@@ -810,12 +817,19 @@ def _curvatures(problem, x, y, batches, blocks, key):
         block = _block_problem(problem, index)
         return lower_curvature(block, x, y_i, batch[1], lower_key)
 
+    def newton(y_i, batch, index):
+        block = _block_problem(problem, index)
+        condition = lambda u, w: block.condition(u, w, batch[1])  # noqa: E731
+        return newton_point(condition, x, y_i, _NEWTON_STEPS)[0]
+
+    y_hat = _vmap2(newton, in_axes)(y, values, blocks)
+
     def matvec(direction):
         def product(y_i, batch, index):
             block = _block_problem(problem, index)
             return hyper_hessian_product(block, x, y_i, direction, *batch)
 
-        return _mean_over_slots(_vmap2(product, in_axes)(y, values, blocks))
+        return _mean_over_slots(_vmap2(product, in_axes)(y_hat, values, blocks))
 
     def lag(y_i, batch, index):
         block = _block_problem(problem, index)
