@@ -663,6 +663,45 @@ def upper_curvature(
     return operator_norm(hvp, (x, y), key, num_iters)
 
 
+# `lag_controlled`: the growth of a step per iteration while the lagging variables keep
+# up, and its cut when they fall behind.
+LAG_STEP_GROWTH = 1.05
+LAG_STEP_CUT = 0.5
+
+
+class LagControl(eqx.Module):
+    """State of `lag_controlled`: the step of the last iteration, its ceiling and the
+    lag residuals of the last iteration."""
+
+    step: Scalar
+    ceiling: Scalar
+    lag: tuple[Scalar, ...]
+
+    def rebound(self, floor: Scalar, ceiling: Scalar) -> "LagControl":
+        """The same control with new bounds (re-estimated curvatures), its step moved
+        inside them."""
+        return LagControl(jnp.clip(self.step, floor, ceiling), ceiling, self.lag)
+
+
+def lag_controlled(
+    control: LagControl, floor: Scalar, lag: tuple[Scalar, ...]
+) -> LagControl:
+    r"""The upper step of a single-loop method on deterministic data, between a safe
+    `floor` (a lag bound such as $\rho\mu/L_c$) and `control.ceiling` (the bound of
+    the upper step alone): $\eta_t = \max(\eta_{t-1}/2,\ \text{floor})$ when a lag
+    residual (the gradients that vanish when the lagging variables, $y$ and the
+    adjoint, have caught up with $x$) grew since the last iteration, else
+    $\min(1.05\,\eta_{t-1},\ \text{ceiling})$. The floor is never crossed; where the
+    lag bound is real, the residuals grow as $x$ outruns $y$ and the step falls back
+    towards it. The tests compare residuals with themselves, so scaling an objective
+    changes no iterate."""
+    behind = jnp.any(jnp.stack([now > before for now, before in zip(lag, control.lag)]))
+    cut = jnp.maximum(LAG_STEP_CUT * control.step, floor)
+    grown = jnp.minimum(LAG_STEP_GROWTH * control.step, control.ceiling)
+    step = lax.stop_gradient(jnp.where(behind, cut, grown))
+    return LagControl(step, control.ceiling, lax.stop_gradient(tuple(lag)))
+
+
 def single_loop_step_sizes(
     problem: Any,
     x: PyTree[Array],

@@ -231,7 +231,9 @@ def test_matches_numpy_reference_with_block_sampling(version, mode, extra, dtype
     rtol, atol = (1e-10, 1e-12) if dtype == jnp.float64 else (1e-4, 1e-5)
     np.testing.assert_allclose(state.x, x_ref, rtol=rtol, atol=atol)
     np.testing.assert_allclose(state.y, y_ref, rtol=rtol, atol=atol)
-    assert set(history[0]) == set(METRIC_NAMES[version])
+    assert set(history[0]) == set(METRIC_NAMES[version]) | {"outer_step"}
+    steps = np.asarray([h["outer_step"] for h in history])
+    np.testing.assert_array_equal(steps, np.asarray(solver.eta, steps.dtype))
     for name, reference in metrics_ref.items():
         np.testing.assert_allclose(
             [h[name] for h in history], reference, rtol=rtol, atol=atol, err_msg=name
@@ -1165,3 +1167,29 @@ def test_upper_curvature_is_taken_at_the_newton_point():
     data = bl.FullBatch(upper=None, lower=None)
     state, _ = bl.run(problem, bl.solvers.BSVRB(), jnp.zeros(1), jnp.zeros(3), data, 1)
     np.testing.assert_allclose(state.steps.eta, 1 / 15, rtol=1e-6)
+
+
+def test_eta_follows_the_lag_on_deterministic_data():
+    # One block on full batches: the derived eta starts at the lag bound and moves
+    # between it and the ceiling 0.2 / L_F, cut to max(eta / 2, floor) after a step in
+    # which the lower or the linear-system residual grew, else grown by 1.05. On the
+    # weight decay with target -1: L_F = 3 (see above), L_c = 3 (2 - t) + 3 (1 - t) =
+    # 15, so floor = 0.5 / 15 = 1/30 and ceiling = 1/15 (exact estimates: rtol 1e-6);
+    # the recursion on the history's own residuals: rtol 1e-12. A given eta is kept.
+    problem = weight_decay_problem(-1.0)
+    data = bl.FullBatch(upper=None, lower=None)
+    x0, y0 = jnp.zeros(1), jnp.zeros(3)
+    solver = bl.solvers.BSVRB(curvature_every=0)
+    state, history = bl.run(problem, solver, x0, y0, data, 60)
+    floor, ceiling = float(state.steps.eta), float(state.control.ceiling)
+    np.testing.assert_allclose([floor, ceiling], [1 / 30, 1 / 15], rtol=1e-6)
+    residuals = np.stack([history["lower_residual"], history["linear_residual"]], 1)
+    expected = [floor]
+    for t in range(1, len(residuals)):
+        grew = np.any(residuals[t] > residuals[t - 1])
+        step = max(0.5 * expected[-1], floor) if grew else 1.05 * expected[-1]
+        expected.append(min(step, ceiling))
+    np.testing.assert_allclose(history["outer_step"], expected, rtol=1e-12)
+    assert max(expected) > floor
+    _, fixed = bl.run(problem, bl.solvers.BSVRB(eta=0.01), x0, y0, data, 10)
+    np.testing.assert_array_equal(fixed["outer_step"], 0.01)

@@ -40,8 +40,10 @@ from .._solver import (
     positive,
 )
 from .._stepsize import (
+    LagControl,
     hyper_curvature,
     hyper_hessian_product,
+    lag_controlled,
     lower_curvature,
     newton_point,
     operator_norm,
@@ -297,6 +299,7 @@ class _BSVRBState(eqx.Module):
     step: Int[Array, ""]
     sampling_key: Array
     steps: _StepSizes
+    control: LagControl
     single_block: bool = eqx.field(static=True)
 
 
@@ -549,6 +552,8 @@ class BSVRB(AbstractBilevelSolver):
             y0 = jtu.tree_map(lambda u: u[None], y0)
         y0 = self._place(y0, True)
         x0 = self._place(x0, False)
+        dtype = jnp.result_type(*jtu.tree_leaves(x0))
+        zero = jnp.zeros((), dtype)
         return _BSVRBState(
             x=x0,
             x_prev=x0,
@@ -560,7 +565,8 @@ class BSVRB(AbstractBilevelSolver):
             last_sampled=self._place(jnp.full((_num_blocks(problem),), -1), True),
             step=jnp.array(0),
             sampling_key=key,
-            steps=self._given_steps(jnp.result_type(*jtu.tree_leaves(x0))),
+            steps=self._given_steps(dtype),
+            control=LagControl(zero, zero, (zero, zero)),  # bounded at step 0
             single_block=single,
         )
 
@@ -586,7 +592,7 @@ class BSVRB(AbstractBilevelSolver):
 
         last = rows(state.last_sampled)
         fresh = last < 0
-        steps = self._step_sizes(
+        steps, control = self._step_sizes(
             problem, state, batches, blocks, local, key, data.deterministic
         )
         estimator = self._estimator(steps)
@@ -609,7 +615,15 @@ class BSVRB(AbstractBilevelSolver):
         beta = self._beta(state.step, steps.eta.dtype)
         storm = tree_axpy(1 - beta, tree_sub(state.z, grad_prev), grad)
         z = tree_where(state.step == 0, grad, storm)
-        x = apply_project_x(problem, tree_axpy(-steps.eta, z, state.x))
+        eta = steps.eta
+        if self._controls_eta(data, num_blocks, per_step):
+            lag = (_root_mean_square(lower_sq),) + tuple(
+                _root_mean_square(squares) for squares in out.residuals.values()
+            )
+            lag = lag + (jnp.zeros_like(lag[0]),) * (2 - len(lag))
+            control = lag_controlled(control, steps.eta, lag)
+            eta = control.step
+        x = apply_project_x(problem, tree_axpy(-eta, z, state.x))
 
         scale = self._lower_scale(state.step, last, fresh, steps.tau.dtype)
 
@@ -646,11 +660,13 @@ class BSVRB(AbstractBilevelSolver):
             step=state.step + 1,
             sampling_key=state.sampling_key,
             steps=steps,
+            control=control,
             single_block=state.single_block,
         )
         metrics = {
             "upper_loss": jnp.mean(out.upper_loss),
-            "grad_norm": _grad_norm(problem, state.x, grad, steps.eta),
+            "grad_norm": _grad_norm(problem, state.x, grad, eta),
+            "outer_step": eta,
             "lower_residual": _root_mean_square(lower_sq),
             "direction_norm": tree_norm(z),
         }
@@ -677,15 +693,21 @@ class BSVRB(AbstractBilevelSolver):
         needed.append(self.hessian_floor if self.version == 1 else self.tau_v)
         return any(value is None for value in needed)
 
+    def _controls_eta(self, data, num_blocks: int, per_step: int) -> bool:
+        r"""Whether $\eta$ follows the lag (`bilevel._stepsize.lag_controlled`):
+        derived, on deterministic data, every block sampled at every step (so that
+        successive residuals are comparable)."""
+        return self.eta is None and data.deterministic and per_step == num_blocks
+
     def _step_sizes(
         self, problem, state, batches, blocks, local, key, deterministic: bool
-    ) -> _StepSizes:
+    ) -> tuple[_StepSizes, LagControl]:
         """The state's step sizes, with the missing ones estimated at step 0 on the
         first sampled blocks and batches, and again every `curvature_every` steps
         on deterministic data at the current iterates (`lax.cond`: the other steps
-        skip the work)."""
+        skip the work), and the lag control with the bounds of the estimate."""
         if not self._derives_steps():
-            return state.steps
+            return state.steps, state.control
         refresh = refresh_due(state.step, self.curvature_every, deterministic)
         _, _, shards = self._sizes(problem)
         y = _gather(state.y, local, shards)
@@ -694,8 +716,8 @@ class BSVRB(AbstractBilevelSolver):
             curvatures = _curvatures(
                 problem, state.x, y, batches, blocks, jr.fold_in(key, 1)
             )
-            derived = _default_steps(*curvatures)
-            return _StepSizes(
+            derived, ceiling = _default_steps(*curvatures)
+            steps = _StepSizes(
                 *(
                     old if value is not None else new.astype(old.dtype)
                     for value, old, new in zip(
@@ -705,9 +727,11 @@ class BSVRB(AbstractBilevelSolver):
                     )
                 )
             )
+            ceiling = jnp.maximum(ceiling.astype(steps.eta.dtype), steps.eta)
+            return steps, state.control.rebound(steps.eta, ceiling)
 
         due = (state.step == 0) | refresh
-        return lax.cond(due, estimate, lambda _: state.steps, None)
+        return lax.cond(due, estimate, lambda _: (state.steps, state.control), None)
 
     def _sample(self, problem, state, data, key):
         """Sampled blocks (local indices and global ones, `(shards, per_shard)`) and
@@ -783,12 +807,12 @@ _FLOOR_LAG = 1e-3  # mu is at least this fraction of L_g
 _NEWTON_STEPS = 50  # CG products of the Newton point of `_curvatures`
 
 
-def _default_steps(lower, upper, coupling, lagging) -> _StepSizes:
+def _default_steps(lower, upper, coupling, lagging) -> tuple[_StepSizes, Array]:
     r"""$\tau = \tau_v = c_y / L_g$, $\mu' = c_\mu L_g$ and
     $\eta = \min(c_x / L_F,\ c_{\rm lag}\,\tau\mu / L_c)$ from the estimates $L_g$
     (lower), $L_F$ (upper), $L_c$ (`coupling`) and $\mu$ (`lagging`, floored at
     $10^{-3} L_g$); a zero estimate borrows the other, a non-finite $L_c$ drops the
-    lag bound."""
+    lag bound. With them the ceiling $c_x / L_F$ of the lag-controlled $\eta$."""
     lower = jnp.where(lower > 0, lower, jnp.where(upper > 0, upper, 1.0))
     upper = jnp.where(upper > 0, upper, lower)
     tau = _LOWER_FRACTION / lower
@@ -796,7 +820,8 @@ def _default_steps(lower, upper, coupling, lagging) -> _StepSizes:
     safe = jnp.isfinite(coupling) & (coupling > 0)
     lag_limit = _LAG_FRACTION * tau * lagging / jnp.where(safe, coupling, 1.0)
     eta = jnp.minimum(_UPPER_FRACTION / upper, jnp.where(safe, lag_limit, jnp.inf))
-    return _StepSizes(eta, tau, tau, _FLOOR_FRACTION * lower)
+    ceiling = _UPPER_FRACTION / upper
+    return _StepSizes(eta, tau, tau, _FLOOR_FRACTION * lower), ceiling
 
 
 def _curvatures(problem, x, y, batches, blocks, key):

@@ -30,8 +30,10 @@ from .._oracles import Oracles, oracles
 from .._problem import apply_project_x
 from .._solver import AbstractBilevelSolver, count, nonnegative, positive
 from .._stepsize import (
+    LagControl,
     hessian_product,
     inverse_or_zero,
+    lag_controlled,
     refresh_due,
     single_loop_step_sizes,
 )
@@ -50,21 +52,6 @@ UNSUPPORTED = {
 # PROBE_BATCHES draws of the data (at most one epoch).
 PROBE_BATCHES = 10
 
-# The derived x step on deterministic data (`controlled_outer_lr`): its growth per step
-# while y and v keep up, its cut when they fall behind.
-X_STEP_GROWTH = 1.05
-X_STEP_CUT = 0.5
-
-
-class OuterStepControl(eqx.Module):
-    r"""The derived $x$ step on deterministic data (`controlled_outer_lr`): the step of
-    the last iteration, its ceiling $\tfrac12 / L_\Phi$, and $(\|D_y\|, \|D_v\|)$ of the
-    last iteration."""
-
-    step: Scalar
-    ceiling: Scalar
-    lag: tuple[Scalar, Scalar]
-
 
 class SingleLoopState(eqx.Module):
     """State of the joint $(y, v, x)$ methods: the iterates, the base step sizes (given
@@ -76,7 +63,7 @@ class SingleLoopState(eqx.Module):
     v: PyTree[Array]
     inner_lr: Scalar
     outer_lr: Scalar
-    control: OuterStepControl
+    control: LagControl
     memory: Any
     step: Int[Array, ""]
 
@@ -102,7 +89,7 @@ def init_state(
         v=jtu.tree_map(jnp.zeros_like, y0),
         inner_lr=inner_lr,
         outer_lr=outer_lr,
-        control=OuterStepControl(outer_lr, ceiling, (zero, zero)),
+        control=LagControl(outer_lr, ceiling, (zero, zero)),
         memory=memory,
         step=jnp.zeros((), jnp.int32),
     )
@@ -156,9 +143,7 @@ def refresh_steps(
             problem, state.x, state.y, jr.fold_in(key, 1), data, inner_lr, outer_lr
         )
         rho, gamma, ceiling = (jnp.asarray(s, state.outer_lr.dtype) for s in steps)
-        control = state.control
-        within = jnp.clip(control.step, gamma, ceiling)
-        control = OuterStepControl(within, ceiling, control.lag)
+        control = state.control.rebound(gamma, ceiling)
         return eqx.tree_at(
             lambda s: (s.inner_lr, s.outer_lr, s.control),
             state,
@@ -221,32 +206,26 @@ def adapts_outer_lr(solver: AbstractBilevelSolver, data: AbstractData) -> bool:
 
 def controlled_outer_lr(
     state: SingleLoopState, d_y: PyTree, d_v: PyTree, adaptive: bool
-) -> tuple[Scalar, OuterStepControl]:
+) -> tuple[Scalar, LagControl]:
     r"""The $x$ step $\gamma_t$ of this iteration and the next control state.
 
     Without `adaptive`, the base step `state.outer_lr`. With it (a derived step on
-    deterministic data), $\gamma_t$ moves between the safe step $\gamma_0 =
-    \tfrac12\min(1/L_\Phi, \rho\mu/L_c)$ of `single_loop_step_sizes` and the ceiling
-    $\tfrac12/L_\Phi$: $\gamma_t = \max(\gamma_0, \gamma_{t-1}/2)$ when $\|D_y\|$ or
-    $\|D_v\|$ grew since the last iteration ($y$ or $v$ fall behind $y^*(x)$,
-    $v^*(x)$), else $\min(1.05\,\gamma_{t-1}, \tfrac12/L_\Phi)$.
+    deterministic data), `bilevel._stepsize.lag_controlled` between the safe step
+    $\gamma_0 = \tfrac12\min(1/L_\Phi, \rho\mu/L_c)$ of `single_loop_step_sizes` and
+    the ceiling $\tfrac12/L_\Phi$, on the lag residuals $\|D_y\|$, $\|D_v\|$ ($y$ or
+    $v$ falling behind $y^*(x)$, $v^*(x)$ makes one grow).
 
     Why: $\rho\mu/L_c$ is a worst case, the stability limit of a joint iteration whose
     coupling runs through the slowest lower direction, and it can be far below what a
     problem tolerates. On hyper-cleaning ($\mu/L_g \approx 4\cdot10^{-3}$) it held $x$
     at 1/500 of $\tfrac12/L_\Phi$ and no weight moved in 500 steps; that problem runs
-    stably at the ceiling. Where the lag limit is real the residuals grow as $x$
-    outruns $y$ and $v$, and the step falls back towards $\gamma_0$, which never
-    changes. Both tests are ratios, so scaling $g$ or $f$ changes no iterate."""
-    control = state.control
+    stably at the ceiling."""
     if not adaptive:
-        return state.outer_lr, control
-    lag = (tree_norm(d_y), tree_norm(d_v))
-    behind = (lag[0] > control.lag[0]) | (lag[1] > control.lag[1])
-    cut = jnp.maximum(X_STEP_CUT * control.step, state.outer_lr)
-    grown = jnp.minimum(X_STEP_GROWTH * control.step, control.ceiling)
-    step = lax.stop_gradient(jnp.where(behind, cut, grown))
-    return step, OuterStepControl(step, control.ceiling, lax.stop_gradient(lag))
+        return state.outer_lr, state.control
+    control = lag_controlled(
+        state.control, state.outer_lr, (tree_norm(d_y), tree_norm(d_v))
+    )
+    return control.step, control
 
 
 def joint_step(
