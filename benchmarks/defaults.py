@@ -51,10 +51,10 @@ def summary(rows: list[dict]) -> str:
     )
 
 
-def battery(num_steps: int) -> list[dict]:
+def battery(num_steps: int, solvers=SOLVERS) -> list[dict]:
     """Relative hyper-objective gap per (s, t, condition) member after `num_steps`."""
     rows = []
-    for name in SOLVERS:
+    for name in solvers:
         solver = getattr(bl.solvers, name)()
         try:
             x, history = scale_battery.run_family(solver, jnp.float32, num_steps)
@@ -86,5 +86,5 @@ if __name__ == "__main__":
         print_table(
             "Scale battery, float32 (relative gap (F - F*)/(F0 - F*) after "
             f"{args.steps} steps)",
-            battery(args.steps),
+            battery(args.steps, args.solvers),
         )
