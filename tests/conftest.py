@@ -1,6 +1,7 @@
 """Test configuration: float64, strict dtype and rank promotion, key fixture; XLA's
 CPU backend without its optimisation passes."""
 
+import gc
 import os
 
 
@@ -48,3 +49,13 @@ _SLOW_MODULES = (
 
 def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.path.name not in _SLOW_MODULES)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each module: a worker runs many modules, and
+    their accumulated executables grew a worker past 5 GB and crashed the compiler
+    (an abort, then a segfault, inside XLA's compile of a later module)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
