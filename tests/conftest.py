@@ -51,11 +51,26 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.path.name not in _SLOW_MODULES)
 
 
+# A worker's resident memory above which its compiled programs are dropped after a
+# module (`_release_compiled_programs`).
+_MEMORY_LIMIT = 2 * 1024**3
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: always release
+        return _MEMORY_LIMIT + 1
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    """Drop JAX's compiled programs after each module: a worker runs many modules, and
-    their accumulated executables grew a worker past 5 GB and crashed the compiler
-    (an abort, then a segfault, inside XLA's compile of a later module)."""
+    """Drop JAX's compiled programs after a module once the worker holds more than
+    `_MEMORY_LIMIT`: a worker runs many modules, their accumulated executables grew a
+    worker past 5 GB, and XLA's compiler crashed in a later module (an abort, then a
+    segfault). Dropping them after every module costs recompiles of shared programs."""
     yield
-    jax.clear_caches()
-    gc.collect()
+    if _resident_bytes() > _MEMORY_LIMIT:
+        jax.clear_caches()
+        gc.collect()
