@@ -566,7 +566,8 @@ class BSVRB(AbstractBilevelSolver):
             step=jnp.array(0),
             sampling_key=key,
             steps=self._given_steps(dtype),
-            control=LagControl(zero, zero, (zero, zero)),  # bounded at step 0
+            # bounded at step 0; lag: the lower residual and v2's linear-system one
+            control=LagControl(zero, zero, (zero,) * (1 + (self.version == 2))),
             single_block=single,
         )
 
@@ -615,13 +616,11 @@ class BSVRB(AbstractBilevelSolver):
         beta = self._beta(state.step, steps.eta.dtype)
         storm = tree_axpy(1 - beta, tree_sub(state.z, grad_prev), grad)
         z = tree_where(state.step == 0, grad, storm)
+        squares = {"lower_residual": lower_sq, **out.residuals}
+        residuals = {name: _root_mean_square(sq) for name, sq in squares.items()}
         eta = steps.eta
         if self._controls_eta(data, num_blocks, per_step):
-            lag = (_root_mean_square(lower_sq),) + tuple(
-                _root_mean_square(squares) for squares in out.residuals.values()
-            )
-            lag = lag + (jnp.zeros_like(lag[0]),) * (2 - len(lag))
-            control = lag_controlled(control, steps.eta, lag)
+            control = lag_controlled(control, steps.eta, tuple(residuals.values()))
             eta = control.step
         x = apply_project_x(problem, tree_axpy(-eta, z, state.x))
 
@@ -667,11 +666,9 @@ class BSVRB(AbstractBilevelSolver):
             "upper_loss": jnp.mean(out.upper_loss),
             "grad_norm": _grad_norm(problem, state.x, grad, eta),
             "outer_step": eta,
-            "lower_residual": _root_mean_square(lower_sq),
             "direction_norm": tree_norm(z),
+            **residuals,
         }
-        for name, squares in out.residuals.items():
-            metrics[name] = _root_mean_square(squares)
         return new_state, metrics
 
     # -- step sizes --------------------------------------------------------------------

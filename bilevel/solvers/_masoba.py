@@ -13,7 +13,6 @@ from ._soba import (
     SUPPORTS,
     UNSUPPORTED,
     SingleLoopState,
-    adapts_outer_lr,
     controlled_outer_lr,
     decay_horizon,
     decayed,
@@ -109,8 +108,7 @@ class MASOBA(AbstractBilevelSolver):
             problem, state, lower_batch, o.lower_grad, self.inner_lr is None
         )
         rho = decayed(base, state.step, self.decay, horizon)
-        adaptive = adapts_outer_lr(self, data)
-        gamma, control = controlled_outer_lr(state, d_y, d_v, adaptive)
+        gamma, control = controlled_outer_lr(self, state, data, d_y, d_v)
         gamma = decayed(gamma, state.step, self.decay, horizon)
         theta = decayed(
             jnp.asarray(self.averaging, rho.dtype), state.step, self.decay, horizon

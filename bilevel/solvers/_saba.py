@@ -19,7 +19,6 @@ from ._soba import (
     SUPPORTS,
     UNSUPPORTED,
     SingleLoopState,
-    adapts_outer_lr,
     controlled_outer_lr,
     direction_norm,
     directions,
@@ -179,8 +178,7 @@ class SABA(AbstractBilevelSolver):
         d_y, d_v, d_x = directions(Oracles(o.upper_loss, **upper_hat, **lower_hat))
         derived = self.inner_lr is None
         rho = guarded_inner_lr(problem, state, lower_batch, d_y, derived)
-        adaptive = adapts_outer_lr(self, data)
-        gamma, control = controlled_outer_lr(state, d_y, d_v, adaptive)
+        gamma, control = controlled_outer_lr(self, state, data, d_y, d_v)
         x, y, v = joint_step(problem, state, d_y, d_v, d_x, rho, gamma)
         grad_norm = direction_norm(problem, state.x, x, d_x, gamma)
         memory = (lower_memory, upper_memory)

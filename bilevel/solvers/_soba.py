@@ -197,7 +197,7 @@ def guarded_inner_lr(
     return lax.stop_gradient(lowered.astype(state.inner_lr.dtype))
 
 
-def adapts_outer_lr(solver: AbstractBilevelSolver, data: AbstractData) -> bool:
+def _adapts_outer_lr(solver: AbstractBilevelSolver, data: AbstractData) -> bool:
     """Whether `controlled_outer_lr` sets the $x$ step: derived, on deterministic
     data, and constant (no decay horizon)."""
     horizon = getattr(solver, "decay_steps", None)
@@ -205,12 +205,16 @@ def adapts_outer_lr(solver: AbstractBilevelSolver, data: AbstractData) -> bool:
 
 
 def controlled_outer_lr(
-    state: SingleLoopState, d_y: PyTree, d_v: PyTree, adaptive: bool
+    solver: AbstractBilevelSolver,
+    state: SingleLoopState,
+    data: AbstractData,
+    d_y: PyTree,
+    d_v: PyTree,
 ) -> tuple[Scalar, LagControl]:
     r"""The $x$ step $\gamma_t$ of this iteration and the next control state.
 
-    Without `adaptive`, the base step `state.outer_lr`. With it (a derived step on
-    deterministic data), `bilevel._stepsize.lag_controlled` between the safe step
+    The base step `state.outer_lr`, unless it is derived on deterministic data without
+    a decay horizon: then `bilevel._stepsize.lag_controlled` between the safe step
     $\gamma_0 = \tfrac12\min(1/L_\Phi, \rho\mu/L_c)$ of `single_loop_step_sizes` and
     the ceiling $\tfrac12/L_\Phi$, on the lag residuals $\|D_y\|$, $\|D_v\|$ ($y$ or
     $v$ falling behind $y^*(x)$, $v^*(x)$ makes one grow).
@@ -220,7 +224,7 @@ def controlled_outer_lr(
     problem tolerates. On hyper-cleaning ($\mu/L_g \approx 4\cdot10^{-3}$) it held $x$
     at 1/500 of $\tfrac12/L_\Phi$ and no weight moved in 500 steps; that problem runs
     stably at the ceiling."""
-    if not adaptive:
+    if not _adapts_outer_lr(solver, data):
         return state.outer_lr, state.control
     control = lag_controlled(
         state.control, state.outer_lr, (tree_norm(d_y), tree_norm(d_v))
@@ -373,8 +377,7 @@ class SOBA(AbstractBilevelSolver):
         base = guarded_inner_lr(problem, state, lower_batch, d_y, self.inner_lr is None)
         horizon = decay_horizon(self.decay_steps, data)
         rho = decayed(base, state.step, self.inner_decay, horizon)
-        adaptive = adapts_outer_lr(self, data)
-        gamma, control = controlled_outer_lr(state, d_y, d_v, adaptive)
+        gamma, control = controlled_outer_lr(self, state, data, d_y, d_v)
         gamma = decayed(gamma, state.step, self.outer_decay, horizon)
         x, y, v = joint_step(problem, state, d_y, d_v, d_x, rho, gamma)
         grad_norm = direction_norm(problem, state.x, x, d_x, gamma)

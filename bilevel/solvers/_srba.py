@@ -16,7 +16,6 @@ from ._soba import (
     SUPPORTS,
     UNSUPPORTED,
     SingleLoopState,
-    adapts_outer_lr,
     controlled_outer_lr,
     direction_norm,
     directions,
@@ -152,8 +151,7 @@ class SRBA(AbstractBilevelSolver):
 
         refresh = state.step % period == 0
         (d_y, d_v, d_x), o, rho = lax.cond(refresh, full_pass, recursion, None)
-        adaptive = adapts_outer_lr(self, data)
-        gamma, control = controlled_outer_lr(state, d_y, d_v, adaptive)
+        gamma, control = controlled_outer_lr(self, state, data, d_y, d_v)
         new_x, new_y, new_v = joint_step(problem, state, d_y, d_v, d_x, rho, gamma)
         grad_norm = direction_norm(problem, x, new_x, d_x, gamma)
         memory = _Recursion(d_y, d_v, d_x, x, y, v)
