@@ -409,17 +409,20 @@ def secant_step(
     i.e. half the inverse of the local curvature seen along the last step, allowed to
     grow by at most $\sqrt{1 + \theta}$ per step. Invariant to scaling the objective;
     meant for exact (deterministic) directions. `first_lr` is used when `first` is
-    true ($\theta_0 = 1$); a step that cannot be measured (no move, or no change of
-    $d$) only grows the previous one. When `reliable` is false (the caller knows that
-    $d_k$ is too inexact for its secant to mean anything, e.g. an inner solve that
-    lags behind), the previous step is halved instead.
+    true ($\theta_0 = 1$); a step along which $d$ did not change only grows the
+    previous one, and when $x$ did not move at all (e.g. $d = 0$ exactly at a
+    converged point) the previous step is kept: growing it there would only overflow.
+    When `reliable` is false (the caller knows that $d_k$ is too inexact for its secant
+    to mean anything, e.g. an inner solve that lags behind), the previous step is
+    halved instead.
     """
     moved = tree_norm(tree_sub(point, state.point))
     change = tree_norm(tree_sub(direction, state.direction))
     grown = jnp.sqrt(1 + state.ratio) * state.lr
     measurable = (moved > 0) & (change > 0)
     secant = moved / (2 * jnp.where(measurable, change, jnp.ones_like(change)))
-    lr = jnp.where(measurable, jnp.minimum(grown, secant), grown)
+    unmeasured = jnp.where(moved > 0, grown, state.lr)
+    lr = jnp.where(measurable, jnp.minimum(grown, secant), unmeasured)
     lr = jnp.where(reliable, lr, state.lr / 2)
     lr = jnp.where(first, first_lr, lr)
     ratio = jnp.where(first, jnp.ones_like(lr), lr / state.lr)

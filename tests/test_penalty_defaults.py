@@ -152,13 +152,18 @@ def test_default_penalty_follows_curvature(battery, battery_runs):
         hessian = np.asarray(jax.hessian(fn, argnums=1)(zero_x, zero_y, batch))
         top = np.linalg.eigvalsh(hessian)[-1]
         np.testing.assert_allclose(top, expected, rtol=1e-12)
-    # lambda_0 = 100 L_f / L_g (Penalty, VPBGD), 10 L_f / L_g (F2SA). 50 power
+    # lambda_0 = 100 L_f / L_g (Penalty), 10 L_f / L_g (F2SA, and VPBGD's
+    # continuation, which grows as (k + 1)^(2/7) up to 100 L_f / L_g). 50 power
     # iterations from a random start; the top two eigenvalues are 20 and 20^(8/9), so
     # the estimate is within (14.3 / 20)^100 ~ 1e-15 of L_g (relative) unless the
     # start is nearly orthogonal to the top eigenvector: rtol 1e-6.
-    for name, ratio in (("penalty", 100), ("vpbgd", 100), ("f2sa", 10)):
+    for name, ratio in (("penalty", 100), ("vpbgd", 10), ("f2sa", 10)):
         _, history = battery_runs(name, jnp.float64)
         np.testing.assert_allclose(history["lambda"][4, 0], ratio / 20, rtol=1e-6)
+    _, history = battery_runs("vpbgd", jnp.float64)
+    steps = np.arange(1, BATTERY_STEPS + 1)
+    expected = np.minimum(100, 10 * steps ** (2 / 7)) / 20
+    np.testing.assert_allclose(history["lambda"][4], expected, rtol=1e-6)
 
 
 def test_explicit_values_win(battery):
@@ -177,9 +182,12 @@ def test_vpbgd_block_steps_follow_the_x_curvature():
     # y*(x) = e^{-x}, so at x_0 = 0 lambda = 100 L_f / L_g = 100. The x-block of
     # the Hessian of F_lambda at y* is lambda g_xy g_yy^{-1} g_yx = 3 lambda e^{-x}
     # (f_xx = 0): x_lr = e^{x} / 300, exact at any z since g is quadratic in y (the
-    # Newton point is y*(x), and one conjugate-gradient step solves with e^{x} I). The
-    # y step is 1 / (L_f + lambda L_g) = 1/101: from y_0 = 0, d_y = -2 - 100, so
-    # y_1 = 102/101. On deterministic data L_x is re-estimated at the current x every
+    # Newton point is y*(x), and one conjugate-gradient step solves with e^{x} I).
+    # The default penalty is a continuation, lambda_k = 10 (k + 1)^(2/7) here (below
+    # its cap 100 for 3000 steps), and L_x, linear in lambda, is scaled to the penalty
+    # of the step: x_lr = e^{x} / (3 lambda_k) with x where L_x was estimated. The y
+    # step is 1 / (L_f + lambda_0 L_g) = 1/11: from y_0 = 0, d_y = -2 - 10, so
+    # y_1 = 12/11. On deterministic data L_x is re-estimated at the current x every
     # `curvature_every` steps; with 0 the step-0 value stays; a given x_lr wins.
     problem = weight_decay_problem(2.0)
     data = bl.FullBatch(upper=None, lower=None)
@@ -188,19 +196,28 @@ def test_vpbgd_block_steps_follow_the_x_curvature():
     def run(solver, num_steps):
         return bl.run(problem, solver, x0, y0, data, num_steps)
 
+    penalty = 10 * np.arange(1, 5) ** (2 / 7)
     refreshed = bl.solvers.VPBGD(curvature_every=3)
     first, _ = run(refreshed, 1)
-    np.testing.assert_allclose(first.y, 102 / 101, rtol=1e-12)
+    np.testing.assert_allclose(first.y, 12 / 11, rtol=1e-12)
     before, _ = run(refreshed, 3)
     _, history = run(refreshed, 4)
+    np.testing.assert_allclose(history["lambda"], penalty, rtol=1e-12)
     moved = float(before.x[0])
     assert abs(moved) > 1e-2  # x has moved, so the two estimates differ
-    np.testing.assert_allclose(history["x_lr"][:3], 1 / 300, rtol=1e-12)
-    np.testing.assert_allclose(history["x_lr"][3], np.exp(moved) / 300, rtol=1e-10)
+    np.testing.assert_allclose(history["x_lr"][:3], 1 / (3 * penalty[:3]), rtol=1e-12)
+    expected = np.exp(moved) / (3 * penalty[3])
+    np.testing.assert_allclose(history["x_lr"][3], expected, rtol=1e-10)
     _, frozen = run(bl.solvers.VPBGD(curvature_every=0), 4)
-    np.testing.assert_allclose(frozen["x_lr"], 1 / 300, rtol=1e-12)
+    np.testing.assert_allclose(frozen["x_lr"], 1 / (3 * penalty), rtol=1e-12)
     _, given = run(bl.solvers.VPBGD(x_lr=0.02), 4)
     np.testing.assert_allclose(given["x_lr"], 0.02, rtol=1e-15)
+    # A given penalty is used as is (no continuation), unless a growth is given.
+    _, constant = run(bl.solvers.VPBGD(penalty=7.0), 4)
+    np.testing.assert_allclose(constant["lambda"], 7.0, rtol=1e-15)
+    _, growing = run(bl.solvers.VPBGD(penalty=7.0, penalty_growth=0.5), 4)
+    expected = np.minimum(7.0, 0.7 * np.arange(1, 5) ** 0.5)
+    np.testing.assert_allclose(growing["lambda"], expected, rtol=1e-12)
 
 
 # --------------------------------------------------------------------------------------
@@ -312,3 +329,22 @@ def test_defaults_with_minibatches(name):
     gaps = [_relative_gap(bench, x) for x in xs]
     assert np.median(gaps) < 0.15, gaps
     assert len(set(gaps)) == len(gaps)  # the seeds really differ
+
+
+def test_secant_step_is_kept_at_a_fixed_point():
+    # Malitsky-Mishchenko's step grows by sqrt(1 + theta) when the secant cannot be
+    # measured. At a point where d = 0 exactly, x stops moving, and growing the step
+    # at every step overflowed it to inf after ~1500 steps (then inf * 0 = nan: a
+    # converged Penalty run reported non-finite). It is kept there; along a move with
+    # an unchanged direction it still grows.
+    from bilevel._stepsize import secant_step, start_secant_step
+
+    x, zero = jnp.ones(3), jnp.zeros(3)
+    lr, state = secant_step(start_secant_step(x), x, zero, 0.5, True)
+    for _ in range(3):
+        lr, state = secant_step(state, x, zero, 0.5, False)
+    assert float(lr) == 0.5
+    direction = jnp.full(3, 2.0)
+    _, state = secant_step(state, x, direction, 0.5, False)  # no move: kept
+    lr, _ = secant_step(state, x + 1.0, direction, 0.5, False)  # moved, same d
+    np.testing.assert_allclose(lr, np.sqrt(2.0) * 0.5, rtol=1e-15)

@@ -16,7 +16,11 @@ Hessian, no lower-level strong convexity):
 `_AbstractValuePenalty` holds the state, the step and the metrics; a solver only states
 its rule: the penalty $\lambda_k$, the step sizes, the STORM weight, and how many
 warm-started inner steps it takes on $y$ and $z$ before the $x$ step (zero means a
-joint step from the same oracles). Both $y$ and $z$ start at `y0`. `params` returns
+joint step from the same oracles). On deterministic data without a set $Y$ the inner
+loops are Nesterov's accelerated gradient method, restarted at every outer step from
+the warm start (`default_inner_optimizer`, as ImplicitDiff's inner solve), and
+projected gradient descent otherwise; with one step the two coincide. Both $y$ and
+$z$ start at `y0`. `params` returns
 $(x, y)$: $y$, the minimiser of $f + \lambda g$, is the (optimistic) lower solution
 estimate; $z$ is only a value-function witness, and when $S(x)$ is not a singleton it
 may sit at any of its points.
@@ -62,6 +66,7 @@ from .._stepsize import (
     PowerIteration,
     SecantStep,
     continue_power_iteration,
+    default_inner_optimizer,
     hessian_product,
     newton_point,
     refresh_due,
@@ -74,7 +79,14 @@ from .._stepsize import (
 PENALTY_RATIO = 100.0
 r"""Default $\lambda = 100\,L_f/L_g$: the lower level's curvature, weighted by the
 penalty, dominates the upper level's by a factor 100 (Penalty, VPBGD; F2SA starts at a
-tenth of it and grows)."""
+tenth of it and grows, and so does VPBGD's continuation up to it)."""
+
+PENALTY_GROWTH = 2 / 7
+r"""Exponent $b$ of a growing penalty $\lambda_k = \lambda_0 (k + k_0)^b$: F2SA's
+paper value with noise in both levels, also VPBGD's default continuation."""
+
+CONTINUATION_START = 0.1
+r"""VPBGD's default continuation starts at this fraction of its final penalty."""
 
 INNER_TOLERANCE = 0.1
 """Largest estimated relative error of $d_x$ due to the inner solves
@@ -131,6 +143,7 @@ class _Curvature(eqx.Module):
     lower_peak: Scalar
     joint_peak: Scalar
     ratio: Scalar
+    x_block_penalty: Scalar
 
 
 class _PenaltyState(eqx.Module):
@@ -200,7 +213,8 @@ def _lower_residual(problem: Any, y: PyTree[Array], grad: PyTree[Array]) -> Scal
 
 def _penalised_steps(problem, x, y, data, key, rule: _Rule, num_steps: int, step):
     r"""`num_steps` projected steps $y \leftarrow \Pi_Y(y - \beta(\nabla_y f +
-    \lambda\nabla_y g))$, each on a fresh upper batch (stream 0) and lower batch
+    \lambda\nabla_y g))$ (accelerated on deterministic data without $Y$:
+    `default_inner_optimizer`), each on a fresh upper batch (stream 0) and lower batch
     (stream 1), independent of the value-function loop's."""
 
     def penalised(y_, upper_batch, lower_batch):
@@ -208,21 +222,26 @@ def _penalised_steps(problem, x, y, data, key, rule: _Rule, num_steps: int, step
         lam = jnp.asarray(rule.penalty, jnp.result_type(lower))
         return problem.upper(x, y_, upper_batch) + lam * lower
 
-    def body(t, y_):
+    optimizer = default_inner_optimizer(problem, data, rule.y_lr)
+
+    def body(t, carry):
+        y_, opt_state = carry
         draw = step * num_steps + t
         sub = jr.fold_in(key, t)
         upper_batch = data.upper_batch(sub, draw, stream=0)
         lower_batch = data.lower_batch(sub, draw, stream=1)
         grad = jax.grad(penalised)(y_, upper_batch, lower_batch)
-        return apply_project_y(problem, x, tree_axpy(-rule.y_lr, grad, y_))
+        updates, opt_state = optimizer.update(grad, opt_state, y_)
+        return apply_project_y(problem, x, optax.apply_updates(y_, updates)), opt_state
 
-    return lax.fori_loop(0, num_steps, body, y)
+    return lax.fori_loop(0, num_steps, body, (y, optimizer.init(y)))[0]
 
 
 def _value_steps(problem, x, z, data, key, lr, num_steps: int, step):
     r"""`num_steps` projected gradient steps $z \leftarrow \Pi_Y(z - \gamma\nabla_y
-    g(x, z))$ (the shared `inner_steps`, lower stream 0)."""
-    optimizer = optax.sgd(jnp.asarray(lr, result_dtype(z)))
+    g(x, z))$ (accelerated on deterministic data without $Y$, as the $y$ loop; the
+    shared `inner_steps`, lower stream 0)."""
+    optimizer = default_inner_optimizer(problem, data, jnp.asarray(lr, result_dtype(z)))
     first_draw = step * num_steps
     z, _ = inner_steps(
         problem, optimizer, x, z, optimizer.init(z), data, key, num_steps, first_draw
@@ -393,7 +412,8 @@ def _update_x_block_curvature(
     g(x_k, z_k)$ the Newton point of the value-function variable (at an arbitrary $z$
     the coupling can vanish, e.g. $z = 0$ for a weight decay $e^x\|y\|^2$), by
     `iterations` warm-started power iterations (0: keep the estimate), each with one
-    conjugate-gradient solve with $\nabla^2_{yy} g$."""
+    conjugate-gradient solve with $\nabla^2_{yy} g$. The penalty it was taken at is
+    kept with it (`x_block_penalty`)."""
     upper_batch, _, lower_batch = batches
     x = state.x
 
@@ -413,7 +433,10 @@ def _update_x_block_curvature(
         return continue_power_iteration(product, curvature.x_block, iterations)
 
     x_block = lax.cond(iterations > 0, estimate, lambda _: curvature.x_block, None)
-    return eqx.tree_at(lambda c: c.x_block, curvature, x_block)
+    at = jnp.where(iterations > 0, penalty, curvature.x_block_penalty)
+    return eqx.tree_at(
+        lambda c: (c.x_block, c.x_block_penalty), curvature, (x_block, at)
+    )
 
 
 def _penalised_lr(curvature: _Curvature, penalty) -> Scalar:
@@ -492,7 +515,7 @@ class _AbstractValuePenalty(AbstractBilevelSolver):
                 x_block = start_power_iteration(joint_key, x0)
             zero = upper.norm
             lower = start_power_iteration(lower_key, y0)
-            curvature = _Curvature(upper, lower, joint, x_block, zero, zero, zero)
+            curvature = _Curvature(upper, lower, joint, x_block, zero, zero, zero, zero)
         secant = start_secant_step(x0) if any(n.secant for n in needs) else None
         step = jnp.array(0)
         return _PenaltyState(x0, y0, y0, momentum, step, curvature, secant)
@@ -670,6 +693,13 @@ class Penalty(_AbstractValuePenalty):
 
     Step sizes use the recent peak of each tracked estimate (`PEAK_DECAY`).
 
+    Inner loops: on deterministic data without a set $Y$, the steps 1 and 2 above are
+    Nesterov's accelerated method (same step sizes, restarted at every outer step; a
+    deviation from the paper's gradient steps): they reach the accuracy the adaptive
+    $x$ step asks for in $O(\sqrt\kappa)$ rather than $O(\kappa)$ steps. Measured
+    with defaults (`benchmarks/defaults.py --steps 500 --solvers Penalty`, full
+    sizes): logreg_hpo 0.083 -> 0.066 (the baseline is 0.075).
+
     With stochastic data, each inner step draws fresh batches (the $y$ and $z$ loops
     independently of each other), and the $x$ step draws its own.
 
@@ -795,12 +825,17 @@ class VPBGD(_AbstractValuePenalty):
     **Arguments** (`None`: derived from the problem, see "Defaults"):
 
     - `penalty`: $\gamma$ ($\gamma = \Theta(\epsilon^{-1/2})$ in the theory).
-    - `penalty_init`, `ramp_steps`: linear ramp (default 0 steps: constant $\gamma$).
+    - `penalty_init`, `ramp_steps`: linear ramp (default 0 steps: no ramp).
+    - `penalty_growth`: $b$ of the continuation $\gamma_k = \min(\gamma,
+      \gamma(k + 1)^b/10)$ (default: 2/7 when $\gamma$ is derived and there is no
+      ramp, else 0, a constant $\gamma$).
     - `x_lr`: $\alpha$ of $x$; `y_lr`: the step of $y$ (default: `x_lr` when that is
       given, the paper's single step). Need $\alpha \lesssim 1/L_\gamma$,
       $L_\gamma = O(\gamma)$.
     - `z_lr`: $\beta$ of the value-function loop; `z_steps`: its length (default 1,
-      warm-started, as in the public code).
+      warm-started, as in the public code; with more than one step on deterministic
+      data without a set $Y$, Nesterov's accelerated method, see
+      [`bilevel.solvers.Penalty`][]).
     - `curvature_every`: on deterministic data, steps between two re-estimates of
       the default $x$ step (0: the first step's only; default 100).
     - `scale_by_penalty`: see above (default `False`).
@@ -808,7 +843,9 @@ class VPBGD(_AbstractValuePenalty):
       see [`bilevel.solvers.Penalty`][]).
 
     **Defaults** (curvature estimates on the step's batches, see
-    [`bilevel.solvers.Penalty`][]): $\gamma = 100 L_f/L_g$ at the first step, and one
+    [`bilevel.solvers.Penalty`][]): $\gamma = 100 L_f/L_g$ at the first step, reached
+    by a continuation $\gamma_k = \min(\gamma, \gamma(k + 1)^{2/7}/10)$ (F2SA's
+    start and growth exponent; $\gamma$ is reached after about 3200 steps), and one
     step per block of the joint step (a block-diagonal step, where the paper states
     one $\alpha$ for both; the paper's single step $1/L_\gamma$ is bounded by the
     stiff $y$-block, $\gamma L_g$, so $x$ moved $O(\mu_F/(\gamma L_g))$ per step):
@@ -824,9 +861,20 @@ class VPBGD(_AbstractValuePenalty):
       is at most twice its block diagonal, so these steps keep the joint iteration
       stable; $x$ then moves at the pace of its own block (on the small ridge and
       logistic hyperparameter problems of the registry $L_x$ is 150 to 225 times
-      smaller than $L_J$);
+      smaller than $L_J$); $L_x$ is linear in $\gamma$ when $\nabla^2_{xx} f$ is
+      negligible, so between estimates it is scaled by $\gamma_k/\gamma_{\text{est}}$
+      (never down);
     - with minibatches both are multiplied by $(k + 1)^{-1/3}$; $\beta = 1/L_g$
       tracked.
+
+    Why the continuation (a deviation from the paper's constant $\gamma$; the public
+    code ramps $\gamma$ linearly instead): $L_x$ grows like $\gamma$, so $x$ moves at
+    a pace $\propto 1/\gamma$, while the bias of the penalised solution only matters
+    once $x$ is near it. Measured on the registry's small instances after 500 steps
+    (`benchmarks/defaults.py --small --steps 500 --solvers VPBGD`): logreg_hpo
+    validation loss 0.1375 -> 0.0762, distillation accuracy 0.657 -> 0.718, imaml
+    0.547 -> 0.573, every other problem equal or better; on the scale battery of the
+    tests (3000 steps) the final gap is that of $\gamma$ itself.
 
     **Metrics** each step (minibatch estimates with stochastic data): `upper_loss`
     $f(x_k, y_k)$; `grad_norm` $\|d_x\|$, the $x$-part of $\nabla F_\gamma$ (the
@@ -841,6 +889,7 @@ class VPBGD(_AbstractValuePenalty):
     penalty: float | None = positive(None, optional=True)
     penalty_init: float = nonnegative(0.0)
     ramp_steps: int = count(0, minimum=0)
+    penalty_growth: float | None = nonnegative(None, optional=True)
     x_lr: float | None = positive(None, optional=True)
     y_lr: float | None = positive(None, optional=True)
     z_lr: float | None = positive(None, optional=True)
@@ -869,6 +918,14 @@ class VPBGD(_AbstractValuePenalty):
         """The step of $y$ if stated: `y_lr`, else `x_lr` (the paper's joint step)."""
         return self.x_lr if self.y_lr is None else self.y_lr
 
+    def _growth(self) -> float:
+        """$b$ of the continuation: `penalty_growth`, else 2/7 for a derived penalty
+        without a ramp and 0 (constant) otherwise."""
+        if self.penalty_growth is not None:
+            return self.penalty_growth
+        derived = self.penalty is None and not self.ramp_steps
+        return PENALTY_GROWTH if derived else 0.0
+
     def _penalty(self, step, curvature, dtype):
         if self.penalty is None:
             penalty = PENALTY_RATIO * curvature.ratio
@@ -878,6 +935,10 @@ class VPBGD(_AbstractValuePenalty):
             start = _scalar(self.penalty_init, dtype)
             fraction = jnp.minimum(step.astype(dtype) / self.ramp_steps, 1)
             penalty = start + (penalty - start) * fraction
+        if self._growth():
+            t = (step + 1).astype(dtype)
+            grown = CONTINUATION_START * penalty * t ** _scalar(self._growth(), dtype)
+            penalty = jnp.minimum(penalty, grown)
         return penalty
 
     def _rule(self, step, penalty, curvature, needs, dtype) -> _Rule:
@@ -886,9 +947,10 @@ class VPBGD(_AbstractValuePenalty):
         if y_lr is None:
             y_lr = _penalised_lr(curvature, penalty)
         if self.x_lr is None:  # no x-curvature: the y step, the smaller scale
-            x_lr = jnp.where(
-                curvature.x_block.norm > 0, 1 / curvature.x_block.norm, y_lr
-            )
+            # L_x grows with the penalty: scaled to the penalty of this step
+            growth = jnp.maximum(penalty / curvature.x_block_penalty, 1)
+            x_block = curvature.x_block.norm * growth
+            x_lr = jnp.where(x_block > 0, 1 / x_block, y_lr)
         else:
             x_lr = self.x_lr
         if not needs.deterministic:  # noise: decay (see Penalty)
@@ -926,7 +988,9 @@ class F2SA(_AbstractValuePenalty):
     $\gamma_k = c_\gamma t^{-c}$:
 
     1. `y_steps` / `z_steps` warm-started inner steps, each on fresh independent
-       samples:
+       samples (on deterministic data without a set $Y$, Nesterov's accelerated
+       method with the same steps, restarted at every outer step; see
+       [`bilevel.solvers.Penalty`][]):
        $z \leftarrow \Pi_Y(z - \gamma_k\nabla_y g(x_k, z))$,
        $y \leftarrow \Pi_Y(y - \alpha_k(\nabla_y f + \lambda_k\nabla_y g)(x_k, y))$;
     2. $x_{k+1} = \Pi_X(x_k - \xi\alpha_k(\nabla_x f(x_k, y)
@@ -971,7 +1035,7 @@ class F2SA(_AbstractValuePenalty):
     """
 
     penalty: float | None = positive(None, optional=True)
-    penalty_growth: float = nonnegative(2 / 7)
+    penalty_growth: float = nonnegative(PENALTY_GROWTH)
     y_lr: float | None = positive(None, optional=True)
     y_lr_decay: float | None = nonnegative(None, optional=True)
     z_lr: float | None = positive(None, optional=True)
