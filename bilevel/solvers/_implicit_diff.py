@@ -16,10 +16,11 @@ from jaxtyping import Array, Int, PyTree, Scalar
 from .._implicit import HypergradientInfo, hypergradient
 from .._inner import inner_steps, inner_steps_until, minimise_inner
 from .._linear import MINRES, Richardson
-from .._misc import default_tolerance
+from .._misc import default_tolerance, tree_norm, tree_scale, tree_sub
 from .._problem import apply_project_x
 from .._solver import AbstractBilevelSolver, count, positive
 from .._stepsize import (
+    AdaptiveStepState,
     default_inner_optimizer,
     gradient_mapping_norm,
     inverse_or_zero,
@@ -65,14 +66,49 @@ class ImplicitDiff(AbstractBilevelSolver):
       step, warm-started, on the step's lower batch; it never decreases); Nesterov's
       accelerated gradient method, restarted at every outer step from the warm start,
       on deterministic data without a set $Y$, plain gradient descent otherwise;
-    - outer: gradient descent whose step is the smallest of a bounded growth of the
-      last one (Malitsky and Mishchenko, 2020), the inverse of a local Lipschitz
-      estimate of $\nabla F$ and half the Barzilai-Borwein step, all from successive
-      hypergradients (`adaptive_gradient_descent`; the first step is a probe moving $x$
-      by $10^{-3}\max(1, \|x_0\|)$);
+    - outer: gradient descent with the adaptive step of Malitsky and Mishchenko
+      (2020), $\lambda_k = \min(\sqrt{1 + \theta_{k-1}}\,\lambda_{k-1},\
+      \|\Delta x\| / (2\|\Delta p\|))$ from successive hypergradients $p$
+      (`adaptive_gradient_descent`; the first step is a probe moving $x$ by
+      $10^{-3}\max(1, \|x_0\|)$), held while the hypergradient is unreliable (below);
     - adjoint: with minibatches, `inner_steps` Richardson iterations from zero with
       step $1/\hat L$ (bounded where CG diverges on singular batch Hessians); on
       deterministic data, the default of [`bilevel.hypergradient`][].
+
+    **Held outer step.** On deterministic data the default outer step may not grow
+    while the hypergradient is unreliable: $\lambda_k = \min(\lambda_k,
+    \lambda_{k-1})$ when the estimated error $e_k = \delta_k\rho_k / (1 - \rho_k)$
+    exceeds $\|p_k\|/2$ (from the second step after the probe). $\delta_k = \|p_k -
+    p(x_k, y_{k-1}, w_{k-1})\|$ is what this step's inner and adjoint solves changed in
+    the hypergradient (one more evaluation of $p$ at the previous $y$ and adjoint, no
+    solve), and $\rho_k$ the fraction of the residuals they left: the larger of
+    $\|\Phi(x_k, y_k)\|/\|\Phi(x_k, y_{k-1})\|$ and, unless the adjoint solve met
+    its tolerance, the adjoint residual of $w_k$ over that of $w_{k-1}$ (at $y_{k-1}$,
+    known without a solve). If every outer step's solves remove the fraction
+    $1 - \rho$ of what separates $p$ from its value at $(y^*(x_k), w^*(x_k))$, what
+    is left is the geometric tail $e_k$; with
+    $\|e_k\| \le \|p_k\|/2$, $p_k$ is a descent direction, $\langle p_k, \nabla
+    F\rangle \ge \|p_k\|^2/2$ (the relative-error condition of inexact gradient
+    methods, in the spirit of Pedregosa's tolerances that tighten as $\nabla F$
+    shrinks). $\rho_k \ge 1$ counts as unreliable, a change $\delta_k \le
+    \sqrt\epsilon\,\|p_k\|$ as rounding. The test compares quantities of the same
+    units, so it is scale-free. The hold never makes the step smaller than the last
+    one (only the secant term does): cutting it whenever a residual grew (by half, or
+    by the growth factor) drove it to $10^{-7}$ on `logreg_hpo`, where the rounding
+    guard of `adaptive_gradient_descent` then kept it.
+
+    Why: with a lagging $y$ the secant $\|\Delta p\|$ misses the curvature that
+    passes through $y^*(x)$, and the step grows where it should not. On full-size
+    `logreg_hpo` (ill-conditioned lower level: 20 accelerated steps leave about 90% of
+    the lower residual) the step grew to $10^3$-$10^4$, $x$ moved faster than $y$ could
+    follow (lower residual $10^{-2}$), the regularisation weights ran to $e^{-18}$ and
+    the refitted validation loss after 2000 steps was 0.090 against a grid-search
+    baseline of 0.075 (0.040 after 500). With the hold: 0.038 after 500 steps, 0.033
+    after 2000, lower residual $3 \times 10^{-5}$; the step is capped on 23% of the
+    steps there, 19% on `distillation`, 13% on `imaml`, 0.1% on `hypercleaning`, never
+    on `quadratic`, `ridge_hpo` and `hyper_representation` (2000 steps, float32).
+    Every defaults-matrix row still beats its baseline, at 500 and 2000 steps, small
+    and full sizes; the extra evaluation costs 4-6% of a step.
 
     These rules follow the scale of the problem: multiplying $g$ or $f$ by a constant
     changes no iterate.
@@ -107,8 +143,9 @@ class ImplicitDiff(AbstractBilevelSolver):
     `linear_steps`, `hypergradient_status` (0: the adjoint solve met its tolerance, or
     used its budget with the default budgeted solve, and everything is finite; 1: the
     adjoint solve stopped short; 2: non-finite values),
-    `outer_step` (with the default outer rule), `inner_iterations` (with `inner_tol` or
-    `inner_solver`).
+    `outer_step` (with the default outer rule), `hypergradient_change` $\delta_k$ and
+    `inner_contraction` $\rho_k$ (with the held default outer step), `inner_iterations`
+    (with `inner_tol` or `inner_solver`).
     """
 
     supports: ClassVar[frozenset[str]] = frozenset(
@@ -235,6 +272,19 @@ class ImplicitDiff(AbstractBilevelSolver):
         )  # fmt: skip
         outer = self._outer()
         updates, outer_state = outer.update(grad, state.outer_state, x)
+        reliability = {}
+        if self._guarded_outer_step(data):
+            # The hypergradient at x_k from the previous y and adjoint (no solve):
+            # what this step's inner and adjoint solves changed.
+            before, start = hypergradient(
+                problem, x, state.y, upper_batch, Richardson(0),
+                lower_batch=lower_batch, warm_start=state.adjoint,
+            )  # fmt: skip
+            reliability = hypergradient_reliability(grad, before, info, start)
+            outer_state = hold_unreliable_growth(
+                state.outer_state, outer_state, tree_norm(grad), **reliability
+            )
+            updates = tree_scale(-outer_state.step_size, grad)
         new_x = apply_project_x(problem, optax.apply_updates(x, updates))
         step_size = self._outer_step(outer_state)
         metrics = {
@@ -247,6 +297,7 @@ class ImplicitDiff(AbstractBilevelSolver):
                 info, grad, self._budgeted_adjoint(problem, data)
             ),
             **inner_metrics,
+            **reliability,
         }
         if self.outer_optimizer is None and self.outer_lr is None:
             metrics["outer_step"] = step_size
@@ -255,6 +306,18 @@ class ImplicitDiff(AbstractBilevelSolver):
             state.step + 1,
         )  # fmt: skip
         return new_state, metrics
+
+    def _guarded_outer_step(self, data) -> bool:
+        """Whether the default outer step is held while the hypergradient is unreliable
+        (`hold_unreliable_growth`): the default outer rule on deterministic data. On
+        minibatches the previous $y$ and adjoint belong to other batches (and the
+        default adjoint is not warm-started), so the change would not measure the
+        solves' progress."""
+        return (
+            self.outer_optimizer is None
+            and self.outer_lr is None
+            and data.deterministic
+        )
 
     def _outer_step(self, outer_state) -> Scalar | float | None:
         """The step of the outer rule when it has one (for the gradient mapping)."""
@@ -311,6 +374,76 @@ class ImplicitDiff(AbstractBilevelSolver):
 
     def _params(self, state):
         return state.x, state.y
+
+
+# The relative error of the hypergradient up to which the outer step may grow.
+RELIABLE_ERROR = 0.5
+
+
+def hypergradient_reliability(
+    grad: PyTree[Array],
+    before: PyTree[Array],
+    info: HypergradientInfo,
+    start: HypergradientInfo,
+) -> dict[str, Scalar]:
+    r"""What the reliability test of `hold_unreliable_growth` needs, from the
+    hypergradient `grad` $= p_k$ at $(x_k, y_k, w_k)$ (`info`) and the one, `before`,
+    at $(x_k, y_{k-1}, w_{k-1})$ (`start`, no solve):
+
+    - `hypergradient_change` $\delta_k = \|p_k - p(x_k, y_{k-1}, w_{k-1})\|$, what this
+      step's inner and adjoint solves changed in the hypergradient;
+    - `inner_contraction` $\rho_k$, the fraction of the residuals these solves left:
+      the larger of $\|\Phi(x_k, y_k)\| / \|\Phi(x_k, y_{k-1})\|$ and, unless the
+      adjoint solve met its tolerance, $\|\partial_y\Phi^\top w_k - \nabla_y f\|$
+      over the same residual of $w_{k-1}$ at $y_{k-1}$ (known without a solve).
+    """
+    lower = info.optimality_residual * inverse_or_zero(start.optimality_residual)
+    adjoint = info.linear_residual * inverse_or_zero(start.linear_residual)
+    adjoint = jnp.where(info.linear_status == lx.RESULTS.successful, 0, adjoint)
+    return {
+        "hypergradient_change": tree_norm(tree_sub(grad, before)),
+        "inner_contraction": jnp.maximum(lower, adjoint).astype(lower.dtype),
+    }
+
+
+def unreliable(
+    grad_norm: Scalar, hypergradient_change: Scalar, inner_contraction: Scalar
+) -> Array:
+    r"""Whether the estimated error $e_k = \delta_k\rho_k/(1 - \rho_k)$ of the
+    hypergradient exceeds `RELIABLE_ERROR` times its norm (always when
+    $\rho_k \ge 1$), unless the change $\delta_k$ is at the rounding level of the
+    hypergradient, $\delta_k \le \sqrt\epsilon\,\|p_k\|$."""
+    change, rho = hypergradient_change, inner_contraction
+    eps = jnp.finfo(jnp.result_type(grad_norm)).eps
+    rounding = change <= jnp.sqrt(eps) * grad_norm
+    return (change * rho > RELIABLE_ERROR * (1 - rho) * grad_norm) & ~rounding
+
+
+def hold_unreliable_growth(
+    previous: AdaptiveStepState,
+    adapted: AdaptiveStepState,
+    grad_norm: Scalar,
+    hypergradient_change: Scalar,
+    inner_contraction: Scalar,
+) -> AdaptiveStepState:
+    r"""The state of `adaptive_gradient_descent` after an update (`adapted`), with the
+    step $\lambda_k$ capped at the previous one, $\lambda_{k-1}$ (from `previous`),
+    while the hypergradient is unreliable (`unreliable`), from the second step after
+    the probe on; a capped step has the ratio $\theta_k = 1$. Otherwise `adapted`
+    unchanged (a step that does not grow is never touched).
+
+    Why $e_k = \delta_k\rho_k/(1 - \rho_k)$: if each outer step's solves remove the
+    fraction $1 - \rho$ of what separates the hypergradient from its value at
+    $(y^*(x_k), w^*(x_k))$, and this step's removal is $\delta_k$, what is left is the
+    geometric tail $\delta_k(\rho + \rho^2 + \dots)$. With $\|e\| \le \|p\|/2$ the
+    hypergradient $p$ is a descent direction, $\langle p, \nabla F\rangle \ge
+    \|p\|^2/2$: the relative-error condition of inexact gradient methods."""
+    hold = unreliable(grad_norm, hypergradient_change, inner_contraction)
+    active = (previous.step_size > 0) & ~previous.after_probe
+    capped = active & hold & (adapted.step_size > previous.step_size)
+    step = jnp.where(capped, previous.step_size, adapted.step_size)
+    ratio = jnp.where(capped, 1, adapted.ratio).astype(adapted.ratio.dtype)
+    return adapted._replace(step_size=step, ratio=ratio)
 
 
 def hypergradient_status(
