@@ -8,9 +8,9 @@ and a box-constrained version (projections on x and y active). The file was writ
 the code before the refactor of `bilevel/solvers/_penalty.py` into one base class with
 three rules (`python tests/test_penalty_history.py` rewrites it); every later change
 that is meant to leave the algorithms unchanged must reproduce it. It was rewritten
-once on purpose, when the inner loops became accelerated on deterministic data
-without a set Y: only the three deterministic cases with inner loops changed (the
-rewrite also added the metrics `x_lr` and `inner_rounds`).
+once on purpose, when Penalty's inner loops became accelerated on deterministic data
+without a set Y: only `penalty_double_loop/deterministic` changed (the rewrite also
+added the metrics `x_lr` and `inner_rounds`).
 
 Everything the histories depend on is defined here (problems from fixed NumPy data, a
 minibatch sampler, the step loop and its keys), so that changes elsewhere in the library
