@@ -487,7 +487,8 @@ def hyper_curvature(
     num_iters: int = 10,
     max_steps: int = 50,
     coupling_only: bool = False,
-) -> Scalar:
+    with_gradient: bool = False,
+) -> Scalar | tuple[Scalar, ...]:
     r"""Estimate of the curvature $L_\Phi = \|\nabla^2\Phi(x)\|_2$ of the
     hyper-objective $\Phi(x) = F(x, y^*(x))$, $G(x, y^*(x)) = 0$ (`upper` $= F$,
     `gradient` $= G$, the gradient in $y$ of a convex lower objective), from $(x, y)$.
@@ -516,8 +517,15 @@ def hyper_curvature(
     \,[w; Jw]$ of the adjoint to the leading direction $w$ ($\infty$ if both vanish);
     and $\|\nabla^2_{xx}\mathcal L\|$ (no solves), so that $L_\Phi$ is at most the sum
     of the first and the last.
-    """
 
+    With `with_gradient`, $(L_\Phi, \nabla\Phi(x))$: the hypergradient
+    $\nabla_x\mathcal L = \nabla_x F - \partial_x G^\top v$ at $(x, \hat y)$ comes
+    with the Hessian-vector products at no extra solve.
+    """
+    if coupling_only and with_gradient:
+        raise ValueError(
+            "hyper_curvature: give `coupling_only` or `with_gradient`, not both"
+        )
     y, hvp, solve = newton_point(gradient, x, y, max_steps)
     _, cross = jax.linearize(lambda u: gradient(u, y), x)
     cross_t = jax.linear_transpose(cross, x)
@@ -526,7 +534,7 @@ def hyper_curvature(
     def lagrangian(xy):
         return upper(*xy) - tree_dot(gradient(*xy), adjoint)
 
-    _, upper_hvp = jax.linearize(jax.grad(lagrangian), (x, y))
+    (hypergradient, _), upper_hvp = jax.linearize(jax.grad(lagrangian), (x, y))
     zeros = jtu.tree_map(jnp.zeros_like, y)
 
     def direct(w):
@@ -552,6 +560,8 @@ def hyper_curvature(
     empty = (zeros, zeros)
     norm = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(x)))
     _, norm, responses = lax.fori_loop(0, num_iters, body, (start, norm, empty))
+    if with_gradient:
+        return norm, hypergradient
     if not coupling_only:
         return norm
     quotients = [_ratio_or_inf(tree_dot(r, hvp(r)), tree_dot(r, r)) for r in responses]

@@ -37,7 +37,6 @@ from .._stepsize import (
     hyper_curvature,
     inverse_or_zero,
     lower_curvature,
-    newton_point,
     upper_curvature,
 )
 
@@ -46,8 +45,6 @@ from .._stepsize import (
 _INITIAL, _PERIODIC, _FROZEN = 0, 1, 2
 # Batch streams: the upper batch uses stream 0 of `upper_batch`; the lower ones below.
 _SGD_STREAM, _HVP_STREAM, _CROSS_STREAM, _REFINE_STREAM = 0, 1, 2, 3
-# Conjugate-gradient steps of each solve behind the default eta (`hyper_curvature`'s).
-_CG_STEPS = 50
 
 
 class _Steps(eqx.Module):
@@ -156,7 +153,7 @@ class BOREP(AbstractBilevelSolver):
     \|\nabla F\|/(37 L_F)$, 1/37 of the length of the gradient step $\nabla F/L_F$.
     $L_F$ comes from `hyper_curvature` (power iterations through conjugate-gradient
     solves at the Newton point of $\nabla_y g$ from $y_k$; $L_f$ if that is not
-    positive and finite), $\nabla F$ from two conjugate-gradient solves at that point,
+    positive and finite), $\nabla F$ at that point with it (no further solve),
     $\hat h$ from $(y_k, z_k)$ on the same batches. $\kappa_0 = 0$: the errors of $y_0$
     and $z_0 = 0$ are not the lag of a moving $x$. On minibatches $\kappa = 0$: on one
     batch the deficit is mostly sampling noise, which does not shrink with $\eta$ (with
@@ -183,8 +180,8 @@ class BOREP(AbstractBilevelSolver):
     0.05. Constant lengths on small `logreg_hpo`: 0.05 reached 0.026 after
     500 steps but 0.073 after 2000, as $x$ kept moving where $F$ is flat (weights
     below $e^{-16}$ and above $e^{7}$) while $y$ could not follow; a length grown while
-    successive hypergradients agreed reached 1.3 and made $y$ non-finite. Cost: about
-    25 conjugate-gradient solves with $\nabla^2_{yy} g$ (at most 50 products each)
+    successive hypergradients agreed reached 1.3 and made $y$ non-finite. Cost: 22
+    conjugate-gradient solves with $\nabla^2_{yy} g$ (at most 50 products each)
     per re-estimate; measured on the full-size registry problems, 500 steps took 3
     times as long on `hypercleaning` (0.17 s -> 0.49 s, compilation excluded), 1.5
     times on `imaml`, about the same on `hyper_representation`.
@@ -315,10 +312,10 @@ class BOREP(AbstractBilevelSolver):
         r"""The default $\eta$ at $(x_k, y_k, z_k)$ (class docstring, "Default steps"):
         $\|\nabla F\| / D$, or the step $1/D$ with `normalize=False`, with
         $D = L_F (1 + 3\beta)/(1 - \beta) + 2\kappa$. $L_F$ by `hyper_curvature`
-        ($L_f$ by `upper_curvature` if that is not positive and finite); $\nabla F$ at
-        the Newton point $\hat y$ of $\nabla_y g$ from $y_k$ (two conjugate-gradient
-        solves); $\kappa = (\|\nabla F\| - a)_+ / \eta_{\text{old}}$ with $a$ the slope
-        of $F$ along the solver's own estimate $\hat h$ from $(y_k, z_k)$, 0 at step 0.
+        ($L_f$ by `upper_curvature` if that is not positive and finite), and with it
+        $\nabla F$ at the Newton point $\hat y$ of $\nabla_y g$ from $y_k$;
+        $\kappa = (\|\nabla F\| - a)_+ / \eta_{\text{old}}$ with $a$ the slope of $F$
+        along the solver's own estimate $\hat h$ from $(y_k, z_k)$, 0 at step 0.
         A zero or non-finite $D$ keeps the previous value."""
         x, y = state.x, state.y
         hyper_key, upper_key = jr.split(key)
@@ -329,7 +326,9 @@ class BOREP(AbstractBilevelSolver):
         def upper(u, w):
             return problem.upper(u, w, upper_batch)
 
-        curvature = hyper_curvature(upper, gradient, x, y, hyper_key)
+        curvature, grad = hyper_curvature(
+            upper, gradient, x, y, hyper_key, with_gradient=True
+        )
         curvature = lax.cond(
             jnp.isfinite(curvature) & (curvature > 0),
             lambda: curvature,
@@ -337,10 +336,6 @@ class BOREP(AbstractBilevelSolver):
                 curvature.dtype
             ),
         )
-        y_hat, _, solve = newton_point(gradient, x, y, _CG_STEPS)
-        adjoint = solve(jax.grad(upper, argnums=1)(x, y_hat))
-        _, cross_t = jax.vjp(lambda u: gradient(u, y_hat), x)
-        grad = tree_sub(jax.grad(upper)(x, y_hat), cross_t(adjoint)[0])
         size = tree_norm(grad)
         if not deterministic:  # sampling noise, not lag, would dominate the deficit
             lag = jnp.zeros_like(size)
