@@ -572,10 +572,11 @@ class _AbstractValuePenalty(AbstractBilevelSolver):
         curvature, rule = self._estimate(problem, state, batches, needs)
         x, step = state.x, state.step
 
+        z_optimizer = self._inner_optimizer(problem, data, rule.z_lr)
+        y_optimizer = self._inner_optimizer(problem, data, rule.y_lr)
+
         def inner_round(y, z):  # the same keys every round: repeated only when the
             # data are deterministic
-            z_optimizer = self._inner_optimizer(problem, data, rule.z_lr)
-            y_optimizer = self._inner_optimizer(problem, data, rule.y_lr)
             z = _value_steps(problem, x, z, data, z_key, z_steps, step, z_optimizer)
             y = _penalised_steps(
                 problem, x, y, data, y_key, rule, y_steps, step, y_optimizer
@@ -946,9 +947,10 @@ class VPBGD(_AbstractValuePenalty):
             start = _scalar(self.penalty_init, dtype)
             fraction = jnp.minimum(step.astype(dtype) / self.ramp_steps, 1)
             penalty = start + (penalty - start) * fraction
-        if self._growth():
+        growth = self._growth()
+        if growth:
             t = (step + 1).astype(dtype)
-            grown = CONTINUATION_START * penalty * t ** _scalar(self._growth(), dtype)
+            grown = CONTINUATION_START * penalty * t ** _scalar(growth, dtype)
             penalty = jnp.minimum(penalty, grown)
         return penalty
 
