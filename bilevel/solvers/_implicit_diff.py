@@ -299,7 +299,7 @@ class ImplicitDiff(AbstractBilevelSolver):
             **inner_metrics,
             **reliability,
         }
-        if self.outer_optimizer is None and self.outer_lr is None:
+        if self._default_outer():
             metrics["outer_step"] = step_size
         new_state = _ImplicitDiffState(
             new_x, y, outer_state, inner_state, info.adjoint, curvature, direction,
@@ -313,11 +313,11 @@ class ImplicitDiff(AbstractBilevelSolver):
         minibatches the previous $y$ and adjoint belong to other batches (and the
         default adjoint is not warm-started), so the change would not measure the
         solves' progress."""
-        return (
-            self.outer_optimizer is None
-            and self.outer_lr is None
-            and data.deterministic
-        )
+        return self._default_outer() and data.deterministic
+
+    def _default_outer(self) -> bool:
+        """Whether the outer rule is the default adaptive step (nothing given)."""
+        return self.outer_optimizer is None and self.outer_lr is None
 
     def _outer_step(self, outer_state) -> Scalar | float | None:
         """The step of the outer rule when it has one (for the gradient mapping)."""
