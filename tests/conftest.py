@@ -51,6 +51,50 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.path.name not in _SLOW_MODULES)
 
 
+# Resident memory a worker may reach before `_release_compiled_programs` frees it, with
+# room for the multi-process tests' children.
+_WORKER_MEMORY = 3 * 1024**3
+
+
+def _cgroup_cpus() -> float:
+    """The CPU quota of this process's cgroup (v2, then v1), in CPUs; inf if none."""
+    for quota_file, period_file in (
+        ("/sys/fs/cgroup/cpu.max", None),
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+    ):
+        try:
+            with open(quota_file) as handle:
+                fields = handle.read().split()
+            if period_file is not None:
+                with open(period_file) as handle:
+                    fields.append(handle.read().strip())
+        except OSError:
+            continue
+        if fields[0] not in ("max", "-1"):
+            return int(fields[0]) / int(fields[1])
+    return float("inf")
+
+
+def _available_bytes() -> float:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: as many workers as the CPUs this process may use (affinity and cgroup
+    quota, which `os.cpu_count` ignores) and the memory can hold. Every worker runs its
+    own JAX, so more workers than that only compete for cores and memory."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    limits = (cpus, _cgroup_cpus(), _available_bytes() / _WORKER_MEMORY)
+    return max(1, int(min(limits)))
+
+
 # A worker's resident memory above which its compiled programs are dropped after a
 # module (`_release_compiled_programs`).
 _MEMORY_LIMIT = 2 * 1024**3
