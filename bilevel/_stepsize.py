@@ -238,15 +238,12 @@ def adaptive_gradient_descent(probe: float = 1e-3) -> optax.GradientTransformati
         largest = jnp.maximum(state.largest_grad, grad_norm).astype(grad_norm.dtype)
         rounding = change <= jnp.sqrt(jnp.finfo(grad_norm.dtype).eps) * largest
         informative = ~rounding | (grad_norm >= 0.5 * largest)
-        local = _ratio_or_inf(moved, 2 * change)
         grown = jnp.where(
-            state.after_probe,
-            jnp.where(jnp.isfinite(local), jnp.inf, 2 * state.step_size),
+            state.after_probe,  # after the probe: the secant alone, if measurable
+            jnp.where(change > 0, jnp.inf, 2 * state.step_size),
             jnp.sqrt(1 + state.ratio) * state.step_size,
         )
-        adapted = jnp.where(
-            (moved > 0) & informative, jnp.minimum(grown, local), state.step_size
-        )
+        adapted = secant_length(state.step_size, grown, moved, change, informative)
         started = state.step_size > 0
         step = jnp.where(started, adapted, first).astype(grad_norm.dtype)
         ratio = jnp.where(started, step * inverse_or_zero(state.step_size), 0)
@@ -275,6 +272,22 @@ def _ratio_or_inf(numerator: Scalar, denominator: Scalar) -> Scalar:
     """`numerator / denominator`, or infinity where the denominator is not positive."""
     ratio = numerator * inverse_or_zero(denominator)
     return jnp.where(denominator > 0, ratio, jnp.inf)
+
+
+def secant_length(
+    previous: Scalar, grown: Scalar, moved: Scalar, change: Scalar, usable: Any = True
+) -> Scalar:
+    r"""The core of Malitsky and Mishchenko's adaptive step (ICML 2020), shared by
+    `adaptive_gradient_descent` and `secant_step`: $\min(\text{grown},
+    \|x_k - x_{k-1}\| / (2\|d_k - d_{k-1}\|))$, half the inverse of the curvature
+    seen along the last step, with `grown` the growth bound (the secant is infinite
+    when $d$ did not change). The `previous` step is kept when $x$ did not move (at an
+    exactly converged point growing it would only overflow) or the secant is not
+    `usable`."""
+    measurable = change > 0
+    secant = moved / (2 * jnp.where(measurable, change, jnp.ones_like(change)))
+    secant = jnp.where(measurable, secant, jnp.inf)
+    return jnp.where((moved > 0) & usable, jnp.minimum(grown, secant), previous)
 
 
 def default_inner_optimizer(
@@ -401,7 +414,8 @@ def secant_step(
     reliable: Any = True,
 ) -> tuple[Scalar, SecantStep]:
     r"""The step size of adaptive gradient descent without descent (Malitsky and
-    Mishchenko, ICML 2020) for the direction field $d$ at $x_k$:
+    Mishchenko, ICML 2020) for the direction field $d$ at $x_k$, for solvers that carry
+    the step in their own state (`secant_length` is the rule):
 
     $\alpha_k = \min\big(\sqrt{1 + \theta_{k-1}}\,\alpha_{k-1},\;
     \|x_k - x_{k-1}\| / (2\|d_k - d_{k-1}\|)\big)$, $\theta_k = \alpha_k/\alpha_{k-1}$,
@@ -419,10 +433,7 @@ def secant_step(
     moved = tree_norm(tree_sub(point, state.point))
     change = tree_norm(tree_sub(direction, state.direction))
     grown = jnp.sqrt(1 + state.ratio) * state.lr
-    measurable = (moved > 0) & (change > 0)
-    secant = moved / (2 * jnp.where(measurable, change, jnp.ones_like(change)))
-    unmeasured = jnp.where(moved > 0, grown, state.lr)
-    lr = jnp.where(measurable, jnp.minimum(grown, secant), unmeasured)
+    lr = secant_length(state.lr, grown, moved, change)
     lr = jnp.where(reliable, lr, state.lr / 2)
     lr = jnp.where(first, first_lr, lr)
     ratio = jnp.where(first, jnp.ones_like(lr), lr / state.lr)
