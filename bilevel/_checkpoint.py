@@ -271,8 +271,9 @@ def load(
     """Read the checkpoint in `directory` into a pytree shaped like `like`.
 
     Falls back to the previous checkpoint (with a warning) when the latest is missing
-    or damaged. Raises `CheckpointError` when neither can be read, or when the
-    checkpoint's fingerprint differs from `fingerprint` (naming what differs).
+    or damaged. Raises `CheckpointError` when neither can be read, when the
+    checkpoint's fingerprint differs from `fingerprint` (naming what differs), or when
+    its state does not fit `like` (a solver state saved by another version).
     """
     directory = pathlib.Path(directory)
     problems = []
@@ -290,9 +291,13 @@ def load(
             check_fingerprint(archive["meta"]["fingerprint"], fingerprint, path)
         try:
             state = _deserialise(archive["state"], like)
-        except _DAMAGED as err:
-            problems.append(f"{path} is corrupted ({err})")
-            continue
+        except _DAMAGED as err:  # read intact (zip checksums): a state of another shape
+            raise CheckpointError(
+                f"{path} holds a solver state laid out differently from the one this "
+                f"run builds ({err}): it was saved by another version of bilevel or "
+                "of the solver. Resume with that version, or pass overwrite=True "
+                "(resume=False) or another directory to start over"
+            ) from err
         if problems:
             warnings.warn(f"{'; '.join(problems)}: resuming from {path}", stacklevel=3)
         return state, archive["rows"], archive["meta"]

@@ -121,6 +121,17 @@ def test_missing_or_damaged_checkpoint_falls_back_to_the_previous(
         _solve(setup, 20, checkpoint=tmp_path, resume=True)
 
 
+def test_a_state_of_another_layout_is_named_not_called_corrupted(setup, tmp_path):
+    """A checkpoint read intact whose solver state does not fit the one this run builds
+    (saved by another version of a solver whose state gained a field) is refused at
+    once with that reason, not reported as damaged and not replaced by the previous
+    checkpoint (which has the same layout)."""
+    _solve(setup, 10, checkpoint=tmp_path)
+    other_layout = {"step": jnp.zeros((), jnp.int32), "extra": jnp.zeros(3)}
+    with pytest.raises(_checkpoint.CheckpointError, match="laid out differently"):
+        _checkpoint.load(tmp_path, other_layout)
+
+
 def test_missing_metadata_is_reported_as_corruption(setup, tmp_path):
     _solve(setup, 5, checkpoint=tmp_path)
     path = tmp_path / _checkpoint.CURRENT
