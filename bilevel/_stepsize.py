@@ -284,9 +284,7 @@ def secant_length(
     when $d$ did not change). The `previous` step is kept when $x$ did not move (at an
     exactly converged point growing it would only overflow) or the secant is not
     `usable`."""
-    measurable = change > 0
-    secant = moved / (2 * jnp.where(measurable, change, jnp.ones_like(change)))
-    secant = jnp.where(measurable, secant, jnp.inf)
+    secant = _ratio_or_inf(moved, 2 * change)
     return jnp.where((moved > 0) & usable, jnp.minimum(grown, secant), previous)
 
 
