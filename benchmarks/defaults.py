@@ -72,63 +72,46 @@ def battery(num_steps: int, solvers=SOLVERS) -> list[dict]:
     return rows
 
 
-PROBE_SCALES = (0.03, 1.0, 30.0)
-
-
-def _scaled_ridge(scale: float, seed: int = 1):
-    r"""Ridge regression with one log-weight per feature, $g = \frac1{2n}\|Ay - b\|^2
-    + \frac12\sum_j e^{x_j}y_j^2$, $f$ the same loss on validation rows without the
-    weights, features multiplied by `scale` (lower curvature $\approx$ `scale`$^2$
-    against the weights' $e^0 = 1$), $x_0 = 0$: the problem and $\Phi(x) = f(x,
-    y^*(x))$ in closed form."""
-    rng = np.random.default_rng(seed)
-    n, n_val, d = 80, 60, 15
-    w = rng.normal(size=d)
-    a, a_val = (rng.normal(size=(m, d)) for m in (n, n_val))
-    b, b_val = (m @ w + 0.5 * rng.normal(size=len(m)) for m in (a, a_val))
-    a, a_val, b, b_val = (
-        jnp.asarray(v, jnp.float32) for v in (scale * a, scale * a_val, b, b_val)
-    )
-
-    def lower(x, y, batch):
-        return 0.5 * jnp.mean((a @ y - b) ** 2) + 0.5 * jnp.sum(jnp.exp(x) * y**2)
-
-    def upper(x, y, batch):
-        return 0.5 * jnp.mean((a_val @ y - b_val) ** 2)
-
-    def hyper_objective(x):
-        hessian = a.T @ a / n + jnp.diag(jnp.exp(x))
-        return upper(x, jnp.linalg.solve(hessian, a.T @ b / n), None)
-
-    return bl.BilevelProblem(upper=upper, lower=lower), hyper_objective, d
+PROBE_STARTS = (7.0, 0.0, -7.0)
 
 
 def feature_scale_probe(num_steps: int, solvers=SOLVERS) -> list[dict]:
-    """Each solver's defaults through `bl.solve` on `_scaled_ridge` at every scale of
-    `PROBE_SCALES`: the status and $\Phi$ at the returned $x$ against $\Phi(x_0)$
-    (a solver that stops early returns its last good iterate)."""
+    r"""Each solver's defaults through `bl.solve` on `ridge_hpo` (a log-weight per
+    feature) started at every `init_log_reg` of `PROBE_STARTS`: the status and the
+    hyper-objective $\Phi(x) = f(x, y^*(x))$ (closed form) at the returned $x$ against
+    $\Phi(x_0)$; a run that fails returns its last good iterate. Starting at
+    $x_0 = -2\log c$ is the problem at $x_0 = 0$ with its features multiplied by $c$
+    (substitute $y = u/c$): at $x_0 = -7$ ($c \approx 30$) the weights are negligible
+    next to the data's curvature, $\Phi$ is flat at $x_0$ and its curvature grows like
+    $e^{x_j}$ along the path; at $x_0 = 7$ ($c \approx 0.03$) they dominate it."""
     rows = []
     for name in solvers:
         row = {"solver": name}
-        for scale in PROBE_SCALES:
-            problem, hyper_objective, d = _scaled_ridge(scale)
-            x0 = y0 = jnp.zeros(d, jnp.float32)
+        for start in PROBE_STARTS:
+            bench = bl.problems.make("ridge_hpo", init_log_reg=start)
+            upper_data = bench.data.full_upper()
+
+            def hyper_objective(x):
+                return float(
+                    bench.problem.upper(x, bench.lower_solution(x), upper_data)
+                )
+
             try:
                 result = bl.solve(
-                    problem,
+                    bench.problem,
                     getattr(bl.solvers, name)(),
-                    x0,
-                    y0,
-                    bl.FullBatch(),
+                    bench.x0,
+                    bench.y0,
+                    bench.data,
                     num_steps=num_steps,
                     key=jr.PRNGKey(0),
                     progress=False,
                 )
             except (TypeError, ValueError) as error:  # not applicable
-                row[f"scale {scale:g}"] = f"n/a ({type(error).__name__})"
+                row[f"x0 = {start:g}"] = f"n/a ({type(error).__name__})"
                 continue
-            start, end = float(hyper_objective(x0)), float(hyper_objective(result.x))
-            row[f"scale {scale:g}"] = f"{result.status}: {start:.3g} -> {end:.3g}"
+            before, after = hyper_objective(bench.x0), hyper_objective(result.x)
+            row[f"x0 = {start:g}"] = f"{result.status}: {before:.3g} -> {after:.3g}"
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -153,8 +136,7 @@ if __name__ == "__main__":
             battery(args.steps, args.solvers),
         )
         print_table(
-            "Feature-scale probe, float32 (ridge with a log-weight per feature, "
-            f"features times 0.03 / 1 / 30, x0 = 0; status: Phi(x0) -> Phi(x) after "
-            f"{args.steps} steps)",
+            "Feature-scale probe, float32 (ridge_hpo started at init_log_reg 7 / 0 / "
+            f"-7; status: Phi(x0) -> Phi(x) after {args.steps} steps)",
             feature_scale_probe(args.steps, args.solvers),
         )
