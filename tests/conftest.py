@@ -51,11 +51,6 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.path.name not in _SLOW_MODULES)
 
 
-# Resident memory a worker may reach before `_release_compiled_programs` frees it, with
-# room for the multi-process tests' children.
-_WORKER_MEMORY = 3 * 1024**3
-
-
 def _cgroup_cpus() -> float:
     """The CPU quota of this process's cgroup (v2, then v1), in CPUs; inf if none."""
     for quota_file, period_file in (
@@ -98,6 +93,9 @@ def pytest_xdist_auto_num_workers(config):
 # A worker's resident memory above which its compiled programs are dropped after a
 # module (`_release_compiled_programs`).
 _MEMORY_LIMIT = 2 * 1024**3
+# Memory set aside per worker by `-n auto`: up to `_MEMORY_LIMIT` before its programs
+# are dropped, plus room for the children of the multi-process tests.
+_WORKER_MEMORY = _MEMORY_LIMIT + 1024**3
 
 
 def _resident_bytes() -> int:
