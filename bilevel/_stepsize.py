@@ -410,6 +410,8 @@ def secant_step(
     first_lr: Scalar,
     first: Any,
     reliable: Any = True,
+    may_grow: Any = True,
+    smallest: Any = 0,
 ) -> tuple[Scalar, SecantStep]:
     r"""The step size of adaptive gradient descent without descent (Malitsky and
     Mishchenko, ICML 2020) for the direction field $d$ at $x_k$, for solvers that carry
@@ -426,14 +428,16 @@ def secant_step(
     converged point) the previous step is kept: growing it there would only overflow.
     When `reliable` is false (the caller knows that $d_k$ is too inexact for its secant
     to mean anything, e.g. an inner solve that lags behind), the previous step is
-    halved instead.
+    halved instead. When `may_grow` is false the growth bound is the previous step
+    itself (the secant may still shorten it). The step is never below `smallest` (a
+    step the caller knows to be stable).
     """
     moved = tree_norm(tree_sub(point, state.point))
     change = tree_norm(tree_sub(direction, state.direction))
-    grown = jnp.sqrt(1 + state.ratio) * state.lr
+    grown = jnp.where(may_grow, jnp.sqrt(1 + state.ratio), 1) * state.lr
     lr = secant_length(state.lr, grown, moved, change)
     lr = jnp.where(reliable, lr, state.lr / 2)
-    lr = jnp.where(first, first_lr, lr)
+    lr = jnp.maximum(jnp.where(first, first_lr, lr), smallest)
     ratio = jnp.where(first, jnp.ones_like(lr), lr / state.lr)
     lr = lax.stop_gradient(lr)
     return lr, SecantStep(lr, lax.stop_gradient(ratio), point, direction)

@@ -220,6 +220,46 @@ def test_vpbgd_block_steps_follow_the_x_curvature():
     np.testing.assert_allclose(growing["lambda"], expected, rtol=1e-12)
 
 
+def test_vpbgd_adaptive_x_step_follows_its_rule():
+    # The problem above with curvature_every=0: the floor of the x step is
+    # 1/L_x = 1/(3 lambda_k) at every step. On deterministic data the step is that of
+    # Malitsky and Mishchenko on d_x, never below the floor, grown only at steps whose
+    # y and z are trusted: alpha_k = max(floor_k, min(G alpha_{k-1}, |x_k - x_{k-1}| /
+    # (2 |d_k - d_{k-1}|))) with G = sqrt(1 + alpha_{k-1}/alpha_{k-2}) (grown) or 1
+    # (held). d_k is recovered from the iterates, (x_k - x_{k+1}) / alpha_k, so the
+    # check is independent of the solver's state. Here y and z lag too much for the
+    # step ever to be trusted: it is held at its early value while the floor falls
+    # like 1/lambda_k (the secant, which sees the hyper-objective's curvature along
+    # the path, 0 at x_0 = 0, never binds), so it must end well above the floor (the
+    # earlier rule was the floor itself). Float64 rounding of the recovered d_k:
+    # rtol 1e-8.
+    problem = weight_decay_problem(2.0)
+    data = bl.FullBatch(upper=None, lower=None)
+    x0, y0 = jnp.zeros(1, jnp.float64), jnp.zeros(3, jnp.float64)
+    solver = bl.solvers.VPBGD(curvature_every=0)
+    loop = bl.init(problem, solver, x0, y0, data)
+    xs, steps, penalties = [0.0], [], []
+    for _ in range(40):
+        loop, history = bl.run_from(problem, solver, loop, data, 1)
+        steps.append(float(history["x_lr"][0]))
+        penalties.append(float(history["lambda"][0]))
+        xs.append(float(solver.params(loop.state)[0][0]))
+    xs, steps = np.array(xs), np.array(steps)
+    floor = 1 / (3 * np.array(penalties))
+    directions = (xs[:-1] - xs[1:]) / steps
+    np.testing.assert_allclose(steps[0], floor[0], rtol=1e-12)
+    for k in range(1, len(steps)):
+        moved = abs(xs[k] - xs[k - 1])
+        change = abs(directions[k] - directions[k - 1])
+        secant = moved / (2 * change) if change > 0 else np.inf
+        ratio = steps[k - 1] / steps[k - 2] if k > 1 else 1.0
+        grown = max(floor[k], min(np.sqrt(1 + ratio) * steps[k - 1], secant))
+        held = max(floor[k], min(steps[k - 1], secant))
+        matches = [np.isclose(steps[k], v, rtol=1e-8, atol=0) for v in (grown, held)]
+        assert any(matches), (k, steps[k], grown, held)
+    assert steps[-1] / floor[-1] > 1.5
+
+
 # --------------------------------------------------------------------------------------
 # The metric contract (bilevel.METRICS)
 
@@ -348,3 +388,22 @@ def test_secant_step_is_kept_at_a_fixed_point():
     _, state = secant_step(state, x, direction, 0.5, False)  # no move: kept
     lr, _ = secant_step(state, x + 1.0, direction, 0.5, False)  # moved, same d
     np.testing.assert_allclose(lr, np.sqrt(2.0) * 0.5, rtol=1e-15)
+
+
+def test_secant_step_held_and_floored():
+    # `may_grow=False` (VPBGD's untrusted steps) keeps the previous step as the growth
+    # bound, so only the secant can change it, and only down; `smallest` floors it.
+    # Moving x by 1 (norm sqrt(3)) while d changes by 4 per entry (norm 4 sqrt(3))
+    # gives the secant 1/8.
+    from bilevel._stepsize import secant_step, start_secant_step
+
+    x, direction = jnp.ones(3), jnp.full(3, 2.0)
+    _, state = secant_step(start_secant_step(x), x, direction, 0.5, True)
+    same, _ = secant_step(state, x + 1.0, direction, 0.5, False, may_grow=False)
+    assert float(same) == 0.5
+    turned = direction + 4.0
+    lr, _ = secant_step(state, x + 1.0, turned, 0.5, False, may_grow=False)
+    np.testing.assert_allclose(lr, 0.125, rtol=1e-6)
+    floored, state = secant_step(state, x + 1.0, turned, 0.5, False, smallest=0.3)
+    np.testing.assert_allclose(floored, 0.3, rtol=1e-6)
+    np.testing.assert_allclose(state.lr, 0.3, rtol=1e-6)  # the next step grows from it
