@@ -175,10 +175,12 @@ class _Needs(NamedTuple):
     track_lower: bool  # and keep tracking L_g
     joint: bool  # estimate L_J at the first step
     track_joint: bool  # and keep tracking it
-    secant: bool  # adaptive x step (Malitsky-Mishchenko), starting from 1 / L_J
+    secant: bool  # adaptive x step (Malitsky-Mishchenko), from the rule's x_lr
     x_block: bool = False  # estimate L_x at the first step
     refresh_every: int = 0  # and again every so many steps (0: never)
-    inner_loops: bool = True  # the secant step waits for reliable inner solves
+    # True: the inner loops are repeated until reliable and an unreliable secant step
+    # is halved; False (a joint step): it is held, and never below the rule's x_lr
+    inner_loops: bool = True
 
 
 class _Oracles(eqx.Module):
@@ -481,7 +483,7 @@ class _AbstractValuePenalty(AbstractBilevelSolver):
         dtype,
     ) -> _Rule:
         """The scalars of step `step` (with `needs.secant`, `x_lr` is the first
-        step's)."""
+        step's, and without `needs.inner_loops` also the floor of every step's)."""
 
     def _storm(self) -> bool:
         return False
